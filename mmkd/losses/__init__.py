@@ -1,0 +1,44 @@
+"""The loss library: pure functions registered by name.
+
+Every loss has the signature ``loss(student_logits, teacher_logits=None, target=None, **hparams)``.
+Per-sample losses accept ``reduction="none"`` and then return one value per instance, which lets the
+mixture core weight each teacher per instance; batch-level losses (registered with
+``per_sample=False``) always return a scalar. Write your own in a few lines::
+
+    from mmkd.losses import register_loss
+
+    @register_loss("l2_logits")
+    def l2_logits(student_logits, teacher_logits, target=None, reduction="mean"):
+        per_sample = (student_logits - teacher_logits).pow(2).mean(dim=1)
+        return reduce(per_sample, reduction)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from mmkd.registry import LOSSES
+
+
+def register_loss(name: str, *, teacher: bool = True, per_sample: bool = True) -> Callable:
+    """Register a loss function under ``name``.
+
+    ``teacher``: whether the loss reads teacher logits (False for label-only losses such as CE).
+    ``per_sample``: whether it supports ``reduction="none"`` (one value per instance).
+    """
+    return LOSSES.register(name, teacher=teacher, per_sample=per_sample)
+
+
+def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce a ``[batch]`` tensor of per-instance losses: ``"mean"``, ``"sum"`` or ``"none"``."""
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"unknown reduction {reduction!r}; choose from: mean, sum, none")
+
+
+from mmkd.losses import ce, dist, dkd, kd, nkd, pld, sinkd  # noqa: E402,F401  (registration)

@@ -1,0 +1,25 @@
+"""Cross-entropy on the ground-truth labels, optionally label-smoothed.
+
+    CE(z, y) = -sum_c q_c * log softmax(z)_c,   q = (1 - eps) * onehot(y) + eps / C
+
+With eps = 0 this is -log softmax(z)_y. Label smoothing follows Szegedy et al., "Rethinking the
+Inception Architecture for Computer Vision", CVPR 2016.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from mmkd.losses import reduce, register_loss
+
+
+@register_loss("ce", teacher=False, per_sample=True)
+def ce(student_logits, teacher_logits=None, target=None, *, label_smoothing=0.0, reduction="mean"):
+    """Cross-entropy ``-sum_c q_c log softmax(z)_c`` with ``q = (1-eps) onehot(y) + eps/C``.
+
+    ``label_smoothing`` is eps (Szegedy et al., "Rethinking the Inception Architecture for Computer
+    Vision", CVPR 2016); ``teacher_logits`` is ignored.
+    """
+    per_sample = F.cross_entropy(
+        student_logits, target, label_smoothing=label_smoothing, reduction="none"
+    )
+    return reduce(per_sample, reduction)

@@ -1,0 +1,34 @@
+"""Normalized knowledge distillation (NKD).
+
+With p = softmax(z) at T = 1, target y, and N(z)_i = softmax over the non-target logits z_{i != y}/T:
+
+    NKD = -t_y * log s_y  -  gamma * T^2 * sum_{i != y} N(t)_i * log N(s)_i
+
+where t_y (the teacher's target probability) is detached. Yang, Zeng, Li, Zhang, Yuan and Li,
+"From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with Normalized
+Loss and Customized Soft Labels", ICCV 2023.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmkd.losses import reduce, register_loss
+
+
+@register_loss("nkd", teacher=True, per_sample=True)
+def nkd(student_logits, teacher_logits, target, *, temperature=1.0, gamma=1.5, reduction="mean"):
+    """``-t_y log s_y - gamma T^2 sum_{i != y} N(t)_i log N(s)_i`` per instance (t_y detached).
+
+    Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach
+    with Normalized Loss and Customized Soft Labels", ICCV 2023.
+    """
+    b, c = student_logits.shape
+    idx = target[:, None]
+    t_y = F.softmax(teacher_logits.detach(), dim=1).gather(1, idx)[:, 0]
+    log_s_y = F.log_softmax(student_logits, dim=1).gather(1, idx)[:, 0]
+    other = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, idx, False)
+    non_s = F.log_softmax(student_logits[other].view(b, c - 1) / temperature, dim=1)
+    non_t = F.softmax(teacher_logits[other].view(b, c - 1) / temperature, dim=1)
+    per_sample = -t_y * log_s_y - gamma * temperature**2 * (non_t * non_s).sum(1)
+    return reduce(per_sample, reduction)

@@ -1,0 +1,117 @@
+"""Typed run configs (Hydra structured configs) and their validation.
+
+The schema below is registered with Hydra's ConfigStore as ``base_config``; ``configs/config.yaml``
+builds on it and ``configs/experiment/*.yaml`` fill it in. Every value a user can set is here with
+its type and default, so a misspelt key or a wrong type is caught before anything runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import util
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from mmkd.registry import DATASETS, LOSSES, MODELS, ROUTERS
+from mmkd.trainer import TrainerConfig
+
+
+@dataclass
+class DataConfig:
+    """A registered data set and its arguments."""
+
+    name: str = "digits"
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """A registered model, the batch keys it reads, and the features it exposes."""
+
+    name: str = MISSING
+    args: Dict[str, Any] = field(default_factory=dict)
+    inputs: List[str] = field(default_factory=lambda: ["image"])  # batch keys passed to the model
+    features: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """A teacher: trained here on labels (``checkpoint: null``) or loaded from a weights file."""
+
+    checkpoint: Optional[str] = None  # a state dict, a run's best.pt, or a run directory
+    frozen: bool = True
+    cache: bool = True  # cache its outputs (frozen teachers on deterministic data only)
+    epochs: Optional[int] = None  # training epochs when trained here (default: trainer.max_epochs)
+
+
+@dataclass
+class TermConfig:
+    """A weighted loss term; ``loss`` defaults to the term's key in ``losses``."""
+
+    loss: Optional[str] = None
+    weight: float = 1.0
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RouterConfig:
+    """A registered router and its arguments."""
+
+    name: str = "constant"
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """One ``mmkd run``: data, teachers, a student, a router, loss terms and the trainer."""
+
+    experiment: str = "quickstart"
+    seed: int = 0
+    data_root: str = "data"  # where data sets live; MMKD_DATA overrides the default
+    out_dir: str = "runs"
+    run_dir: Optional[str] = None  # default: <out_dir>/<experiment>/<date-time>
+    cache_dir: Optional[str] = None  # teacher-output cache; default: <out_dir>/cache
+    resume: bool = False  # continue the run in run_dir
+    baseline: bool = True  # also train the student on labels alone, from the same initialisation
+    export: List[str] = field(default_factory=lambda: ["onnx"])  # onnx | torchscript
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: Dict[str, TeacherConfig] = field(default_factory=dict)
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name="mlp"))
+    router: RouterConfig = field(default_factory=RouterConfig)
+    losses: Dict[str, TermConfig] = field(default_factory=lambda: {"ce": TermConfig()})
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+def config_dir() -> Path:
+    """The folder of the shipped YAML configs (``configs/`` in the repository)."""
+    return Path(util.find_spec("mmkd.configs").submodule_search_locations[0])
+
+
+def experiments() -> list[str]:
+    """Names of the shipped experiment configs."""
+    return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+
+def check_names(cfg: DictConfig) -> None:
+    """Raise :class:`~mmkd.registry.UnknownName` (naming the config key) for any unregistered name."""
+    checks = [("data.name", DATASETS, cfg.data.name), ("student.name", MODELS, cfg.student.name),
+              ("router.name", ROUTERS, cfg.router.name)]
+    checks += [(f"teachers.{k}.name", MODELS, t.name) for k, t in cfg.teachers.items()]
+    checks += [(f"losses.{k}.loss", LOSSES, t.loss or k) for k, t in cfg.losses.items()]
+    for key, registry, name in checks:
+        if name not in registry:
+            raise ConfigError(f"{key}: unknown {registry.kind} {name!r}; choose from: {', '.join(registry.names())}")
+    for fmt in cfg.export:
+        if fmt not in EXPORT_FORMATS:
+            raise ConfigError(f"export: unknown format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and the fix."""

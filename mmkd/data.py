@@ -1,0 +1,149 @@
+"""In-memory data sets of named tensors, their splits, and the loaders the trainer uses.
+
+Items and batches are dicts of named tensors plus an ``"index"`` entry (the item's position in its
+data set), which lets cached teacher outputs be looked up per instance.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mmkd.registry import DATASETS
+
+
+class TensorDictDataset(Dataset):
+    """A data set of named tensors that share their first dimension.
+
+    Batches are gathered with one indexing op per key (``__getitems__``), not item by item.
+
+    Args:
+        name: identifies the data set (part of its fingerprint).
+        deterministic: whether an item is the same every time it is read (no random augmentation);
+            only then may teacher outputs on it be cached.
+        **tensors: the named tensors, e.g. ``image=..., label=...``.
+    """
+
+    def __init__(self, name: str, deterministic: bool = True, **tensors: Tensor):
+        sizes = {k: len(v) for k, v in tensors.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"data set {name!r}: tensors differ in length: {sizes}")
+        self.name = name
+        self.deterministic = deterministic
+        self.tensors = tensors
+        self._fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {**{k: v[i] for k, v in self.tensors.items()}, "index": torch.tensor(i)}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {**{k: v[idx] for k, v in self.tensors.items()}, "index": idx}
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the name and the contents: the data set's identity for the teacher cache."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.name.encode())
+            for k in sorted(self.tensors):
+                t = self.tensors[k].detach().cpu().contiguous()
+                h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+@dataclass
+class DataSplits:
+    """Train/val/test data sets and what models need to know about them."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    shapes: dict[str, tuple[int, ...]]  # shape of one item, per input key
+    class_names: list[str] = field(default_factory=list)
+    label_key: str = "label"
+
+    def meta(self) -> dict:
+        """JSON-serialisable description (saved in every run directory, read by export)."""
+        return {"num_classes": self.num_classes, "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "class_names": self.class_names, "label_key": self.label_key}
+
+
+def _collate(items: list | dict) -> dict[str, Tensor]:
+    if isinstance(items, dict):  # already gathered by __getitems__
+        return items
+    return torch.utils.data.default_collate(items)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a generator seeded by ``seed + epoch``: the order depends on nothing else,
+    so a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def loader(dataset: Dataset, batch_size: int, sampler: Sampler | None = None,
+           num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+    """A ``DataLoader`` that gathers whole batches at once from data sets with ``__getitems__``."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=_collate, drop_last=drop_last, persistent_workers=num_workers > 0)
+
+
+def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> list[Tensor]:
+    """Index tensors for a stratified split of ``labels`` into parts of the given fractions.
+
+    Each class is shuffled with ``seed`` and cut in the given proportions, so every part has
+    (up to rounding) the class balance of the whole.
+    """
+    g = torch.Generator().manual_seed(seed)
+    parts: list[list[Tensor]] = [[] for _ in fractions]
+    bounds = torch.tensor(fractions, dtype=torch.float64).cumsum(0)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        cuts = [0, *(bounds * len(idx)).round().long().tolist()]
+        for p in range(len(fractions)):
+            parts[p].append(idx[cuts[p]:cuts[p + 1]])
+    return [torch.cat(p).sort().values for p in parts]
+
+
+@DATASETS.register("digits")
+def digits(root: str | None = None, split_seed: int = 0,
+           fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> DataSplits:
+    """scikit-learn's digits: 1,797 real 8x8 grey-scale images of the digits 0-9 (UCI optdigits),
+    shipped inside scikit-learn, so nothing is downloaded. A fixed stratified 60/20/20 split.
+
+    Items: ``{"image": float [1, 8, 8] in [0, 1], "label": int64}``.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(d.target, dtype=torch.long)
+    parts = stratified_split(labels, fractions, split_seed)
+    sets = [TensorDictDataset(f"digits/{name}/{split_seed}", image=images[i], label=labels[i])
+            for name, i in zip(("train", "val", "test"), parts)]
+    return DataSplits(*sets, num_classes=10, shapes={"image": (1, 8, 8)},
+                      class_names=[str(i) for i in range(10)])

@@ -1,0 +1,92 @@
+"""The mixture-of-teachers core: a student, teachers, a router and weighted loss terms.
+
+For a batch, the student and every teacher produce :class:`~mmkd.net.Output`; the router turns
+them into per-instance weights ``w[b, t]``; each loss term that reads a teacher is evaluated once per
+teacher and mixed with those weights:
+
+    L = sum_terms lambda_term * mean_b sum_t w[b, t] * loss_term(s_b, t_b, y_b)
+
+(for batch-level losses the per-instance weights are averaged over the batch first). Single-teacher
+KD is this with one teacher and a constant router; training on labels alone is this with no teacher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mmkd.net import Batch, Net, Output, Teacher
+from mmkd.registry import LOSSES
+
+
+@dataclass
+class Term:
+    """One weighted loss term: a registered loss name, its weight and its hyper-parameters."""
+
+    loss: str
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None  # key in the returned dict; defaults to ``loss``
+
+    def __post_init__(self) -> None:
+        self.fn = LOSSES[self.loss]
+        meta = LOSSES.meta(self.loss)
+        self.reads_teacher, self.per_sample = meta["teacher"], meta["per_sample"]
+        self.name = self.name or self.loss
+
+
+class Distiller(nn.Module):
+    """Student + teachers + router + loss terms; ``forward(batch)`` returns the named losses.
+
+    Args:
+        student: the :class:`~mmkd.net.Net` being trained.
+        teachers: frozen or co-trained :class:`~mmkd.net.Teacher` s (may be cached, may be empty).
+        terms: the weighted loss terms.
+        router: any module mapping ``(student_output, teacher_outputs, batch)`` to ``[batch, teachers]``
+            weights; required when there are teachers.
+        label_key: the batch entry holding class labels.
+    """
+
+    def __init__(self, student: Net, teachers: Sequence[Teacher], terms: Sequence[Term],
+                 router: nn.Module | None = None, label_key: str = "label"):
+        super().__init__()
+        if teachers and router is None:
+            raise ValueError("a Distiller with teachers needs a router (ConstantRouter for plain KD)")
+        if not teachers and any(t.reads_teacher for t in terms):
+            names = [t.name for t in terms if t.reads_teacher]
+            raise ValueError(f"loss terms {names} read a teacher, but the Distiller has none")
+        self.student = student
+        self.teachers = nn.ModuleList(teachers)
+        self.router = router
+        self.terms = list(terms)
+        self.label_key = label_key
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        s = self.student(batch)
+        target = batch[self.label_key] if self.label_key in batch else None
+        outs = [t(batch) for t in self.teachers]
+        w = self.router(s, outs, batch).float() if outs else None
+        losses = {term.name: term.weight * self._term(term, s, outs, w, target) for term in self.terms}
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    @staticmethod
+    def _term(term: Term, s: Output, outs: list[Output], w: Tensor | None, target: Tensor | None) -> Tensor:
+        s_logits = s.logits.float()
+        if not term.reads_teacher:
+            return term.fn(s_logits, None, target, **term.args)
+        total = s_logits.new_zeros(())
+        for i, t in enumerate(outs):
+            t_logits = t.logits.float()
+            if term.per_sample:
+                total = total + (w[:, i] * term.fn(s_logits, t_logits, target, reduction="none", **term.args)).mean()
+            else:
+                total = total + w[:, i].mean() * term.fn(s_logits, t_logits, target, **term.args)
+        return total
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        """The student's logits (what evaluation and deployment use)."""
+        return self.student(batch).logits

@@ -1,0 +1,210 @@
+"""Running an experiment config end to end, and exporting its student.
+
+``run(cfg)``: load the data set; for each teacher, load its checkpoint or train it on labels; cache
+frozen teachers' outputs; distil the student through the mixture core; train the same student on
+labels alone from the same initialisation (the baseline); evaluate everything on the test split;
+export the student; write ``results.json`` and a PNG of the learning curves into the run directory.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import statistics
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mmkd import io
+from mmkd.cache import cache_teacher
+from mmkd.config import ConfigError, ModelConfig
+from mmkd.data import DataSplits, loader
+from mmkd.distiller import Distiller, Term
+from mmkd.export import export_onnx, export_program
+from mmkd.net import Net, Teacher, num_params
+from mmkd.registry import DATASETS, MODELS, ROUTERS
+from mmkd.trainer import FitResult, Trainer, TrainerConfig, seed_everything
+
+log = logging.getLogger("mmkd")
+
+
+def build_model(mc: ModelConfig, meta: dict, where: str) -> nn.Module:
+    """Instantiate the registered model ``mc.name`` for a data set described by ``meta``."""
+    shapes = [tuple(meta["shapes"][k]) for k in mc.inputs if k in meta["shapes"]]
+    if len(shapes) != len(mc.inputs):
+        raise ConfigError(f"{where}.inputs: {list(mc.inputs)} are not all inputs of the data set; "
+                          f"choose from: {', '.join(meta['shapes'])}")
+    in_shape = shapes[0] if len(shapes) == 1 else dict(zip(mc.inputs, shapes))
+    try:
+        return MODELS[mc.name](num_classes=meta["num_classes"], in_shape=in_shape, **mc.args)
+    except TypeError as e:
+        raise ConfigError(f"{where}.args: {e}") from None
+
+
+def load_weights(model: nn.Module, path: str, where: str) -> None:
+    """Load a plain state dict, or the student of a trainer checkpoint (``best.pt``/``last.pt``)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: no such file {path!r}; give a state dict or a run's best.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "model" in state:
+        state = {k.removeprefix("student.model."): v for k, v in state["model"].items()
+                 if k.startswith("student.model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"{where}: {path!r} does not fit the model: {str(e).splitlines()[0]}") from None
+
+
+def trainer_config(cfg: DictConfig, epochs: int | None = None) -> TrainerConfig:
+    tc = TrainerConfig(**OmegaConf.to_container(cfg.trainer))
+    tc.seed = cfg.seed
+    if epochs is not None:
+        tc.max_epochs = epochs
+    return tc
+
+
+def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir: Path,
+        epochs: int | None = None) -> tuple[FitResult, dict[str, float]]:
+    """Train ``module`` as stage ``name`` (in ``run_dir/name``) and evaluate it on the test split."""
+    log.info("stage %s", name)
+    trainer = Trainer(trainer_config(cfg, epochs), run_dir / name, resume=cfg.resume)
+    result = trainer.fit(module, data.train, data.val)
+    return result, trainer.evaluate(module, data.test)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, inputs: list[torch.Tensor], repeats: int = 30) -> float:
+    """Median wall time of one forward pass on ``inputs``, in milliseconds."""
+    model.eval()
+    model(*inputs)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(*inputs)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def default_run_dir(cfg: DictConfig) -> str:
+    return os.path.join(cfg.out_dir, cfg.experiment, datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the experiment described by ``cfg``; return (and save) its results."""
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.run_dir or default_run_dir(cfg))
+    if cfg.resume and not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"resume=true: {str(run_dir)!r} holds no run; set run_dir to an existing run directory")
+    cache_dir = Path(cfg.cache_dir or os.path.join(cfg.out_dir, "cache"))
+    data: DataSplits = DATASETS[cfg.data.name](root=cfg.data_root, **cfg.data.args)
+    meta = data.meta()
+    io.write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
+    io.write_json(meta, run_dir / "data.json")
+    ce = [Term("ce")]
+    device = Trainer(trainer_config(cfg)).device
+
+    results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir)}
+    teachers, teacher_models = [], {}
+    for name, tc in cfg.teachers.items():
+        seed_everything(cfg.seed)
+        model = build_model(tc, meta, f"teachers.{name}")
+        row: dict[str, Any] = {}
+        if tc.checkpoint:
+            load_weights(model, tc.checkpoint, f"teachers.{name}.checkpoint")
+        else:
+            fitted, _ = fit(f"teachers/{name}", Distiller(Net(model, tc.inputs), [], ce), data, cfg, run_dir, tc.epochs)
+            row["val_acc"] = fitted.metrics["val/acc"]
+        teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen)
+        row["test_acc"] = Trainer(trainer_config(cfg)).evaluate(Distiller(teacher, [], ce), data.test)["acc"]
+        row["params"] = num_params(model)
+        if tc.frozen and tc.cache and getattr(data.train, "deterministic", False):
+            teacher = cache_teacher(teacher, data.train, cache_dir, device=device)
+        teachers.append(teacher)
+        teacher_models[name] = (model, tc.inputs)
+        results.setdefault("teachers", {})[name] = row
+
+    seed_everything(cfg.seed)
+    student = build_model(cfg.student, meta, "student")
+    init = copy.deepcopy(student.state_dict())
+    router = ROUTERS[cfg.router.name](**cfg.router.args) if teachers else None
+    terms = [Term(t.loss or k, t.weight, dict(t.args), name=k) for k, t in cfg.losses.items()]
+    distiller = Distiller(Net(student, cfg.student.inputs, cfg.student.features), teachers, terms, router)
+    fitted, test = fit("student", distiller, data, cfg, run_dir)
+    results["student"] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"], "params": num_params(student)}
+    io.save(student.state_dict(), run_dir / "student.pt")
+
+    if cfg.baseline:
+        baseline = build_model(cfg.student, meta, "student")
+        baseline.load_state_dict(init)
+        fitted, test = fit("baseline", Distiller(Net(baseline, cfg.student.inputs), [], ce), data, cfg, run_dir)
+        results["baseline"] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"]}
+
+    batch = next(iter(loader(data.test, len(data.test))))
+    student.cpu()
+    results["student"]["latency_ms"] = latency_ms(student, [batch[k] for k in cfg.student.inputs])
+    for name, (model, keys) in teacher_models.items():
+        results["teachers"][name]["latency_ms"] = latency_ms(model.cpu(), [batch[k] for k in keys])
+    results["latency_batch"] = len(data.test)
+    results["export"] = [str(p) for p in export_student(run_dir, cfg.export)]
+    results["time_s"] = time.perf_counter() - t_start
+    io.write_json(results, run_dir / "results.json")
+    plot_curves(run_dir)
+    return results
+
+
+def export_student(run_dir: str | os.PathLike, formats: list[str]) -> list[Path]:
+    """Export the student of a finished run to ``<run_dir>/export/``: ``student.onnx`` (``onnx``)
+    and/or ``student.pt2`` (``torchscript``: a ``torch.export`` program), plus ``meta.json``."""
+    run_dir = Path(run_dir)
+    for needed in ("config.yaml", "data.json", "student.pt"):
+        if not (run_dir / needed).exists():
+            raise ConfigError(f"run_dir: {str(run_dir)!r} has no {needed}; give the directory of a finished run")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    meta = OmegaConf.to_container(OmegaConf.load(run_dir / "data.json"))
+    student = build_model(cfg.student, meta, "student")
+    student.load_state_dict(torch.load(run_dir / "student.pt", map_location="cpu"))
+    student.eval()
+    keys = list(cfg.student.inputs)
+    example = [torch.rand(2, *meta["shapes"][k]) for k in keys]
+    out = run_dir / "export"
+    paths = []
+    for fmt in formats:
+        if fmt == "onnx":
+            paths.append(export_onnx(student, example, out / "student.onnx", keys))
+        elif fmt == "torchscript":
+            paths.append(export_program(student, example, out / "student.pt2"))
+        else:
+            raise ConfigError(f"format: unknown export format {fmt!r}; choose from: onnx, torchscript")
+    io.write_json({"inputs": {k: meta["shapes"][k] for k in keys}, "class_names": meta["class_names"],
+                   "num_classes": meta["num_classes"], "model": cfg.student.name}, out / "meta.json")
+    return paths
+
+
+def plot_curves(run_dir: Path) -> None:
+    """Write ``curves.png``: validation accuracy and training loss per epoch, for every stage."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for path in sorted(run_dir.rglob("metrics.csv")):
+        rows = list(csv.DictReader(path.open()))
+        stage = str(path.parent.relative_to(run_dir))
+        epochs = [int(r["epoch"]) for r in rows]
+        ax_acc.plot(epochs, [float(r["val/acc"]) for r in rows], label=stage)
+        ax_loss.plot(epochs, [float(r["train/loss"]) for r in rows], label=stage)
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    ax_acc.legend()
+    fig.tight_layout()
+    with io.atomic_path(run_dir / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)

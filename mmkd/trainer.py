@@ -1,0 +1,356 @@
+"""The one trainer: it fits any module whose ``forward(batch)`` returns a dict of named losses
+(with the total under ``"loss"``) and whose ``predict(batch)`` returns logits.
+
+It knows nothing about specific methods: distillation, co-training and plain supervised training
+are all :class:`~mmkd.distiller.Distiller` s to it.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset, DistributedSampler
+
+from mmkd import io
+from mmkd.data import EpochSampler, loader
+from mmkd.net import Batch
+
+log = logging.getLogger("mmkd")
+
+
+@dataclass
+class TrainerConfig:
+    """Everything about how a module is trained (the ``trainer`` group of a run config)."""
+
+    max_epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine | step | none (stepped every batch)
+    warmup_epochs: float = 0.0
+    step_epochs: int = 30  # step scheduler: decay by `gamma` every `step_epochs`
+    gamma: float = 0.1
+    grad_clip: Optional[float] = None  # max global gradient norm
+    monitor: str = "val/acc"  # metric that picks the best checkpoint and drives early stopping
+    mode: str = "max"  # max | min
+    patience: Optional[int] = None  # stop after this many epochs without improvement
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile the module
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    seed: int = 0
+    num_workers: int = 0
+    progress: str = "auto"  # auto (a bar on a TTY) | on | off
+    tensorboard: bool = True
+    finite_check_every: int = 1  # check the loss for NaN/inf every N steps
+
+
+@dataclass
+class FitResult:
+    """The best epoch, its metrics, and every epoch's metrics."""
+
+    best_epoch: int
+    best_score: float
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops instead of training through it."""
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move a dict batch (or anything with ``.to``, such as a PyG ``Data``) to ``device``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Fits a module on a training set, evaluating on a validation set every epoch.
+
+    Writes into ``run_dir``: ``last.pt`` (full training state, every epoch, atomically),
+    ``best.pt`` (module weights of the best epoch by ``monitor``), ``metrics.csv`` and TensorBoard
+    events in ``tb/``. With ``resume=True`` it continues from ``last.pt``, so the final metrics equal
+    those of an uninterrupted run with the same seed. Launched with ``torchrun`` it trains with DDP:
+    a ``DistributedSampler`` shards the data and only rank 0 writes files.
+    """
+
+    def __init__(self, config: TrainerConfig | None = None, run_dir: str | os.PathLike = "run",
+                 resume: bool = False, **overrides: Any):
+        self.cfg = config or TrainerConfig()
+        for k, v in overrides.items():
+            if not hasattr(self.cfg, k):
+                raise TypeError(f"unknown trainer option {k!r}")
+            setattr(self.cfg, k, v)
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = self._device()
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        precision = self.cfg.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(f"trainer.precision={precision!r}; choose from: auto, bf16, fp32")
+        self.bf16 = precision == "bf16"
+
+    def _device(self) -> torch.device:
+        name = self.cfg.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cuda" and self.world > 1:
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if name.startswith("cuda"):
+            torch.cuda.set_device(torch.device(name))
+        return torch.device(name)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and logs (rank 0)."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ optimisation
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        c = self.cfg
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.optimizer == "adam":
+            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                   nesterov=c.momentum > 0)
+        raise ValueError(f"trainer.optimizer={c.optimizer!r}; choose from: adamw, adam, sgd")
+
+    def _scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int):
+        c = self.cfg
+        total, warmup = c.max_epochs * steps_per_epoch, int(c.warmup_epochs * steps_per_epoch)
+        if c.scheduler == "cosine":
+            def f(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        elif c.scheduler == "step":
+            def f(step: int) -> float:
+                return min(1.0, (step + 1) / warmup) if step < warmup else c.gamma ** (step // (c.step_epochs * steps_per_epoch))
+        elif c.scheduler == "none":
+            def f(step: int) -> float:
+                return min(1.0, (step + 1) / warmup) if step < warmup else 1.0
+        else:
+            raise ValueError(f"trainer.scheduler={c.scheduler!r}; choose from: cosine, step, none")
+        return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, module: nn.Module, train: Dataset, val: Dataset) -> FitResult:
+        """Train ``module`` on ``train``; at the end, ``module`` holds the best epoch's weights."""
+        c = self.cfg
+        if c.mode not in ("max", "min"):
+            raise ValueError(f"trainer.mode={c.mode!r}; choose from: max, min")
+        module.to(self.device)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the module has no trainable parameters")
+        if self.world > 1:
+            sampler = DistributedSampler(train, self.world, self.rank, shuffle=True, seed=c.seed)
+        else:
+            sampler = EpochSampler(len(train), c.seed)
+        train_loader = loader(train, c.batch_size, sampler, c.num_workers)
+        opt = self._optimizer(params)
+        sched = self._scheduler(opt, len(train_loader))
+
+        start, history, best, best_epoch, bad = 0, [], None, -1, 0
+        last = self.run_dir / "last.pt"
+        if self.resume and last.exists():
+            state = torch.load(last, map_location=self.device, weights_only=False)
+            module.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            start, history = (c.max_epochs if state["done"] else state["epoch"] + 1), state["history"]
+            best, best_epoch, bad = state["best"], state["best_epoch"], state["bad_epochs"]
+            log.info("resumed from %s at epoch %d", last, start)
+        else:
+            seed_everything(c.seed, c.deterministic)
+
+        ddp = module
+        if self.world > 1:
+            ddp = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        step_fn = torch.compile(ddp) if c.compile else ddp
+        writer = self._tensorboard()
+        progress = self._progress()
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext())
+        try:
+            for epoch in range(start, c.max_epochs):
+                sampler.set_epoch(epoch)
+                module.train()
+                t0 = time.perf_counter()
+                sums: dict[str, Tensor] = {}
+                task = progress.add_task(f"epoch {epoch + 1}/{c.max_epochs}", total=len(train_loader)) if progress else None
+                for step, batch in enumerate(train_loader):
+                    batch = to_device(batch, self.device)
+                    with autocast:
+                        losses = step_fn(batch)
+                    loss = losses["loss"]
+                    if step % c.finite_check_every == 0 and not torch.isfinite(loss):
+                        bad_terms = {k: float(v) for k, v in losses.items()}
+                        raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {step}: {bad_terms}; "
+                                            f"lower trainer.lr or set trainer.grad_clip")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if c.grad_clip:
+                        nn.utils.clip_grad_norm_(params, c.grad_clip)
+                    opt.step()
+                    sched.step()
+                    for k, v in losses.items():
+                        sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+                    if progress:
+                        progress.update(task, advance=1)
+                if progress:
+                    progress.remove_task(task)
+                metrics = {"epoch": epoch + 1}
+                metrics.update({f"train/{k}": self._mean(v, len(train_loader)) for k, v in sums.items()})
+                metrics.update({f"val/{k}": v for k, v in self.evaluate(module, val).items()})
+                metrics["lr"] = opt.param_groups[0]["lr"]
+                metrics["time/epoch_s"] = time.perf_counter() - t0
+                history.append(metrics)
+                if c.monitor not in metrics:
+                    raise KeyError(f"trainer.monitor={c.monitor!r} is not a metric; choose from: "
+                                   f"{', '.join(k for k in metrics if k != 'epoch')}")
+                score = metrics[c.monitor]
+                if best is None or (score > best if c.mode == "max" else score < best):
+                    best, best_epoch, bad = score, epoch + 1, 0
+                    if self.is_main:
+                        io.save({"epoch": epoch + 1, "model": module.state_dict(), "metrics": metrics},
+                                self.run_dir / "best.pt")
+                else:
+                    bad += 1
+                stop = c.patience is not None and bad >= c.patience
+                if self.is_main:
+                    io.save({"epoch": epoch, "model": module.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history,
+                             "best": best, "best_epoch": best_epoch, "bad_epochs": bad,
+                             "done": stop or epoch + 1 == c.max_epochs}, last)
+                    self._log(metrics, history, writer)
+                if stop:
+                    log.info("early stop at epoch %d: %s did not improve for %d epochs",
+                             epoch + 1, c.monitor, c.patience)
+                    break
+        finally:
+            if progress:
+                progress.stop()
+            if writer:
+                writer.close()
+        if self.world > 1:
+            dist.barrier()
+        best_state = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=False)
+        module.load_state_dict(best_state["model"])
+        return FitResult(best_epoch, best, best_state["metrics"], history)
+
+    def _mean(self, total: Tensor, n: int) -> float:
+        if self.world > 1:
+            total = total.clone()
+            dist.all_reduce(total)
+            n *= self.world
+        return float(total) / n
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module, dataset: Dataset) -> dict[str, float]:
+        """Accuracy and cross-entropy of ``module.predict`` on ``dataset`` (sharded under DDP)."""
+        module.to(self.device).eval()
+        key = getattr(module, "label_key", "label")
+        shard = list(range(self.rank, len(dataset), self.world))
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, loss sum, count
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        for batch in loader(dataset, max(256, self.cfg.batch_size), shard, self.cfg.num_workers):
+            batch = to_device(batch, self.device)
+            with autocast:
+                logits = module.predict(batch).float()
+            y = batch[key]
+            totals += torch.stack([(logits.argmax(1) == y).sum().double(),
+                                   nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                                   torch.tensor(len(y), dtype=torch.float64, device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(totals)
+        correct, loss, n = totals.tolist()
+        return {"acc": correct / n, "loss": loss / n}
+
+    # ------------------------------------------------------------------ logging
+    def _tensorboard(self):
+        if not (self.cfg.tensorboard and self.is_main):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tb"))
+
+    def _progress(self):
+        c = self.cfg
+        show = c.progress == "on" or (c.progress == "auto" and sys.stderr.isatty())
+        if not show or not self.is_main:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), transient=True)
+        progress.start()
+        return progress
+
+    def _log(self, metrics: dict[str, float], history: list[dict[str, float]], writer) -> None:
+        columns = list(dict.fromkeys(k for row in history for k in row))
+        buf = _io.StringIO()
+        w = csv.DictWriter(buf, columns)
+        w.writeheader()
+        w.writerows(history)
+        io.write_text(buf.getvalue(), self.run_dir / "metrics.csv")
+        if writer:
+            for k, v in metrics.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, metrics["epoch"])
+        log.info("epoch %d  %s", metrics["epoch"],
+                 "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))

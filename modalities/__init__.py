@@ -1,0 +1,1 @@
+"""Modality encoders and multimodal data sets (installed as ``mmkd.modalities``)."""

@@ -1,0 +1,37 @@
+"""Fixed teacher weights, the same for every instance."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mmkd.net import Batch, Output
+from mmkd.routers.base import Router, register_router
+
+
+@register_router("constant")
+class ConstantRouter(Router):
+    """w[b, t] = c_t / sum_t' c_t' for every instance b.
+
+    Args:
+        weights: one non-negative weight per teacher; ``None`` weighs all teachers equally. With a
+            single teacher this is plain single-teacher distillation.
+    """
+
+    def __init__(self, weights: Sequence[float] | None = None):
+        super().__init__()
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        if self.weights is not None and (self.weights.ndim != 1 or (self.weights < 0).any()
+                                         or self.weights.sum() <= 0):
+            raise ValueError(f"router weights must be non-negative with a positive sum, got {list(weights)}")
+
+    def forward(self, student: Output, teachers: Sequence[Output], batch: Batch) -> Tensor:
+        n, b = len(teachers), student.logits.shape[0]
+        if self.weights is None:
+            w = torch.full((n,), 1.0 / n)
+        elif len(self.weights) != n:
+            raise ValueError(f"router has {len(self.weights)} weights but there are {n} teachers")
+        else:
+            w = self.weights / self.weights.sum()
+        return w.to(student.logits.device).expand(b, n)

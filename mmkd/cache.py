@@ -20,8 +20,10 @@ from mmkd.net import Batch, Output, Teacher
 
 
 def teacher_hash(teacher: Teacher) -> str:
-    """SHA-256 over the teacher's class, input keys, feature paths and every tensor of its state."""
-    h = hashlib.sha256(f"{type(teacher.model).__qualname__}|{teacher.keys}|{teacher.feature_paths}".encode())
+    """SHA-256 over the teacher's class, module tree (``repr``: catches parameter-free changes such as
+    another activation), input keys, feature paths and every tensor of its state."""
+    h = hashlib.sha256(f"{type(teacher.model).__qualname__}|{teacher.model!r}|{teacher.keys}|"
+                       f"{teacher.feature_paths}".encode())
     for name, t in sorted(teacher.model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

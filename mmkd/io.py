@@ -10,6 +10,9 @@ from typing import Any, Iterator
 
 import torch
 
+_UMASK = os.umask(0)  # read the process umask once (there is no getter) ...
+os.umask(_UMASK)  # ... and put it back
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -19,6 +22,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions of a new file
         yield Path(tmp)
         os.replace(tmp, path)
     finally:

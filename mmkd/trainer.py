@@ -204,6 +204,7 @@ class Trainer:
 
         start, history, best, best_epoch, bad = 0, [], None, -1, 0
         last = self.run_dir / "last.pt"
+        seed_everything(c.seed, c.deterministic)  # on resume too (deterministic kernels); RNG restored below
         if self.resume and last.exists():
             state = torch.load(last, map_location=self.device, weights_only=False)
             module.load_state_dict(state["model"])
@@ -213,8 +214,6 @@ class Trainer:
             start, history = (c.max_epochs if state["done"] else state["epoch"] + 1), state["history"]
             best, best_epoch, bad = state["best"], state["best_epoch"], state["bad_epochs"]
             log.info("resumed from %s at epoch %d", last, start)
-        else:
-            seed_everything(c.seed, c.deterministic)
 
         ddp = module
         if self.world > 1:
@@ -253,6 +252,9 @@ class Trainer:
                         progress.update(task, advance=1)
                 if progress:
                     progress.remove_task(task)
+                if self.world > 1:  # buffers (BatchNorm statistics) are rank-local: all ranks take rank 0's
+                    for b in module.buffers():
+                        dist.broadcast(b, 0)
                 metrics = {"epoch": epoch + 1}
                 metrics.update({f"train/{k}": self._mean(v, len(train_loader)) for k, v in sums.items()})
                 metrics.update({f"val/{k}": v for k, v in self.evaluate(module, val).items()})

@@ -218,8 +218,7 @@ class Trainer:
         ddp = module
         if self.world > 1:
             ddp = nn.parallel.DistributedDataParallel(
-                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         step_fn = torch.compile(ddp) if c.compile else ddp
         writer = self._tensorboard()
         progress = self._progress()
@@ -237,7 +236,7 @@ class Trainer:
                         losses = step_fn(batch)
                     loss = losses["loss"]
                     if step % c.finite_check_every == 0 and not torch.isfinite(loss):
-                        bad_terms = {k: float(v) for k, v in losses.items()}
+                        bad_terms = {k: float(v.detach()) for k, v in losses.items()}
                         raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {step}: {bad_terms}; "
                                             f"lower trainer.lr or set trainer.grad_clip")
                     opt.zero_grad(set_to_none=True)
@@ -250,6 +249,7 @@ class Trainer:
                         sums[k] = sums[k] + v.detach() if k in sums else v.detach()
                     if progress:
                         progress.update(task, advance=1)
+                train_s = time.perf_counter() - t0
                 if progress:
                     progress.remove_task(task)
                 if self.world > 1:  # buffers (BatchNorm statistics) are rank-local: all ranks take rank 0's
@@ -259,6 +259,7 @@ class Trainer:
                 metrics.update({f"train/{k}": self._mean(v, len(train_loader)) for k, v in sums.items()})
                 metrics.update({f"val/{k}": v for k, v in self.evaluate(module, val).items()})
                 metrics["lr"] = opt.param_groups[0]["lr"]
+                metrics["time/train_s"] = train_s
                 metrics["time/epoch_s"] = time.perf_counter() - t0
                 history.append(metrics)
                 if c.monitor not in metrics:
@@ -304,7 +305,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, module: nn.Module, dataset: Dataset) -> dict[str, float]:
-        """Accuracy and cross-entropy of ``module.predict`` on ``dataset`` (sharded under DDP)."""
+        """Accuracy and cross-entropy of ``module.predict`` on ``dataset``'s labelled instances
+        (label >= 0), sharded across processes under DDP."""
         module.to(self.device).eval()
         key = getattr(module, "label_key", "label")
         shard = list(range(self.rank, len(dataset), self.world))
@@ -315,6 +317,8 @@ class Trainer:
             with autocast:
                 logits = module.predict(batch).float()
             y = batch[key]
+            labelled = y >= 0  # negative labels mark instances outside the split (e.g. graph nodes)
+            logits, y = logits[labelled], y[labelled]
             totals += torch.stack([(logits.argmax(1) == y).sum().double(),
                                    nn.functional.cross_entropy(logits, y, reduction="sum").double(),
                                    torch.tensor(len(y), dtype=torch.float64, device=self.device)])

@@ -294,3 +294,15 @@ def test_large_logits_stay_finite():
         loss = fn(s, t, y)
         (g,) = torch.autograd.grad(loss, s)
         assert torch.isfinite(loss) and torch.isfinite(g).all(), name
+
+
+def test_ce_ignores_unlabelled():
+    """Negative labels are unlabelled: CE equals CE over the labelled rows alone."""
+    torch.manual_seed(0)
+    s = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([2, -1, 0, -1, 3, 1])
+    keep = y >= 0
+    want = -torch.log_softmax(s[keep], 1).gather(1, y[keep].view(-1, 1)).mean()
+    assert torch.allclose(ce(s, None, y), want)
+    per = ce(s, None, y, reduction="none")
+    assert torch.all(per[~keep] == 0) and torch.allclose(per[keep].mean(), want)

@@ -1,0 +1,32 @@
+# `make run`: create .venv, install, run the default experiment.
+# `make test`: create .venv, install with the test extras, run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: run test bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(VENV)/.base
+	$(VENV)/bin/mmkd run
+
+test: $(VENV)/.test
+	$(PY) -m pytest
+
+bench: $(VENV)/.base
+	$(PY) benchmarks/quickstart.py
+	$(PY) benchmarks/trainer_overhead.py
+	$(PY) benchmarks/cache_speedup.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

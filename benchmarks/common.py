@@ -1,0 +1,42 @@
+"""Shared helpers for the benchmark scripts: mean ± std and result files (JSON + markdown)."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std`` of ``xs`` times ``scale``."""
+    m, s = mean_std([x * scale for x in xs])
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def machine() -> str:
+    """One line describing where the benchmark ran."""
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {dev}; "
+            f"torch {torch.__version__}, Python {sys.version.split()[0]}")
+
+
+def write(name: str, data: dict, header: list[str], rows: list[list[str]], notes: str = "") -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` and print the table."""
+    RESULTS.mkdir(exist_ok=True)
+    data = {**data, "machine": machine()}
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    md = f"## {name}\n\n{machine()}\n\n" + "\n".join(lines) + ("\n\n" + notes if notes else "") + "\n"
+    (RESULTS / f"{name}.md").write_text(md)
+    print(md)

@@ -1,0 +1,110 @@
+"""Time per student step: mmkd's Trainer (KD through a cached teacher) vs a plain PyTorch CE loop.
+
+Both train the same student on the same batches (same loader, sampler and seed) in the same process;
+the rounds alternate between the two to cancel drift. The trainer's time is its training loop only
+(``time/train_s``: forward, the CE + KD mixture, backward, step, NaN check, schedule), excluding the
+per-epoch evaluation and checkpoint, which the plain loop does not do. A second row trains the
+student with CE alone through the trainer, to separate framework overhead from the KD term's cost.
+
+    python benchmarks/trainer_overhead.py [--rounds 5] [--epochs 3] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import fmt, write
+from mmkd import Distiller, Net, Teacher, Term, Trainer, cache_teacher
+from mmkd.data import EpochSampler, TensorDictDataset, loader
+from mmkd.models import CNN, MLP
+from mmkd.routers import ConstantRouter
+
+
+def plain_loop(model, data, batch_size, epochs, lr, device) -> float:
+    """Seconds per step of the hand-written loop."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sampler = EpochSampler(len(data), seed=0)
+    batches = loader(data, batch_size, sampler)
+    steps, t0 = 0, time.perf_counter()
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for batch in batches:
+            x, y = batch["image"].to(device), batch["label"].to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def trainer_loop(model, teacher, terms, data, val, batch_size, epochs, lr, device, **extra) -> float:
+    """Seconds per step of Trainer.fit's training loop."""
+    distiller = Distiller(Net(model, ["image"]), [teacher] if teacher else [], terms,
+                          ConstantRouter() if teacher else None)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(run_dir=run_dir, max_epochs=epochs, batch_size=batch_size, lr=lr, scheduler="none",
+                          progress="off", tensorboard=False, device=str(device), **extra)
+        result = trainer.fit(distiller, data, val)
+    steps = epochs * -(-len(data) // batch_size)
+    return sum(m["time/train_s"] for m in result.history) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--n", type=int, default=8192, help="training instances (random 1x28x28 images)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile in the trainer")
+    p.add_argument("--precision", default="auto")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(args.n, 1, 28, 28, generator=g), torch.randint(0, 10, (args.n,), generator=g)
+    data = TensorDictDataset("overhead", image=images, label=labels)
+    val = TensorDictDataset("overhead-val", image=images[:256], label=labels[:256])
+    with tempfile.TemporaryDirectory() as cache:
+        teacher = cache_teacher(Teacher(CNN(10, (1, 28, 28)), ["image"]), data, cache, device=device)
+        students = {"MLP 784-512-512-10": lambda: MLP(10, (1, 28, 28), hidden=(512, 512)),
+                    "CNN 32-64": lambda: CNN(10, (1, 28, 28), channels=(32, 64))}
+        rows, out = [], {}
+        extra = {"compile": args.compile, "precision": args.precision}
+        for name, make in students.items():
+            plain, kd, ce = [], [], []
+            for r in range(args.rounds):
+                torch.manual_seed(r)
+                init = make().state_dict()
+                runs = [("plain", lambda m: plain_loop(m, data, args.batch_size, args.epochs, 1e-3, device)),
+                        ("kd", lambda m: trainer_loop(m, teacher, [Term("ce"), Term("kd")], data, val,
+                                                      args.batch_size, args.epochs, 1e-3, device, **extra)),
+                        ("ce", lambda m: trainer_loop(m, None, [Term("ce")], data, val, args.batch_size,
+                                                      args.epochs, 1e-3, device, **extra))]
+                for label, fn in (runs if r % 2 == 0 else runs[::-1]):
+                    m = make()
+                    m.load_state_dict(init)
+                    {"plain": plain, "kd": kd, "ce": ce}[label].append(fn(m))
+            ratio_kd = [k / p for k, p in zip(kd, plain)]
+            ratio_ce = [c / p for c, p in zip(ce, plain)]
+            out[name] = {"plain_ms": plain, "trainer_kd_ms": kd, "trainer_ce_ms": ce,
+                         "ratio_kd": ratio_kd, "ratio_ce": ratio_ce}
+            rows.append([name, fmt(plain, 1e3, 3), fmt(kd, 1e3, 3), fmt(ratio_kd, 1, 3),
+                         fmt(ce, 1e3, 3), fmt(ratio_ce, 1, 3)])
+    write(f"trainer_overhead_{device.type}" + ("_compile" if args.compile else ""),
+          {"args": vars(args), "results": out},
+          ["student", "plain CE loop ms/step", "Trainer CE+KD (cached) ms/step", "ratio",
+           "Trainer CE ms/step", "ratio"], rows,
+          f"{args.rounds} rounds x {args.epochs} epochs, {args.n} instances, batch {args.batch_size}; "
+          "ratio = Trainer / plain per round, mean ± std. Target: CE+KD ratio <= 1.05.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The command line: errors and exit codes, `mmkd list`, a one-epoch quickstart run, export."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mmkd.cli import main
+
+FAST = ["trainer.max_epochs=1", "teachers.cnn.epochs=1", "trainer.tensorboard=false"]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("foo=1", "foo: unknown config key; valid keys: experiment, seed"),
+    ("trainer.foo=1", "trainer.foo: unknown config key; valid keys under trainer: max_epochs"),
+    ("teachers.cnn.foo=1", "teachers.cnn.foo: unknown config key; valid keys under teachers.cnn: name"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs: expected integer, got 'abc'"),
+    ("trainer.lr=fast", "trainer.lr: expected float, got 'fast'"),
+    ("experiment=nope", "experiment: unknown experiment 'nope'; choose from: quickstart"),
+    ("losses.kd.loss=kdd", "losses.kd.loss: unknown loss 'kdd'; choose from: ce, dist, dkd, kd"),
+    ("student.name=zzz", "student.name: unknown model 'zzz'; choose from: cnn,"),
+    ("teachers.cnn.name=zzz", "teachers.cnn.name: unknown model 'zzz'; choose from:"),
+    ("data.name=zzz", "data.name: unknown dataset 'zzz'; choose from: digits"),
+    ("router.name=zzz", "router.name: unknown router 'zzz'; choose from:"),
+    ("export=[pdf]", "export: unknown format 'pdf'; choose from: onnx, torchscript"),
+    ("student.args.bogus=1", "student.args.bogus: not set by the experiment; add a new entry with +student.args.bogus"),
+    ("+student.args.bogus=1", "student.args: MLP.__init__() got an unexpected keyword argument 'bogus'"),
+    ("student.inputs=[audio]", "student.inputs: ['audio'] are not all inputs of the data set; choose from: image"),
+    ("teachers.cnn.checkpoint=missing.pt", "teachers.cnn.checkpoint: no such file 'missing.pt'"),
+])
+def test_bad_input_is_one_line_with_exit_code_2(capsys, override, expected):
+    code, out, err = run_cli(capsys, "run", override, *FAST)
+    assert code == 2
+    assert err.startswith("mmkd: error: " + expected), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_exit_code_2_from_the_installed_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mmkd.cli", "run", "trainer.nope=1"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("mmkd: error: trainer.nope: unknown config key")
+    assert proc.stdout == ""
+
+
+def test_list(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert set(lines) == {"losses", "routers", "models", "datasets", "experiments"}
+    assert {"ce", "kd", "dkd", "nkd", "dist", "pld", "sinkd"} <= set(lines["losses"].split(", "))
+    assert {"constant", "confidence"} <= set(lines["routers"].split(", "))
+    assert "quickstart" in lines["experiments"].split(", ")
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """One-epoch quickstart run through the CLI."""
+    run_dir = tmp_path_factory.mktemp("runs") / "qs"
+    code = main(["run", f"run_dir={run_dir}", f"cache_dir={run_dir.parent / 'cache'}",
+                 "export=[onnx,torchscript]", *FAST])
+    assert code == 0
+    return run_dir
+
+
+def test_quickstart_writes_its_run_directory(quickstart_run):
+    d = quickstart_run
+    for name in ("config.yaml", "data.json", "results.json", "curves.png", "student.pt",
+                 "export/student.onnx", "export/student.pt2", "export/meta.json"):
+        assert (d / name).is_file(), name
+    for stage in ("teachers/cnn", "student", "baseline"):
+        for name in ("metrics.csv", "best.pt", "last.pt"):
+            assert (d / stage / name).is_file(), f"{stage}/{name}"
+    results = json.loads((d / "results.json").read_text())
+    for key in ("student", "baseline"):
+        assert 0.0 <= results[key]["test_acc"] <= 1.0
+    assert results["teachers"]["cnn"]["params"] > results["student"]["params"]
+    assert not list(d.rglob("*.tmp*")), "temporary files left behind"
+
+
+def test_exports_match_pytorch(quickstart_run):
+    import onnxruntime as ort
+
+    from mmkd.models import MLP
+
+    d = quickstart_run
+    meta = json.loads((d / "export/meta.json").read_text())
+    assert meta["inputs"] == {"image": [1, 8, 8]} and meta["num_classes"] == 10
+    model = MLP(10, (1, 8, 8), hidden=[64], dropout=0.1)
+    model.load_state_dict(torch.load(d / "student.pt"))
+    model.eval()
+    x = torch.rand(33, 1, 8, 8)  # a batch size other than the export example's
+    want = model(x).detach().numpy()
+    onnx_out = ort.InferenceSession(str(d / "export/student.onnx")).run(None, {"image": x.numpy()})[0]
+    np.testing.assert_allclose(onnx_out, want, atol=1e-5)
+    program = torch.export.load(d / "export/student.pt2")
+    np.testing.assert_allclose(program.module()(x).detach().numpy(), want, atol=1e-6)
+
+
+def test_export_command(quickstart_run, capsys):
+    (quickstart_run / "export/student.pt2").unlink()
+    code, out, _ = run_cli(capsys, "export", f"run_dir={quickstart_run}", "format=torchscript")
+    assert code == 0 and out.strip().endswith("student.pt2")
+    assert (quickstart_run / "export/student.pt2").is_file()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run_dir=nowhere"], "run_dir: 'nowhere' has no config.yaml"),
+    ([], "run_dir: missing"),
+    (["colour=red"], "'colour=red': unknown export option"),
+])
+def test_export_errors(capsys, args, expected):
+    code, _, err = run_cli(capsys, "export", *args)
+    assert code == 2 and err.startswith("mmkd: error: " + expected)
+
+
+def test_export_unknown_format(quickstart_run, capsys):
+    code, _, err = run_cli(capsys, "export", f"run_dir={quickstart_run}", "format=pdf")
+    assert code == 2 and "unknown export format 'pdf'; choose from: onnx, torchscript" in err
+
+
+def test_resume_needs_an_existing_run(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "resume=true", f"run_dir={tmp_path / 'none'}", *FAST)
+    assert code == 2 and "holds no run" in err

@@ -28,7 +28,7 @@ def compose(overrides: Sequence[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from mmkd.config import check_names
+    from mmkd.config import check_names, typed_sections
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -36,6 +36,7 @@ def compose(overrides: Sequence[str]):
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain(e, overrides)) from None
+    typed_sections(cfg)
     check_names(cfg)
     return cfg
 
@@ -52,10 +53,7 @@ def _explain(e: Exception, overrides: Sequence[str]) -> str:
     if m:
         full = key or m.group(1)
         parent = full.rpartition(".")[0]
-        section = _schema_section(parent)
-        if section is None:
-            return f"{full}: not set by the experiment; add a new entry with +{full}=VALUE"
-        return f"{full}: unknown config key; valid keys{' under ' + parent if parent else ''}: {', '.join(section)}"
+        return f"{full}: unknown config key; valid keys{' under ' + parent if parent else ''}: {', '.join(_schema_keys(parent))}"
     m = re.search(r"Value '([^']*)' (?:of type '(\w+)' )?could not be converted to (\w+)", text)
     if m:
         return f"{key}: expected {m.group(3).lower()}, got {m.group(1)!r}"
@@ -66,20 +64,14 @@ def _explain(e: Exception, overrides: Sequence[str]) -> str:
     return f"{key + ': ' if key else ''}{first}"
 
 
-def _schema_section(path: str) -> list[str] | None:
-    """The keys of the typed config section at ``path`` (None for free-form sections)."""
+def _schema_keys(path: str) -> list[str]:
+    """The keys of the typed config section at ``path`` ("" for the top level)."""
     from omegaconf import OmegaConf
 
-    from mmkd.config import RunConfig, TeacherConfig, TermConfig
+    from mmkd.config import RunConfig
 
-    typed = {"teachers": TeacherConfig, "losses": TermConfig}
-    parts = path.split(".") if path else []
-    if len(parts) == 2 and parts[0] in typed:
-        return list(OmegaConf.structured(typed[parts[0]]).keys())
-    node = OmegaConf.select(OmegaConf.structured(RunConfig), path) if path else OmegaConf.structured(RunConfig)
-    if OmegaConf.is_dict(node) and OmegaConf.get_type(node) is not dict:
-        return list(node.keys())
-    return None
+    schema = OmegaConf.structured(RunConfig)
+    return list((OmegaConf.select(schema, path) if path else schema).keys())
 
 
 def cmd_run(overrides: Sequence[str]) -> int:

@@ -6,14 +6,16 @@ its type and default, so a misspelt key or a wrong type is caught before anythin
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from importlib import util
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from mmkd.adapters import ADAPTERS
 from mmkd.registry import DATASETS, LOSSES, MODELS, ROUTERS
 from mmkd.trainer import TrainerConfig
 
@@ -53,6 +55,9 @@ class TermConfig:
     loss: Optional[str] = None
     weight: float = 1.0
     args: Dict[str, Any] = field(default_factory=dict)
+    student: str = "logits"  # or features.<module path> (listed in student.features)
+    teacher: str = "logits"  # or features.<module path> (listed in each teacher's features)
+    adapter: Optional[str] = None  # linear | conv: a learned projector on the student side
 
 
 @dataclass
@@ -77,14 +82,25 @@ class RunConfig:
     baseline: bool = True  # also train the student on labels alone, from the same initialisation
     export: List[str] = field(default_factory=lambda: ["onnx"])  # onnx | torchscript
     data: DataConfig = field(default_factory=DataConfig)
-    teachers: Dict[str, TeacherConfig] = field(default_factory=dict)
+    # entries are typed by ``typed_sections`` (TeacherConfig / TermConfig); declared as plain dicts so
+    # that new ones can be added from the command line (``losses.hint.loss=mse``)
+    teachers: Dict[str, Any] = field(default_factory=dict)
     student: ModelConfig = field(default_factory=lambda: ModelConfig(name="mlp"))
     router: RouterConfig = field(default_factory=RouterConfig)
-    losses: Dict[str, TermConfig] = field(default_factory=lambda: {"ce": TermConfig()})
+    losses: Dict[str, Any] = field(default_factory=lambda: {"ce": {}})
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-ConfigStore.instance().store(name="base_config", node=RunConfig)
+def _schema() -> DictConfig:
+    """The RunConfig schema; sections whose entries are free-form (model and loss arguments) or
+    typed later by :func:`typed_sections` accept new keys from the command line without ``+``."""
+    node = OmegaConf.structured(RunConfig)
+    for path in ("teachers", "losses", "data.args", "student.args", "router.args"):
+        OmegaConf.set_struct(OmegaConf.select(node, path), False)
+    return node
+
+
+ConfigStore.instance().store(name="base_config", node=_schema())
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 
@@ -99,6 +115,31 @@ def experiments() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
 
+def typed_sections(cfg: DictConfig) -> DictConfig:
+    """Give every entry of ``teachers`` and ``losses`` its schema (defaults filled in, types checked).
+
+    Raises :class:`ConfigError` naming the full key of an unknown key or a value of the wrong type.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    for section, schema in (("teachers", TeacherConfig), ("losses", TermConfig)):
+        typed = {}
+        for name, entry in cfg[section].items():
+            try:
+                typed[name] = OmegaConf.merge(OmegaConf.structured(schema), entry if entry is not None else {})
+            except OmegaConfBaseException as e:
+                key = f"{section}.{name}.{e.full_key}" if getattr(e, "full_key", None) else f"{section}.{name}"
+                if "not in" in str(e):
+                    valid = ", ".join(OmegaConf.structured(schema).keys())
+                    raise ConfigError(f"{key}: unknown config key; valid keys under {section}.{name}: {valid}") from None
+                m = re.search(r"Value '([^']*)' .*could not be converted to (\w+)", str(e))
+                raise ConfigError(f"{key}: expected {m.group(2).lower()}, got {m.group(1)!r}" if m
+                                  else f"{key}: {str(e).splitlines()[0]}") from None
+        with open_dict(cfg):
+            cfg[section] = typed
+    return cfg
+
+
 def check_names(cfg: DictConfig) -> None:
     """Raise :class:`~mmkd.registry.UnknownName` (naming the config key) for any unregistered name."""
     checks = [("data.name", DATASETS, cfg.data.name), ("student.name", MODELS, cfg.student.name),
@@ -108,6 +149,9 @@ def check_names(cfg: DictConfig) -> None:
     for key, registry, name in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown {registry.kind} {name!r}; choose from: {', '.join(registry.names())}")
+    for k, t in cfg.losses.items():
+        if t.adapter is not None and t.adapter not in ADAPTERS:
+            raise ConfigError(f"losses.{k}.adapter: unknown adapter {t.adapter!r}; choose from: {', '.join(ADAPTERS)}")
     for fmt in cfg.export:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export: unknown format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")

@@ -23,18 +23,42 @@ from mmkd.registry import LOSSES
 
 @dataclass
 class Term:
-    """One weighted loss term: a registered loss name, its weight and its hyper-parameters."""
+    """One weighted loss term: a registered loss name, its weight and its hyper-parameters.
+
+    By default the loss compares logits; ``student="features.<path>"`` / ``teacher="features.<path>"``
+    make it compare the named intermediate features instead (FitNet-style feature distillation).
+    ``adapter`` (e.g. a learned projector from the student's feature width to the teacher's) is
+    applied to the student side first; its parameters train with the student.
+    """
 
     loss: str
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
     name: str | None = None  # key in the returned dict; defaults to ``loss``
+    student: str = "logits"
+    teacher: str = "logits"
+    adapter: nn.Module | None = None
 
     def __post_init__(self) -> None:
         self.fn = LOSSES[self.loss]
         meta = LOSSES.meta(self.loss)
         self.reads_teacher, self.per_sample = meta["teacher"], meta["per_sample"]
+        self.reads_batch = meta.get("batch", False)
         self.name = self.name or self.loss
+        for side in (self.student, self.teacher):
+            if side != "logits" and not side.startswith("features."):
+                raise ValueError(f"loss term {self.name!r}: {side!r} is neither 'logits' nor 'features.<path>'")
+
+
+def pick(out: Output, what: str) -> Tensor:
+    """``out.logits`` for ``"logits"``, else the feature named by ``"features.<path>"``."""
+    if what == "logits":
+        return out.logits
+    path = what.removeprefix("features.")
+    if path not in out.features:
+        raise KeyError(f"no feature {path!r}; the model exposes: {', '.join(out.features) or 'none'} "
+                       "(list the path in the Net's/Teacher's features)")
+    return out.features[path]
 
 
 class Distiller(nn.Module):
@@ -61,6 +85,7 @@ class Distiller(nn.Module):
         self.teachers = nn.ModuleList(teachers)
         self.router = router
         self.terms = list(terms)
+        self.adapters = nn.ModuleDict({t.name: t.adapter for t in self.terms if t.adapter is not None})
         self.label_key = label_key
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
@@ -68,22 +93,26 @@ class Distiller(nn.Module):
         target = batch[self.label_key] if self.label_key in batch else None
         outs = [t(batch) for t in self.teachers]
         w = self.router(s, outs, batch).float() if outs else None
-        losses = {term.name: term.weight * self._term(term, s, outs, w, target) for term in self.terms}
+        losses = {term.name: term.weight * self._term(term, s, outs, w, target, batch) for term in self.terms}
         losses["loss"] = sum(losses.values())
         return losses
 
-    @staticmethod
-    def _term(term: Term, s: Output, outs: list[Output], w: Tensor | None, target: Tensor | None) -> Tensor:
-        s_logits = s.logits.float()
+    def _term(self, term: Term, s: Output, outs: list[Output], w: Tensor | None, target: Tensor | None,
+              batch: Batch) -> Tensor:
+        s_in = pick(s, term.student)
+        if term.name in self.adapters:
+            s_in = self.adapters[term.name](s_in)
+        s_in = s_in.float()
+        kwargs = {**term.args, **({"batch": batch} if term.reads_batch else {})}
         if not term.reads_teacher:
-            return term.fn(s_logits, None, target, **term.args)
-        total = s_logits.new_zeros(())
+            return term.fn(s_in, None, target, **kwargs)
+        total = s_in.new_zeros(())
         for i, t in enumerate(outs):
-            t_logits = t.logits.float()
+            t_in = pick(t, term.teacher).float()
             if term.per_sample:
-                total = total + (w[:, i] * term.fn(s_logits, t_logits, target, reduction="none", **term.args)).mean()
+                total = total + (w[:, i] * term.fn(s_in, t_in, target, reduction="none", **kwargs)).mean()
             else:
-                total = total + w[:, i].mean() * term.fn(s_logits, t_logits, target, **term.args)
+                total = total + w[:, i].mean() * term.fn(s_in, t_in, target, **kwargs)
         return total
 
     @torch.no_grad()

@@ -24,7 +24,8 @@ from mmkd import io
 from mmkd.cache import cache_teacher
 from mmkd.config import ConfigError, ModelConfig
 from mmkd.data import DataSplits, loader
-from mmkd.distiller import Distiller, Term
+from mmkd.adapters import make_adapter
+from mmkd.distiller import Distiller, Term, pick
 from mmkd.export import export_onnx, export_program
 from mmkd.net import Net, Teacher, num_params
 from mmkd.registry import DATASETS, MODELS, ROUTERS
@@ -75,6 +76,25 @@ def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir
     trainer = Trainer(trainer_config(cfg, epochs), run_dir / name, resume=cfg.resume)
     result = trainer.fit(module, data.train, data.val)
     return result, trainer.evaluate(module, data.test)
+
+
+def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits) -> list[Term]:
+    """The loss terms of ``cfg.losses``; adapters are sized by one forward pass on a training batch."""
+    terms, outs = [], None
+    for k, t in cfg.losses.items():
+        adapter = None
+        if t.adapter:
+            if outs is None:
+                with torch.no_grad():
+                    batch = next(iter(loader(data.train, 2)))
+                    outs = student.eval()(batch), [teacher(batch) for teacher in teachers]
+            if not teachers:
+                raise ConfigError(f"losses.{k}.adapter: an adapter maps student to teacher features; there is no teacher")
+            s_shape, t_shape = (pick(o, side).shape[1:] for o, side in ((outs[0], t.student), (outs[1][0], t.teacher)))
+            adapter = make_adapter(t.adapter, s_shape, t_shape)
+        terms.append(Term(t.loss or k, t.weight, dict(t.args), name=k, student=t.student, teacher=t.teacher,
+                          adapter=adapter))
+    return terms
 
 
 @torch.no_grad()
@@ -132,8 +152,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     student = build_model(cfg.student, meta, "student")
     init = copy.deepcopy(student.state_dict())
     router = ROUTERS[cfg.router.name](**cfg.router.args) if teachers else None
-    terms = [Term(t.loss or k, t.weight, dict(t.args), name=k) for k, t in cfg.losses.items()]
-    distiller = Distiller(Net(student, cfg.student.inputs, cfg.student.features), teachers, terms, router)
+    student_net = Net(student, cfg.student.inputs, cfg.student.features)
+    terms = build_terms(cfg, student_net, teachers, data)
+    distiller = Distiller(student_net, teachers, terms, router)
     fitted, test = fit("student", distiller, data, cfg, run_dir)
     results["student"] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"], "params": num_params(student)}
     io.save(student.state_dict(), run_dir / "student.pt")

@@ -310,3 +310,55 @@ def test_cotrained_teacher_trains_and_gets_gradient():
     assert m[1].training and all(p.requires_grad for p in teacher.parameters())
     teacher({"a": torch.randn(B, 3)}).logits.sum().backward()
     assert m[0].weight.grad is not None and m[0].weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ feature terms, adapters, batch-reading losses
+def test_feature_term_with_adapter_compares_projected_student_features():
+    """A FitNet-style term: MSE(adapter(student hidden), teacher hidden), adapter trained with the student."""
+    from mmkd.losses import reduce, register_loss
+    from mmkd.registry import LOSSES
+
+    if "test_feat_mse" not in LOSSES._items:
+        @register_loss("test_feat_mse")
+        def feat_mse(s, t, target=None, reduction="mean"):
+            return reduce((s - t).pow(2).flatten(1).mean(1), reduction)
+
+    torch.manual_seed(0)
+    s_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    t_model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    adapter = torch.nn.Linear(3, 5)
+    term = Term("test_feat_mse", student="features.1", teacher="features.1", adapter=adapter)
+    d = Distiller(Net(s_model, ["x"], features=["1"]), [Teacher(t_model, ["x"], features=["1"])], [term],
+                  ConstantRouter())
+    x = torch.randn(6, 4)
+    got = d({"x": x})["test_feat_mse"]
+    want = (adapter(torch.relu(s_model[0](x))) - torch.relu(t_model[0](x))).pow(2).mean()
+    assert torch.allclose(got, want)
+    assert any(p is adapter.weight for p in d.parameters())  # the adapter trains with the student
+    got.backward()
+    assert adapter.weight.grad.abs().sum() > 0 and s_model[0].weight.grad.abs().sum() > 0
+
+
+def test_missing_feature_and_bad_selector_are_clear_errors():
+    with pytest.raises(ValueError, match="neither 'logits' nor 'features.<path>'"):
+        Term("kd", student="hidden")
+    d = Distiller(Net(torch.nn.Linear(4, 2), ["x"]), [Teacher(torch.nn.Linear(4, 2), ["x"])],
+                  [Term("kd", teacher="features.0")], ConstantRouter())
+    with pytest.raises(KeyError, match="no feature '0'"):
+        d({"x": torch.randn(3, 4)})
+
+
+def test_batch_reading_loss_receives_the_batch():
+    from mmkd.losses import register_loss
+    from mmkd.registry import LOSSES
+
+    if "test_uses_batch" not in LOSSES._items:
+        @register_loss("test_uses_batch", per_sample=False, batch=True)
+        def uses_batch(s, t, target=None, *, batch):
+            return (s * batch["scale"]).sum()
+
+    d = Distiller(Net(torch.nn.Linear(2, 2), ["x"]), [Teacher(torch.nn.Linear(2, 2), ["x"])],
+                  [Term("test_uses_batch")], ConstantRouter())
+    x, scale = torch.randn(3, 2), torch.tensor(2.5)
+    got = d({"x": x, "scale": scale})["test_uses_batch"]
+    assert torch.allclose(got, d.student.model(x).sum() * 2.5)

@@ -21,13 +21,15 @@ import torch
 from mmkd.registry import LOSSES
 
 
-def register_loss(name: str, *, teacher: bool = True, per_sample: bool = True) -> Callable:
+def register_loss(name: str, *, teacher: bool = True, per_sample: bool = True, batch: bool = False) -> Callable:
     """Register a loss function under ``name``.
 
     ``teacher``: whether the loss reads teacher logits (False for label-only losses such as CE).
     ``per_sample``: whether it supports ``reduction="none"`` (one value per instance).
+    ``batch``: whether it also needs the batch (e.g. a graph's ``edge_index``); it then receives
+    it as the keyword argument ``batch``.
     """
-    return LOSSES.register(name, teacher=teacher, per_sample=per_sample)
+    return LOSSES.register(name, teacher=teacher, per_sample=per_sample, batch=batch)
 
 
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:

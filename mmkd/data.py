@@ -71,11 +71,14 @@ class DataSplits:
     shapes: dict[str, tuple[int, ...]]  # shape of one item, per input key
     class_names: list[str] = field(default_factory=list)
     label_key: str = "label"
+    # per input key, the steps that turned raw inputs into the stored ones (see mmkd.preprocess)
+    preprocessing: dict[str, list[dict]] = field(default_factory=dict)
 
     def meta(self) -> dict:
         """JSON-serialisable description (saved in every run directory, read by export)."""
         return {"num_classes": self.num_classes, "shapes": {k: list(v) for k, v in self.shapes.items()},
-                "class_names": self.class_names, "label_key": self.label_key}
+                "class_names": self.class_names, "label_key": self.label_key,
+                "preprocessing": self.preprocessing}
 
 
 def _collate(items: list | dict) -> dict[str, Tensor]:

@@ -180,7 +180,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def export_student(run_dir: str | os.PathLike, formats: list[str]) -> list[Path]:
     """Export the student of a finished run to ``<run_dir>/export/``: ``student.onnx`` (``onnx``)
-    and/or ``student.pt2`` (``torchscript``: a ``torch.export`` program), plus ``meta.json``."""
+    and/or ``student.pt2`` (``torchscript``: a ``torch.export`` program), plus ``meta.json``: the
+    input shapes, the class names and the data set's feature preprocessing (what ``mmkd predict``
+    applies to raw inputs)."""
     run_dir = Path(run_dir)
     for needed in ("config.yaml", "data.json", "student.pt"):
         if not (run_dir / needed).exists():
@@ -201,8 +203,10 @@ def export_student(run_dir: str | os.PathLike, formats: list[str]) -> list[Path]
             paths.append(export_program(student, example, out / "student.pt2"))
         else:
             raise ConfigError(f"format: unknown export format {fmt!r}; choose from: onnx, torchscript")
+    preprocessing = meta.get("preprocessing") or {}
     io.write_json({"inputs": {k: meta["shapes"][k] for k in keys}, "class_names": meta["class_names"],
-                   "num_classes": meta["num_classes"], "model": cfg.student.name}, out / "meta.json")
+                   "num_classes": meta["num_classes"], "model": cfg.student.name,
+                   "preprocessing": {k: preprocessing[k] for k in keys if k in preprocessing}}, out / "meta.json")
     return paths
 
 

@@ -1,0 +1,208 @@
+"""Graph splits as data sets the core's Trainer and ``mmkd run`` use unchanged.
+
+A batch is ``{"x": [n, F], "edge_index": [2, e], "label": [n], "index": [n], "node": [n],
+"seed": [n]}``: the label is -1 outside the split (the core's CE and evaluation skip such nodes),
+``index`` numbers the nodes of the graph the data set is built on (the teacher-output cache looks
+rows up by it), ``node`` gives their ids in the original graph and ``seed`` marks the nodes a batch
+was drawn for (all of them in full-batch mode; graph losses average their per-node terms over them).
+
+- Full batch (:class:`FullGraph`): a data set of ONE item, the whole graph. Deterministic, so a
+  frozen teacher's outputs on it are cached.
+- Mini-batch (:class:`NeighborGraph`): one item per seed node; a batch of seeds comes back as their
+  sampled neighbourhood (:mod:`graphs.sampling`), labelled on the seeds only. A node's output depends
+  on the neighbourhood it was sampled with, so teachers run live on these batches.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mmkd.config import ConfigError
+from mmkd.data import DataSplits
+from mmkd.preprocess import row_normalize
+from mmkd.registry import DATASETS
+from mmkd.graphs import splits as S
+from mmkd.graphs.data import Graph, planetoid, read_npz
+from mmkd.graphs.sampling import CSC, sample
+
+
+def _hash(name: str, tensors: dict[str, Tensor], extra: str = "") -> str:
+    h = hashlib.sha256(f"{name}|{extra}".encode())
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class FullGraph(Dataset):
+    """The whole graph as a data set of one item (full-batch training and evaluation).
+
+    Args:
+        name: identifies the data set (part of its fingerprint).
+        x, edge_index: the graph the models see.
+        label: ``[nodes]``, -1 on nodes outside the split.
+        node: the nodes' ids in the original graph (default: ``0..n-1``).
+    """
+
+    deterministic = True
+
+    def __init__(self, name: str, x: Tensor, edge_index: Tensor, label: Tensor, node: Tensor | None = None):
+        self.name = name
+        n = len(x)
+        self.tensors = {"x": x, "edge_index": edge_index, "label": label, "index": torch.arange(n),
+                        "node": torch.arange(n) if node is None else node, "seed": torch.ones(n, dtype=torch.bool)}
+        self._fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        if i != 0:
+            raise IndexError(f"{self.name}: a full-graph data set has one item (0), not {i}")
+        return dict(self.tensors)
+
+    def __getitems__(self, ids: Sequence[int]) -> dict[str, Tensor]:
+        if any(i != 0 for i in ids):
+            raise IndexError(f"{self.name}: a full-graph data set has one item (0), not {list(ids)}")
+        return dict(self.tensors)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the name and the contents: the data set's identity for the teacher cache."""
+        if self._fingerprint is None:
+            self._fingerprint = _hash(self.name, self.tensors)
+        return self._fingerprint
+
+
+class NeighborGraph(Dataset):
+    """Mini-batches of sampled neighbourhoods: item ``i`` is seed node ``seeds[i]``.
+
+    Args:
+        name, x, edge_index, label, node: as for :class:`FullGraph`.
+        seeds: the nodes batches are drawn for.
+        num_neighbors: neighbours sampled per node at each hop (``-1``: all), e.g. ``[10, 10]``.
+    """
+
+    deterministic = False  # a node's output depends on the neighbourhood sampled with it
+
+    def __init__(self, name: str, x: Tensor, edge_index: Tensor, label: Tensor, seeds: Tensor,
+                 num_neighbors: Sequence[int], node: Tensor | None = None):
+        self.name, self.x, self.edge_index, self.label, self.seeds = name, x, edge_index, label, seeds
+        self.node = torch.arange(len(x)) if node is None else node
+        self.num_neighbors = [int(k) for k in num_neighbors]
+        self.csc = CSC(edge_index, len(x))
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.__getitems__([i])
+
+    def __getitems__(self, ids: Sequence[int]) -> dict[str, Tensor]:
+        seeds = self.seeds[torch.as_tensor(ids, dtype=torch.long)]
+        nodes, edge_index = sample(self.csc, seeds, self.num_neighbors)
+        is_seed = torch.arange(len(nodes)) < len(seeds)
+        label = torch.where(is_seed, self.label[nodes], -1)
+        return {"x": self.x[nodes], "edge_index": edge_index, "label": label, "index": nodes,
+                "node": self.node[nodes], "seed": is_seed}
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the name, the graph, the seeds and the fan-out."""
+        return _hash(self.name, {"x": self.x, "edge_index": self.edge_index, "label": self.label,
+                                 "seeds": self.seeds}, str(self.num_neighbors))
+
+
+def masked(y: Tensor, nodes: Tensor) -> Tensor:
+    """``y`` on ``nodes``, -1 elsewhere."""
+    out = torch.full_like(y, -1)
+    out[nodes] = y[nodes]
+    return out
+
+
+def graph_splits(g: Graph, split: str = "public", setting: str = "transductive", split_seed: int = 0,
+                 held_out: float = 0.2, train_per_class: int = 20, val_per_class: int = 30,
+                 normalize: bool = True, batching: str = "full", num_neighbors: Sequence[int] = (10, 10),
+                 eval_neighbors: Sequence[int] | None = None) -> DataSplits:
+    """Train/val/test data sets of graph ``g``.
+
+    Args:
+        split: ``public`` (the split that ships with the data) or ``glnn`` (``train_per_class`` /
+            ``val_per_class`` random labelled nodes per class, the rest as test; seeded by ``split_seed``).
+        setting: ``transductive`` (all nodes and edges visible, only labels split) or ``inductive``
+            (a ``held_out`` fraction of the test nodes and their edges invisible in training; the
+            test set is those nodes, evaluated on the full graph).
+        normalize: divide each feature row by its sum.
+        batching: ``full`` (one item: the whole graph) or ``neighbor`` (sampled neighbourhoods of
+            ``num_neighbors`` per hop for training; ``eval_neighbors`` for val/test, default all).
+    """
+    if split == "public":
+        parts = S.public(g)
+    elif split == "glnn":
+        parts = S.per_class(g, train_per_class, val_per_class, split_seed)
+    else:
+        raise ConfigError(f"data.args.split={split!r}; choose from: public, glnn")
+    if setting == "inductive":
+        parts = S.hold_out(parts, held_out, split_seed)
+    elif setting != "transductive":
+        raise ConfigError(f"data.args.setting={setting!r}; choose from: transductive, inductive")
+    if batching not in ("full", "neighbor"):
+        raise ConfigError(f"data.args.batching={batching!r}; choose from: full, neighbor")
+    x = row_normalize(g.x) if normalize else g.x
+    n = g.num_nodes
+    obs = parts.observed(n)  # every node when transductive
+    local = torch.full((n,), -1, dtype=torch.long)
+    local[obs] = torch.arange(len(obs))
+    x_obs, edges_obs, y_obs = x[obs], S.subgraph(g.edge_index, obs, n), g.y[obs]
+    tag = f"{g.name}/{split}/{setting}/{split_seed}"
+    hops = list(eval_neighbors) if eval_neighbors is not None else [-1] * len(num_neighbors)
+
+    def build(part: str, xs: Tensor, edges: Tensor, label: Tensor, node: Tensor | None, seeds: Tensor,
+              fanout: Sequence[int]) -> Dataset:
+        if batching == "full":
+            return FullGraph(f"{tag}/{part}", xs, edges, label, node)
+        return NeighborGraph(f"{tag}/{part}", xs, edges, label, seeds, fanout, node)
+
+    # teachers and students train on the observed graph; distillation reaches all its nodes
+    train = build("train", x_obs, edges_obs, masked(y_obs, local[parts.train]), obs, torch.arange(len(obs)),
+                  num_neighbors)
+    val = build("val", x_obs, edges_obs, masked(y_obs, local[parts.val]), obs, local[parts.val], hops)
+    test_nodes = parts.test if parts.held_out is None else parts.held_out
+    test = build("test", x, g.edge_index, masked(g.y, test_nodes), None, test_nodes, hops)
+    return DataSplits(train, val, test, num_classes=g.num_classes, shapes={"x": (g.x.shape[1],), "edge_index": (2,)},
+                      class_names=g.class_names or [str(c) for c in range(g.num_classes)],
+                      preprocessing={"x": [{"op": "row_normalize"}]} if normalize else {})
+
+
+@DATASETS.register("planetoid")
+def planetoid_splits(root: str, name: str = "cora", **kwargs) -> DataSplits:
+    """A Planetoid citation graph (Cora, CiteSeer, PubMed) read from ``<root>/planetoid/<Name>/raw``;
+    ``kwargs`` go to :func:`graph_splits` (split, setting, batching, ...)."""
+    return graph_splits(planetoid(f"{root}/planetoid", name), **kwargs)
+
+
+def _named(name: str):
+    def factory(root: str, **kwargs) -> DataSplits:
+        return planetoid_splits(root, name, **kwargs)
+
+    factory.__doc__ = f"Planetoid {name} (see ``planetoid``)."
+    return DATASETS.register(name)(factory)
+
+
+for _name in ("cora", "citeseer", "pubmed"):
+    _named(_name)
+
+
+@DATASETS.register("npz")
+def npz_splits(root: str, path: str, undirected: bool = True, **kwargs) -> DataSplits:
+    """A graph from an ``.npz`` file (see :func:`graphs.data.read_npz`); ``path`` is relative to the
+    data root unless absolute; ``kwargs`` go to :func:`graph_splits` (default split: ``glnn``)."""
+    kwargs.setdefault("split", "glnn")
+    from pathlib import Path
+
+    return graph_splits(read_npz(Path(root) / path, undirected), **kwargs)

@@ -1,0 +1,112 @@
+"""GNN teachers on PyG, registered by name: ``gcn``, ``sage``, ``gat``, ``appnp``.
+
+Every model's forward is ``forward(x, edge_index) -> logits [nodes, classes]`` (a config lists
+``inputs: [x, edge_index]``). Factories take ``num_classes``, ``in_shape`` (``(features,)``, or the
+data set's per-key shapes ``{"x": (features,), "edge_index": ...}`` when the model reads several
+keys) and ``hidden`` (the width of the hidden layers), plus their own arguments.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import APPNP as APPNPProp
+from torch_geometric.nn import GATConv, GCNConv, SAGEConv
+
+from mmkd.registry import MODELS
+
+
+def in_features(in_shape: Sequence[int] | Mapping[str, Sequence[int]]) -> int:
+    """The node-feature width from a model factory's ``in_shape``."""
+    shape = in_shape["x"] if isinstance(in_shape, Mapping) else in_shape
+    if len(shape) != 1:
+        raise ValueError(f"GNN models read node features of shape (features,), got in_shape {tuple(shape)}")
+    return int(shape[0])
+
+
+class MessagePassingNet(nn.Module):
+    """A stack of graph convolutions ``convs`` with ReLU and dropout between them."""
+
+    def __init__(self, convs: list[nn.Module], dropout: float):
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        for i, conv in enumerate(self.convs):
+            x = F.dropout(x, self.dropout, self.training)
+            x = conv(x, edge_index)
+            if i < len(self.convs) - 1:
+                x = self.act(x)
+        return x
+
+    def act(self, x: Tensor) -> Tensor:
+        return F.relu(x)
+
+
+def widths(in_shape, hidden: int, num_classes: int, layers: int) -> list[int]:
+    """Input width, ``layers - 1`` hidden widths, output width."""
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    return [in_features(in_shape), *[hidden] * (layers - 1), num_classes]
+
+
+@MODELS.register("gcn")
+class GCN(MessagePassingNet):
+    """Kipf and Welling, "Semi-Supervised Classification with Graph Convolutional Networks", ICLR 2017:
+    ``H' = D^-1/2 (A + I) D^-1/2 H W`` per layer (symmetric normalisation with self-loops)."""
+
+    def __init__(self, num_classes: int, in_shape, hidden: int = 64, layers: int = 2, dropout: float = 0.5):
+        w = widths(in_shape, hidden, num_classes, layers)
+        super().__init__([GCNConv(a, b) for a, b in zip(w, w[1:])], dropout)
+
+
+@MODELS.register("sage")
+class SAGE(MessagePassingNet):
+    """GraphSAGE (Hamilton, Ying and Leskovec, NeurIPS 2017): ``h_i' = W1 h_i + W2 agg_{j in N(i)} h_j``
+    with ``aggr`` (mean by default)."""
+
+    def __init__(self, num_classes: int, in_shape, hidden: int = 64, layers: int = 2, dropout: float = 0.5,
+                 aggr: str = "mean"):
+        w = widths(in_shape, hidden, num_classes, layers)
+        super().__init__([SAGEConv(a, b, aggr=aggr) for a, b in zip(w, w[1:])], dropout)
+
+
+@MODELS.register("gat")
+class GAT(MessagePassingNet):
+    """Graph attention (Velickovic et al., ICLR 2018): hidden layers of ``heads`` attention heads of
+    width ``hidden // heads`` (concatenated, ELU), one averaged head on the output layer."""
+
+    def __init__(self, num_classes: int, in_shape, hidden: int = 64, layers: int = 2, dropout: float = 0.6,
+                 heads: int = 8, attn_dropout: float = 0.6):
+        if hidden % heads:
+            raise ValueError(f"gat: hidden ({hidden}) must be a multiple of heads ({heads})")
+        w = widths(in_shape, hidden, num_classes, layers)
+        convs = [GATConv(a, hidden // heads, heads=heads, dropout=attn_dropout) for a in w[:-2]]
+        convs.append(GATConv(w[-2], num_classes, heads=1, dropout=attn_dropout))
+        super().__init__(convs, dropout)
+
+    def act(self, x: Tensor) -> Tensor:
+        return F.elu(x)
+
+
+@MODELS.register("appnp")
+class APPNP(nn.Module):
+    """Klicpera, Bojchevski and Guennemann, "Predict then Propagate", ICLR 2019: an MLP predicts
+    ``H = f(X)``, then ``K`` steps of personalised PageRank ``Z <- (1 - alpha) A_hat Z + alpha H``."""
+
+    def __init__(self, num_classes: int, in_shape, hidden: int = 64, layers: int = 2, dropout: float = 0.5,
+                 k: int = 10, alpha: float = 0.1):
+        super().__init__()
+        w = widths(in_shape, hidden, num_classes, layers)
+        self.lins = nn.ModuleList(nn.Linear(a, b) for a, b in zip(w, w[1:]))
+        self.dropout = dropout
+        self.prop = APPNPProp(k, alpha)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        for i, lin in enumerate(self.lins):
+            x = lin(F.dropout(x, self.dropout, self.training))
+            if i < len(self.lins) - 1:
+                x = F.relu(x)
+        return self.prop(x, edge_index)

@@ -3,6 +3,7 @@
     mmkd run [experiment=NAME] [key=value ...]     run an experiment (Hydra overrides)
     mmkd list                                       registered losses, routers, models, data sets, experiments
     mmkd export run_dir=DIR [format=onnx|torchscript]
+    mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|torchscript]
 
 Bad input (an unknown key, a wrong type, an unknown name, a missing file) prints one line naming
 the key and the valid choices, and exits with code 2.
@@ -132,6 +133,34 @@ def cmd_export(args: Sequence[str]) -> int:
     return 0
 
 
+def _options(args: Sequence[str], valid: Sequence[str], required: Sequence[str], usage: str) -> dict[str, str]:
+    """``key=value`` arguments as a dict; an unknown key or a missing required one is an error."""
+    opts = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in valid:
+            raise ConfigError(f"{arg!r}: unknown option; valid keys: {', '.join(valid)}")
+        opts[key] = value
+    for key in required:
+        if key not in opts:
+            raise ConfigError(f"{key}: missing; {usage}")
+    return opts
+
+
+def cmd_predict(args: Sequence[str]) -> int:
+    from mmkd.deploy import predict, write_predictions
+
+    usage = "mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|torchscript]"
+    opts = _options(args, ("run_dir", "input", "output", "batch_size", "format"), ("run_dir", "input"), usage)
+    batch_size = opts.get("batch_size", "4096")
+    if not batch_size.isdigit() or int(batch_size) < 1:
+        raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    pred = predict(opts["run_dir"], opts["input"], int(batch_size), opts.get("format"))
+    path = write_predictions(pred, opts.get("output", "preds.csv"))
+    print(f"{len(pred.class_ids)} predictions -> {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmkd", description="Knowledge distillation across graphs and modalities.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,8 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("list", help="registered losses, routers, models, data sets and experiments")
     sub.add_parser("export", help="export a run's student: mmkd export run_dir=DIR format=onnx|torchscript").add_argument(
         "options", nargs="*")
+    sub.add_parser("predict", help="classify raw features with a run's exported student: mmkd predict run_dir=DIR "
+                   "input=FEATURES [output=preds.csv] [batch_size=N] [format=onnx|torchscript]").add_argument(
+        "options", nargs="*")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MMKD_LOG", "INFO"), format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("mmkd").addHandler(handler)
+    logging.getLogger("mmkd").setLevel(os.environ.get("MMKD_LOG", "INFO"))
     from mmkd.registry import UnknownName
 
     try:
@@ -149,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args.overrides)
         if args.command == "list":
             return cmd_list()
+        if args.command == "predict":
+            return cmd_predict(args.options)
         return cmd_export(args.options)
     except (ConfigError, UnknownName) as e:
         print(f"mmkd: error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ first time a lookup misses or a full listing is asked for, so the core never imp
 """
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterator
 
@@ -18,8 +19,10 @@ def load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for ep in entry_points(group="mmkd.plugins"):
-        ep.load()
+    with warnings.catch_warnings():  # deprecation notices that plug-ins' dependencies emit on import
+        warnings.simplefilter("ignore", FutureWarning)
+        for ep in entry_points(group="mmkd.plugins"):
+            ep.load()
 
 
 class UnknownName(KeyError):

@@ -128,15 +128,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ce = [Term("ce")]
     device = Trainer(trainer_config(cfg)).device
 
-    results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir)}
-    teachers, teacher_models = [], {}
+    # build (and load) every model before training anything, so a bad config fails at once
+    teacher_models = {}
     for name, tc in cfg.teachers.items():
         seed_everything(cfg.seed)
-        model = build_model(tc, meta, f"teachers.{name}")
-        row: dict[str, Any] = {}
+        teacher_models[name] = build_model(tc, meta, f"teachers.{name}")
         if tc.checkpoint:
-            load_weights(model, tc.checkpoint, f"teachers.{name}.checkpoint")
-        else:
+            load_weights(teacher_models[name], tc.checkpoint, f"teachers.{name}.checkpoint")
+    seed_everything(cfg.seed)
+    student = build_model(cfg.student, meta, "student")
+    init = copy.deepcopy(student.state_dict())
+    router = ROUTERS[cfg.router.name](**cfg.router.args) if cfg.teachers else None
+
+    results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir)}
+    teachers = []
+    for name, tc in cfg.teachers.items():
+        model, row = teacher_models[name], {}
+        if not tc.checkpoint:
             fitted, _ = fit(f"teachers/{name}", Distiller(Net(model, tc.inputs), [], ce), data, cfg, run_dir, tc.epochs)
             row["val_acc"] = fitted.metrics["val/acc"]
         teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen)
@@ -145,13 +153,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if tc.frozen and tc.cache and getattr(data.train, "deterministic", False):
             teacher = cache_teacher(teacher, data.train, cache_dir, device=device)
         teachers.append(teacher)
-        teacher_models[name] = (model, tc.inputs)
         results.setdefault("teachers", {})[name] = row
 
-    seed_everything(cfg.seed)
-    student = build_model(cfg.student, meta, "student")
-    init = copy.deepcopy(student.state_dict())
-    router = ROUTERS[cfg.router.name](**cfg.router.args) if teachers else None
     student_net = Net(student, cfg.student.inputs, cfg.student.features)
     terms = build_terms(cfg, student_net, teachers, data)
     distiller = Distiller(student_net, teachers, terms, router)
@@ -168,8 +171,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     batch = next(iter(loader(data.test, len(data.test))))
     student.cpu()
     results["student"]["latency_ms"] = latency_ms(student, [batch[k] for k in cfg.student.inputs])
-    for name, (model, keys) in teacher_models.items():
-        results["teachers"][name]["latency_ms"] = latency_ms(model.cpu(), [batch[k] for k in keys])
+    for name, model in teacher_models.items():
+        inputs = [batch[k] for k in cfg.teachers[name].inputs]
+        results["teachers"][name]["latency_ms"] = latency_ms(model.cpu(), inputs)
     results["latency_batch"] = len(data.test)
     results["export"] = [str(p) for p in export_student(run_dir, cfg.export)]
     results["time_s"] = time.perf_counter() - t_start

@@ -222,6 +222,8 @@ class Trainer:
         step_fn = torch.compile(ddp) if c.compile else ddp
         writer = self._tensorboard()
         progress = self._progress()
+        if progress:
+            stage = progress.add_task(str(self.run_dir), total=c.max_epochs, completed=start)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext())
         try:
             for epoch in range(start, c.max_epochs):
@@ -229,7 +231,7 @@ class Trainer:
                 module.train()
                 t0 = time.perf_counter()
                 sums: dict[str, Tensor] = {}
-                task = progress.add_task(f"epoch {epoch + 1}/{c.max_epochs}", total=len(train_loader)) if progress else None
+                task = progress.add_task(f"  epoch {epoch + 1}", total=len(train_loader)) if progress else None
                 for step, batch in enumerate(train_loader):
                     batch = to_device(batch, self.device)
                     with autocast:
@@ -279,7 +281,10 @@ class Trainer:
                              "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history,
                              "best": best, "best_epoch": best_epoch, "bad_epochs": bad,
                              "done": stop or epoch + 1 == c.max_epochs}, last)
-                    self._log(metrics, history, writer)
+                    self._log(metrics, history, writer, quiet=progress is not None,
+                              last=stop or epoch + 1 == c.max_epochs)
+                if progress:
+                    progress.update(stage, advance=1, description=f"{self.run_dir}  {c.monitor}={score:.4f}")
                 if stop:
                     log.info("early stop at epoch %d: %s did not improve for %d epochs",
                              epoch + 1, c.monitor, c.patience)
@@ -342,12 +347,17 @@ class Trainer:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from rich.console import Console
+
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
+                            TimeElapsedColumn(), console=Console(stderr=True))
         progress.start()
         return progress
 
-    def _log(self, metrics: dict[str, float], history: list[dict[str, float]], writer) -> None:
+    def _log(self, metrics: dict[str, float], history: list[dict[str, float]], writer, quiet: bool,
+             last: bool) -> None:
+        """Write metrics.csv and TensorBoard scalars; log a line every tenth of the run (or at
+        debug level only, when a progress bar shows them)."""
         columns = list(dict.fromkeys(k for row in history for k in row))
         buf = _io.StringIO()
         w = csv.DictWriter(buf, columns)
@@ -358,5 +368,7 @@ class Trainer:
             for k, v in metrics.items():
                 if k != "epoch":
                     writer.add_scalar(k, v, metrics["epoch"])
-        log.info("epoch %d  %s", metrics["epoch"],
-                 "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        every = max(1, self.cfg.max_epochs // 10)
+        level = logging.INFO if not quiet and (last or metrics["epoch"] % every == 0) else logging.DEBUG
+        log.log(level, "%s epoch %d  %s", self.run_dir, metrics["epoch"],
+                "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))

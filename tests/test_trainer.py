@@ -68,8 +68,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, data, monk
     # interrupted run: dies right after epoch 2's checkpoint was written
     real_log = Trainer._log
 
-    def log_then_crash(self, metrics, history, writer):
-        real_log(self, metrics, history, writer)
+    def log_then_crash(self, metrics, history, writer, **kwargs):
+        real_log(self, metrics, history, writer, **kwargs)
         if metrics["epoch"] == 2:
             raise Crash("killed after epoch 2")
 

@@ -1,1 +1,3 @@
 """Modality encoders and multimodal data sets (installed as ``mmkd.modalities``)."""
+
+from . import avdigits  # noqa: F401  (registers the data set)

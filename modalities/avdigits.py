@@ -1,10 +1,10 @@
 """AV-digits: MNIST images paired by label with Free Spoken Digit recordings.
 
-The construction of AV-MNIST (Vielzeuf et al., "CentralNet", ECCV-W 2018), used by cross-modal
-distillation papers: an item is an image of a handwritten digit and a recording of a speaker saying
-the same digit. Here the images come from the MNIST test set (10,000 images, ``<root>/mnist``) and
-the recordings from the Free Spoken Digit Dataset (``<root>/fsdd/recordings``, 6 speakers x 10
-digits x 50 takes, 8 kHz mono 16-bit WAV).
+The construction of AV-MNIST (Vielzeuf et al., "CentralNet", ECCV-W 2018, there with TIDIGITS
+audio), used by cross-modal distillation papers: an item is an image of a handwritten digit and a
+recording of a speaker saying the same digit. Here the images come from the MNIST test set (10,000
+images, ``<root>/mnist``) and the recordings from the openly licensed Free Spoken Digit Dataset
+(``<root>/fsdd/recordings``, 6 speakers x 10 digits x 50 takes, 8 kHz mono 16-bit WAV).
 
 Splits follow FSDD's official split: takes 0-4 of every speaker and digit are the test set; takes
 5-9 are the validation set (10% of the rest, every speaker and digit equally) and takes 10-49 the

@@ -45,7 +45,8 @@ class TeacherConfig(ModelConfig):
     checkpoint: Optional[str] = None  # a state dict, a run's best.pt, or a run directory
     frozen: bool = True
     cache: bool = True  # cache its outputs (frozen teachers on deterministic data only)
-    epochs: Optional[int] = None  # training epochs when trained here (default: trainer.max_epochs)
+    epochs: Optional[int] = None  # training epochs when trained here (default: trainer.max_epochs);
+    # 0: no training, the model is used as built (pretrained or zero-shot, e.g. clip)
 
 
 @dataclass

@@ -144,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teachers = []
     for name, tc in cfg.teachers.items():
         model, row = teacher_models[name], {}
-        if not tc.checkpoint:
+        if not tc.checkpoint and tc.epochs != 0:  # epochs: 0 uses the model as built (pretrained)
             fitted, _ = fit(f"teachers/{name}", Distiller(Net(model, tc.inputs), [], ce), data, cfg, run_dir, tc.epochs)
             row["val_acc"] = fitted.metrics["val/acc"]
         teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen)

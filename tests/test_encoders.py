@@ -317,3 +317,26 @@ def test_every_encoder_distils_for_one_epoch(name, request, tmp_path):
         assert not student.train().encoder.training and student.dropout.training
     out = distiller.student.eval()({k: v[:2] for k, v in inputs.items()})
     assert out.logits.shape == (2, 4) and out.features[feature].shape[0] == 2
+
+
+# ------------------------------------------------------------------ a pretrained / zero-shot teacher in a run
+def test_teacher_with_zero_epochs_is_used_as_built(tmp_path):
+    """``teachers.<name>.epochs: 0``: no training stage; the teacher is the model as its factory built it."""
+    from omegaconf import open_dict
+
+    from mmkd.cli import compose
+    from mmkd.config import typed_sections
+    from mmkd.data import digits
+    from mmkd.run import run
+    from mmkd.trainer import seed_everything
+
+    cfg = compose([f"run_dir={tmp_path}/run", f"cache_dir={tmp_path}/cache", "trainer.max_epochs=1", "export=[]",
+                   "baseline=false", "trainer.progress=off", "trainer.tensorboard=false"])
+    with open_dict(cfg):
+        cfg.teachers = {"clip": {"name": "clip", "inputs": ["image"], "epochs": 0, "args": TINY_CLIP}}
+    results = run(typed_sections(cfg))
+    assert "val_acc" not in results["teachers"]["clip"] and not (tmp_path / "run" / "teachers").exists()
+    seed_everything(cfg.seed)
+    fresh = MODELS["clip"](num_classes=10, in_shape=(1, 8, 8), **TINY_CLIP)
+    acc = Trainer(device="cpu").evaluate(Distiller(Net(fresh, ["image"]), [], [Term("ce")]), digits().test)["acc"]
+    assert results["teachers"]["clip"]["test_acc"] == pytest.approx(acc)

@@ -1,5 +1,5 @@
 # `make run`: create .venv, install, run the default experiment.
-# `make test`: create .venv, install with the test extras, run the test suite.
+# `make test`: create .venv, install with the test and dgl extras, run the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +14,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,dgl]'
 	touch $@
 
 run: $(VENV)/.base

@@ -93,7 +93,8 @@ def clip(num_classes: int, in_shape: Sequence[int], arch: str = "ViT-B-32", pret
     Args:
         num_classes: the number of classes (``class_names`` must have as many).
         in_shape: ``(1 or 3, height, width)`` of one image.
-        arch: an ``open_clip`` architecture (``open_clip.list_models()``), e.g. ``ViT-B-32``, ``RN50``.
+        arch: an ``open_clip`` architecture (``open_clip.list_models()``), e.g. ``ViT-B-32``, ``RN50``;
+            or ``local-dir:<folder>``, a folder holding ``open_clip_config.json`` and the weights.
         pretrained: ``None`` (random initialisation), a local checkpoint file, or an ``open_clip``
             pretrained tag (``open_clip.list_pretrained()``, e.g. ``laion2b_s34b_b79k``; downloads, so
             only where the network is reachable).
@@ -109,11 +110,13 @@ def clip(num_classes: int, in_shape: Sequence[int], arch: str = "ViT-B-32", pret
     names = [str(c) for c in _plain(class_names)] if class_names is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"clip.class_names: {len(names)} names for {num_classes} classes")
-    if arch not in open_clip.list_models():
+    if ":" not in arch and arch not in open_clip.list_models():
         raise ValueError(f"clip.arch: unknown architecture {arch!r}; see open_clip.list_models(), e.g. ViT-B-32, RN50")
     try:
         model = open_clip.create_model(arch, pretrained=pretrained, **(_plain(config) or {}))
     except RuntimeError as e:
+        if pretrained is None:
+            raise
         raise ValueError(f"clip.pretrained: cannot load {pretrained!r} for {arch!r} ({e}); give a local checkpoint "
                          "file, or a tag from open_clip.list_pretrained() where it can be downloaded") from None
     tokenizer = open_clip.get_tokenizer(arch, context_length=model.context_length)

@@ -3,6 +3,7 @@ against a direct STFT computation, SpecAugment in training only, the real all-Mi
 embeddings, the CLIP zero-shot head against a hand computation, late fusion, and one tiny epoch of
 distillation for every encoder. Tiny random inputs; MiniLM is loaded once."""
 import copy
+import json
 import math
 
 import pytest
@@ -206,8 +207,16 @@ def test_clip_zero_shot_logits_by_hand(tmp_path):
     torch.save(clip.state_dict(), tmp_path / "clip.pt")
     loaded = MODELS["clip"](num_classes=3, in_shape=(1, 28, 28), pretrained=str(tmp_path / "clip.pt"),
                             class_names=names, templates=templates, **TINY_CLIP).eval()
+    # an open_clip model folder (config and weights): the same again
+    folder = tmp_path / "tiny-clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP["config"]}))
+    torch.save(clip.state_dict(), folder / "open_clip_pytorch_model.bin")
+    from_dir = MODELS["clip"](num_classes=3, in_shape=(1, 28, 28), arch=f"local-dir:{folder}",
+                              class_names=names, templates=templates).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), got)
+        torch.testing.assert_close(from_dir(x), got)
     with pytest.raises(ValueError, match="3 classes"):
         MODELS["clip"](num_classes=3, in_shape=(1, 28, 28), class_names=["a"], **TINY_CLIP)
     with pytest.raises(ValueError, match="unknown architecture"):

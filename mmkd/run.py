@@ -8,6 +8,7 @@ export the student; write ``results.json`` and a PNG of the learning curves into
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import statistics
@@ -22,7 +23,7 @@ from torch import nn
 
 from mmkd import io
 from mmkd.cache import cache_teacher
-from mmkd.config import ConfigError, ModelConfig
+from mmkd.config import ConfigError, ModelConfig, import_modules
 from mmkd.data import DataSplits, loader
 from mmkd.adapters import make_adapter
 from mmkd.distiller import Distiller, Term, pick
@@ -47,10 +48,42 @@ def build_model(mc: ModelConfig, meta: dict, where: str) -> nn.Module:
         raise ConfigError(f"{where}.args: {e}") from None
 
 
-def load_weights(model: nn.Module, path: str, where: str) -> None:
-    """Load a plain state dict, or the student of a trainer checkpoint (``best.pt``/``last.pt``)."""
+def build_router(cfg: DictConfig, meta: dict, student: nn.Module, data: DataSplits) -> nn.Module | None:
+    """The router of ``cfg.router`` (``None`` without teachers). A factory that names a parameter
+    ``num_teachers``, ``num_classes`` or ``feature_shapes`` (the shapes, without batch, of the
+    student's ``features``) gets it from the run unless ``router.args`` sets it."""
+    if not cfg.teachers:
+        return None
+    factory, args = ROUTERS[cfg.router.name], dict(cfg.router.args)
+    accepts = inspect.signature(factory).parameters
+    if "num_teachers" in accepts:
+        args.setdefault("num_teachers", len(cfg.teachers))
+    if "num_classes" in accepts:
+        args.setdefault("num_classes", meta["num_classes"])
+    if "feature_shapes" in accepts and "feature_shapes" not in args and cfg.student.features:
+        with torch.no_grad():
+            out = Net(student, cfg.student.inputs, cfg.student.features).eval()(next(iter(loader(data.train, 2))))
+        args["feature_shapes"] = {p: tuple(f.shape[1:]) for p, f in out.features.items()}
+    try:
+        return factory(**args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"router.args: {e}") from None
+
+
+def load_weights(model: nn.Module, path: str, where: str, teacher: str | None = None) -> None:
+    """Load a plain state dict, or the student of a trainer checkpoint (``best.pt``/``last.pt``).
+
+    For a teacher, ``path`` may also be the directory of an earlier run that trained a teacher of
+    the same name: its ``teachers/<name>/best.pt`` is loaded (how stages chain through run directories).
+    """
+    if teacher and os.path.isdir(path):
+        stage = os.path.join(path, "teachers", teacher, "best.pt")
+        if not os.path.isfile(stage):
+            raise ConfigError(f"{where}: run directory {path!r} has no teachers/{teacher}/best.pt; "
+                              f"give the run that trained teacher {teacher!r}, or a weights file")
+        path = stage
     if not os.path.isfile(path):
-        raise ConfigError(f"{where}: no such file {path!r}; give a state dict or a run's best.pt")
+        raise ConfigError(f"{where}: no such file {path!r}; give a state dict, a run's best.pt or a run directory")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if "model" in state:
         state = {k.removeprefix("student.model."): v for k, v in state["model"].items()
@@ -134,11 +167,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seed_everything(cfg.seed)
         teacher_models[name] = build_model(tc, meta, f"teachers.{name}")
         if tc.checkpoint:
-            load_weights(teacher_models[name], tc.checkpoint, f"teachers.{name}.checkpoint")
+            load_weights(teacher_models[name], tc.checkpoint, f"teachers.{name}.checkpoint", name)
     seed_everything(cfg.seed)
     student = build_model(cfg.student, meta, "student")
     init = copy.deepcopy(student.state_dict())
-    router = ROUTERS[cfg.router.name](**cfg.router.args) if cfg.teachers else None
+    router = build_router(cfg, meta, student, data)
 
     results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir)}
     teachers = []
@@ -192,6 +225,7 @@ def export_student(run_dir: str | os.PathLike, formats: list[str]) -> list[Path]
         if not (run_dir / needed).exists():
             raise ConfigError(f"run_dir: {str(run_dir)!r} has no {needed}; give the directory of a finished run")
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    import_modules(cfg.get("imports", []))
     meta = OmegaConf.to_container(OmegaConf.load(run_dir / "data.json"))
     student = build_model(cfg.student, meta, "student")
     student.load_state_dict(torch.load(run_dir / "student.pt", map_location="cpu"))

@@ -161,3 +161,18 @@ def test_feature_kd_term_with_adapter_from_the_command_line(tmp_path):
     assert any(k.startswith("adapters.hint.") for k in state["model"])  # 64 -> 128 projector
     assert state["model"]["adapters.hint.1.weight"].shape == (128, 64)
     assert 0 <= results["student"]["test_acc"] <= 1
+
+
+def test_teacher_checkpoint_from_an_earlier_run_directory(quickstart_run, tmp_path, capsys):
+    """Stages chain through run directories: a teacher trained by one run is loaded by the next."""
+    from mmkd.cli import compose
+    from mmkd.run import run
+
+    cfg = compose([f"out_dir={tmp_path}", "baseline=false", "export=[]", f"teachers.cnn.checkpoint={quickstart_run}",
+                   *FAST])
+    results = run(cfg)
+    first = json.loads((quickstart_run / "results.json").read_text())
+    assert results["teachers"]["cnn"]["test_acc"] == first["teachers"]["cnn"]["test_acc"]
+    assert "val_acc" not in results["teachers"]["cnn"]  # loaded, not trained again
+    code, _, err = run_cli(capsys, "run", f"teachers.cnn.checkpoint={tmp_path}", *FAST)
+    assert code == 2 and "has no teachers/cnn/best.pt" in err

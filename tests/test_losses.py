@@ -306,3 +306,16 @@ def test_ce_ignores_unlabelled():
     assert torch.allclose(ce(s, None, y), want)
     per = ce(s, None, y, reduction="none")
     assert torch.all(per[~keep] == 0) and torch.allclose(per[keep].mean(), want)
+
+
+def test_fitnet_against_a_loop_and_shape_check():
+    from mmkd.losses import fitnet
+
+    torch.manual_seed(1)
+    s, t = torch.randn(3, 2, 4, dtype=torch.float64), torch.randn(3, 2, 4, dtype=torch.float64)
+    per = [sum((s[i].flatten()[d] - t[i].flatten()[d]) ** 2 for d in range(8)) / 8 for i in range(3)]
+    assert torch.allclose(fitnet(s, t, reduction="none"), torch.stack(per))
+    assert torch.allclose(fitnet(s, t), torch.stack(per).mean())
+    assert fitnet(s, s) == 0
+    with pytest.raises(ValueError, match="give the term an adapter"):
+        fitnet(torch.randn(3, 5), torch.randn(3, 4))

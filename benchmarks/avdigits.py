@@ -1,0 +1,73 @@
+"""Cross-modal baselines on AV-digits: teachers (image, audio, multimodal) and image-only /
+audio-only students trained with CE, KD from the multimodal teacher, cross-modal KD, DKD and FitNet.
+
+The teachers are trained once per seed (experiment ``av_teachers``) and loaded by every method's run
+through ``teachers.<name>.checkpoint=<that run>``; students train with the experiment configs
+``av_<student>_<method>``. These are the baselines MST-Distill must beat.
+
+    MMKD_DATA=../shared/data python benchmarks/avdigits.py [--seeds 3] [overrides ...]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import fmt, write
+from mmkd.cli import compose
+from mmkd.run import run
+
+METHODS = {"kd_mm": "KD from multimodal", "kd_cross": "KD cross-modal", "dkd": "DKD (multimodal)",
+           "fitnet": "FitNet (multimodal)"}
+TEACHER_OF = {("image", "kd_cross"): "audio", ("audio", "kd_cross"): "image"}
+
+
+def epoch_seconds(run_dir: str) -> float:
+    rows = list(csv.DictReader((Path(run_dir) / "student" / "metrics.csv").open()))
+    return statistics.mean(float(r["time/train_s"]) for r in rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--name", default="avdigits")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    acc: dict[str, list[float]] = {}
+    sec: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as out:
+        common = [f"out_dir={out}", "export=[]", "trainer.tensorboard=false", *args.overrides]
+        for seed in range(args.seeds):
+            teachers = run(compose(["experiment=av_teachers", f"seed={seed}", *common]))
+            for name, row in teachers["teachers"].items():
+                acc.setdefault(f"teacher {name}", []).append(row["test_acc"])
+            for student in ("image", "audio"):
+                for method in METHODS:
+                    teacher = TEACHER_OF.get((student, method), "fusion")
+                    r = run(compose([f"experiment=av_{student}_{method}", f"seed={seed}",
+                                     f"teachers.{teacher}.checkpoint={teachers['run_dir']}",
+                                     f"baseline={method == 'kd_mm'}", *common]))
+                    acc.setdefault(f"{student} {method}", []).append(r["student"]["test_acc"])
+                    sec.setdefault(f"{student} {method}", []).append(epoch_seconds(r["run_dir"]))
+                    if method == "kd_mm":
+                        acc.setdefault(f"{student} ce", []).append(r["baseline"]["test_acc"])
+                        rows = list(csv.DictReader((Path(r["run_dir"]) / "baseline" / "metrics.csv").open()))
+                        sec.setdefault(f"{student} ce", []).append(
+                            statistics.mean(float(x["time/train_s"]) for x in rows))
+                    print(f"seed {seed} {student} {method}: {r['student']['test_acc']:.4f}", flush=True)
+    rows = [[f"teacher: {k.split()[1]}", fmt(v, 100), ""] for k, v in acc.items() if k.startswith("teacher")]
+    for student in ("image", "audio"):
+        for method, label in {"ce": "CE (labels only)", **METHODS}.items():
+            key = f"{student} {method}"
+            rows.append([f"{student}-only student: {label}", fmt(acc[key], 100), fmt(sec[key], 1, 2)])
+    write(args.name, {"overrides": args.overrides, "seeds": args.seeds, "test_acc": acc, "train_s_per_epoch": sec},
+          ["model", "test accuracy %", "train s / epoch"], rows,
+          f"{args.seeds} seeds, mean ± std; AV-digits test split (FSDD takes 0-4, 300 items).")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,11 +6,14 @@ its type and default, so a misspelt key or a wrong type is caught before anythin
 """
 from __future__ import annotations
 
+import importlib
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import util
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -82,6 +85,7 @@ class RunConfig:
     resume: bool = False  # continue the run in run_dir
     baseline: bool = True  # also train the student on labels alone, from the same initialisation
     export: List[str] = field(default_factory=lambda: ["onnx"])  # onnx | torchscript
+    imports: List[str] = field(default_factory=list)  # modules registering custom losses, routers, models, data sets
     data: DataConfig = field(default_factory=DataConfig)
     # entries are typed by ``typed_sections`` (TeacherConfig / TermConfig); declared as plain dicts so
     # that new ones can be added from the command line (``losses.hint.loss=mse``)
@@ -141,8 +145,23 @@ def typed_sections(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def import_modules(names: Sequence[str]) -> None:
+    """Import the modules listed in ``imports`` (their decorators register custom losses, routers,
+    models and data sets). The current directory is searched too, as by ``python -m``."""
+    if names and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"imports: cannot import {name!r} ({e}); install it or run from the folder "
+                              "that holds it") from None
+
+
 def check_names(cfg: DictConfig) -> None:
-    """Raise :class:`~mmkd.registry.UnknownName` (naming the config key) for any unregistered name."""
+    """Import ``cfg.imports``, then raise :class:`ConfigError` (naming the config key) for any
+    unregistered name."""
+    import_modules(cfg.imports)
     checks = [("data.name", DATASETS, cfg.data.name), ("student.name", MODELS, cfg.student.name),
               ("router.name", ROUTERS, cfg.router.name)]
     checks += [(f"teachers.{k}.name", MODELS, t.name) for k, t in cfg.teachers.items()]

@@ -69,7 +69,9 @@ class Distiller(nn.Module):
         teachers: frozen or co-trained :class:`~mmkd.net.Teacher` s (may be cached, may be empty).
         terms: the weighted loss terms.
         router: any module mapping ``(student_output, teacher_outputs, batch)`` to ``[batch, teachers]``
-            weights; required when there are teachers.
+            weights; required when there are teachers. Losses the router puts in its ``aux_losses``
+            dict during that call are returned as ``"router/<name>"``, added to ``"loss"`` and
+            removed from the dict.
         label_key: the batch entry holding class labels.
     """
 
@@ -94,6 +96,10 @@ class Distiller(nn.Module):
         outs = [t(batch) for t in self.teachers]
         w = self.router(s, outs, batch).float() if outs else None
         losses = {term.name: term.weight * self._term(term, s, outs, w, target, batch) for term in self.terms}
+        aux = getattr(self.router, "aux_losses", None) if outs else None
+        if aux:  # the router's own losses (e.g. load balancing), set during its forward; taken once
+            losses.update({f"router/{k}": v for k, v in aux.items()})
+            aux.clear()
         losses["loss"] = sum(losses.values())
         return losses
 

@@ -1,5 +1,11 @@
 """Routers: per-instance weights over the teachers of a mixture, shape ``[batch, teachers]``.
 
+Parameter-free: ``constant`` (:class:`ConstantRouter`), ``confidence`` (:class:`ConfidenceRouter`).
+Learned, on the student's logits or a student feature: ``linear`` (:class:`LinearRouter`), ``mlp``
+(:class:`MLPRouter`), ``noisy_topk`` (:class:`NoisyTopKRouter`), in ``soft``, ``topk`` or ``hard``
+mode with a load-balancing loss (:mod:`mmkd.routers.gating`). MST-Distill's MaskNets and
+specialised teachers: :mod:`mmkd.routers.masknet`.
+
 Write your own by subclassing :class:`Router` and registering it::
 
     from mmkd.routers import Router, register_router
@@ -13,5 +19,11 @@ Write your own by subclassing :class:`Router` and registering it::
 from mmkd.routers.base import Router, register_router
 from mmkd.routers.confidence import ConfidenceRouter
 from mmkd.routers.constant import ConstantRouter
+from mmkd.routers.gating import cv_balance, hard_top_k, kl_balance, softmax_weights, top_k_gates, top_k_mask
+from mmkd.routers.learned import GateRouter, LinearRouter, MLPRouter
+from mmkd.routers.masknet import MaskedModel, MaskNet, specialized_teachers
+from mmkd.routers.noisy_topk import NoisyTopKRouter
 
-__all__ = ["Router", "register_router", "ConstantRouter", "ConfidenceRouter"]
+__all__ = ["Router", "register_router", "ConstantRouter", "ConfidenceRouter", "GateRouter", "LinearRouter",
+           "MLPRouter", "NoisyTopKRouter", "MaskNet", "MaskedModel", "specialized_teachers", "softmax_weights",
+           "top_k_mask", "top_k_gates", "hard_top_k", "kl_balance", "cv_balance"]

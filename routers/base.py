@@ -20,7 +20,15 @@ class Router(nn.Module):
     ``forward(student, teachers, batch)`` receives the student's :class:`~mmkd.net.Output`, one
     ``Output`` per teacher, and the batch, and returns weights of shape ``[batch, len(teachers)]``
     (rows normally sum to one). Gradients flow through the weights into a learned router.
+
+    A router may also set :attr:`aux_losses` during its forward: named, already weighted loss
+    tensors (such as a load-balancing loss) that the :class:`~mmkd.distiller.Distiller` takes out
+    and adds to its returned losses as ``"router/<name>"`` and to the total ``"loss"``.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux_losses: dict[str, Tensor] = {}
 
     def forward(self, student: Output, teachers: Sequence[Output], batch: Batch) -> Tensor:
         raise NotImplementedError

@@ -1,0 +1,187 @@
+"""TRG token graphs and losses: hand examples, naive loop references, sampling, schedule, Distiller use."""
+import math
+
+import pytest
+import torch
+
+from mmkd.distiller import Distiller, Term
+from mmkd.net import Net, Teacher
+from mmkd.registry import LOSSES
+from mmkd.routers import ConstantRouter
+from modalities.trg import (CosineTemperature, TokenProjector, as_tokens, knn_graph, paired_tokens, trg_context,
+                            trg_global, trg_local)
+
+
+def test_registered():
+    for name in ("trg_local", "trg_global", "trg_context"):
+        assert LOSSES.meta(name) == {"teacher": True, "per_sample": True, "batch": False}
+
+
+def test_feature_map_tokens_are_positions():
+    x = torch.randn(2, 3, 2, 4)
+    tok = as_tokens(x)
+    assert tok.shape == (2, 8, 3)
+    assert torch.equal(tok[1, 1 * 4 + 2], x[1, :, 1, 2])  # row-major position (1, 2)
+    assert as_tokens(torch.randn(2, 5, 3), skip=1).shape == (2, 4, 3)
+
+
+def test_paired_tokens_read_the_same_positions():
+    torch.manual_seed(0)
+    s = torch.randn(3, 10, 4)
+    s_tok, t_tok = paired_tokens(s, 2 * s, num_tokens=5)
+    assert s_tok.shape == t_tok.shape == (3, 5, 4)
+    assert torch.equal(2 * s_tok, t_tok)
+    assert len({tuple(r) for r in s_tok[:, :, 0].tolist()}) == 3  # drawn per instance
+    assert all(len(set(r)) == 5 for r in s_tok[:, :, 0].tolist())  # without replacement
+
+
+def test_paired_tokens_map_counts_proportionally_and_pool_maps():
+    s = torch.arange(4.0).view(1, 4, 1)
+    t = torch.arange(8.0).view(1, 8, 1)
+    s_tok, t_tok = paired_tokens(s, t)
+    assert s_tok.flatten().tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert t_tok.flatten().tolist() == list(range(8))
+    s_map, t_map = torch.randn(2, 3, 2, 2), torch.randn(2, 5, 4, 4)
+    s_tok, t_tok = paired_tokens(s_map, t_map)
+    assert s_tok.shape == (2, 4, 3) and t_tok.shape == (2, 4, 5)
+    assert torch.allclose(t_tok[:, 0], t_map[:, :, :2, :2].mean(dim=(2, 3)))  # pooled to the 2x2 grid
+
+
+def test_knn_graph_hand_example():
+    x = torch.tensor([[[0.0], [1.0], [3.0]]])  # squared distances: (0,1)=1, (0,2)=9, (1,2)=4
+    a, mask = knn_graph(x, k=1, sigma=1.0)
+    want = torch.zeros(3, 3)
+    want[0, 1] = want[1, 0] = math.exp(-0.5)
+    want[2, 1] = math.exp(-2.0)
+    assert torch.allclose(a[0], want)
+    assert mask[0].tolist() == [[False, True, False], [True, False, False], [False, True, False]]
+    a2, mask2 = knn_graph(x, k=2, sigma=2.0)
+    assert mask2[0].tolist() == [[False, True, True], [True, False, True], [True, True, False]]
+    assert torch.isclose(a2[0, 0, 2], torch.tensor(math.exp(-9 / 4)))
+    with pytest.raises(ValueError, match="k=3"):
+        knn_graph(x, k=3)
+
+
+def _naive_local(s, t, k, sigma, normalize):
+    total = []
+    for b in range(len(s)):
+        xs, xt = s[b].tolist(), t[b].tolist()
+        if normalize:
+            xs = [[v / math.sqrt(sum(u * u for u in r)) for v in r] for r in xs]
+            xt = [[v / math.sqrt(sum(u * u for u in r)) for v in r] for r in xt]
+        n, loss = len(xt), 0.0
+        d = lambda x, i, j: sum((x[i][c] - x[j][c]) ** 2 for c in range(len(x[i])))  # noqa: E731
+        for i in range(n):
+            nb = sorted((j for j in range(n) if j != i), key=lambda j: (d(xt, i, j), j))[:k]
+            ws = [math.exp(-d(xs, i, j) / (2 * sigma)) for j in nb]
+            wt = [math.exp(-d(xt, i, j) / (2 * sigma)) for j in nb]
+            ps = [math.exp(w) / sum(math.exp(v) for v in ws) for w in ws]
+            pt = [math.exp(w) / sum(math.exp(v) for v in wt) for w in wt]
+            loss += sum(p * (math.log(p) - math.log(q)) for p, q in zip(ps, pt))
+        total.append(loss)
+    return torch.tensor(total, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_local_matches_loops(normalize):
+    torch.manual_seed(1)
+    s, t = torch.randn(3, 6, 4, dtype=torch.float64), torch.randn(3, 6, 5, dtype=torch.float64)
+    got = trg_local(s, t, k=2, sigma=0.7 if normalize else 4.0, num_tokens=None, normalize=normalize,
+                    reduction="none")
+    want = _naive_local(s, t, 2, 0.7 if normalize else 4.0, normalize)
+    assert torch.allclose(got, want, atol=1e-10)
+    assert trg_local(s, s, k=2, num_tokens=None) == 0
+
+
+def test_global_matches_loops():
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    tau = 0.3
+    got = trg_global(s, t, temperature=tau, num_tokens=None, reduction="none")
+    nrm = lambda v: [x / math.sqrt(sum(y * y for y in v)) for x in v]  # noqa: E731
+    ss = [nrm(s[b, i].tolist()) for b in range(2) for i in range(3)]
+    tt = [nrm(t[b, i].tolist()) for b in range(2) for i in range(3)]
+    per_token = []
+    for r in range(6):
+        logits = [sum(x * y for x, y in zip(ss[r], tt[c])) / tau for c in range(6)]
+        per_token.append(-logits[r] + math.log(sum(math.exp(v) for v in logits)))
+    want = torch.tensor([sum(per_token[:3]) / 3, sum(per_token[3:]) / 3], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-10)
+    with pytest.raises(ValueError, match="adapter"):
+        trg_global(s, torch.randn(2, 3, 7), num_tokens=None)
+
+
+def test_context_matches_loops():
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 6, dtype=torch.float64)
+    got = trg_context(s, t, num_tokens=None, reduction="none")
+    want = []
+    for b in range(2):
+        ms, mt = [], []
+        for x, m in ((s[b], ms), (t[b], mt)):
+            d = x.shape[1]
+            for i in range(4):
+                row = [math.exp(float(x[i] @ x[j]) / math.sqrt(d)) for j in range(4)]
+                m.append([v / sum(row) for v in row])
+        want.append(sum((ms[i][j] - mt[i][j]) ** 2 for i in range(4) for j in range(4)) / 16)
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-12)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(4)
+    s = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 3, dtype=torch.float64)
+    for fn, kw in ((trg_local, {"k": 2}), (trg_global, {"temperature": 0.5}), (trg_context, {})):
+        assert torch.autograd.gradcheck(lambda x: fn(x, t, num_tokens=None, **kw), (s,))
+
+
+def test_cosine_temperature():
+    sched = CosineTemperature(1.0, 0.1, total_steps=4)
+    values = [sched() for _ in range(6)]
+    assert values[0] == pytest.approx(1.0) and values[2] == pytest.approx(0.55)
+    assert values[4] == values[5] == pytest.approx(0.1)
+    assert sched.step == 6
+    s, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    sched = CosineTemperature(1.0, 0.1, total_steps=4)
+    assert trg_global(s, t, temperature=sched, num_tokens=None) == trg_global(s, t, temperature=1.0, num_tokens=None)
+    assert sched.step == 1
+    with pytest.raises(ValueError):
+        CosineTemperature(0.1, 1.0, 4)
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.body = torch.nn.Conv2d(1, c, 3, padding=1)
+        self.head = torch.nn.Linear(c, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def test_terms_in_the_distiller_train_the_projector():
+    torch.manual_seed(5)
+    student, teacher = Net(_Conv(4), ["image"], ["body"]), Teacher(_Conv(6), ["image"], ["body"])
+    proj = TokenProjector(4, 6)
+    terms = [Term("kd"), Term("trg_local", 1.0, {"k": 3, "num_tokens": 8}, student="features.body", teacher="features.body"),
+             Term("trg_global", 0.5, {"temperature": CosineTemperature(1.0, 0.1, 10)}, student="features.body",
+                  teacher="features.body", adapter=proj),
+             Term("trg_context", 2.0, {}, student="features.body", teacher="features.body")]
+    d = Distiller(student, [teacher], terms, ConstantRouter())
+    batch = {"image": torch.randn(4, 1, 5, 5), "label": torch.tensor([0, 1, 2, 0])}
+    losses = d(batch)
+    assert set(losses) == {"kd", "trg_local", "trg_global", "trg_context", "loss"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert proj.proj.weight.grad is not None and proj.proj.weight.grad.abs().sum() > 0
+    assert student.model.body.weight.grad.abs().sum() > 0
+    assert terms[2].args["temperature"].step == 1
+    assert any(k.startswith("adapters.trg_global") for k in d.state_dict())
+
+
+def test_token_projector_maps_and_sequences():
+    p = TokenProjector(3, 5)
+    x = torch.randn(2, 3, 4, 4)
+    y = p(x)
+    assert y.shape == (2, 5, 4, 4)
+    assert torch.allclose(as_tokens(y), p(as_tokens(x)), atol=1e-6)

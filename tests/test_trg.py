@@ -8,7 +8,7 @@ from mmkd.distiller import Distiller, Term
 from mmkd.net import Net, Teacher
 from mmkd.registry import LOSSES
 from mmkd.routers import ConstantRouter
-from modalities.trg import (CosineTemperature, TokenProjector, as_tokens, knn_graph, paired_tokens, trg_context,
+from mmkd.modalities.trg import (CosineTemperature, TokenProjector, as_tokens, knn_graph, paired_tokens, trg_context,
                             trg_global, trg_local)
 
 

@@ -50,6 +50,7 @@ class TrainerConfig:
     monitor: str = "val/acc"  # metric that picks the best checkpoint and drives early stopping
     mode: str = "max"  # max | min
     patience: Optional[int] = None  # stop after this many epochs without improvement
+    ties: str = "first"  # first | last: which of several epochs with the best score is kept
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile the module
@@ -190,6 +191,8 @@ class Trainer:
         c = self.cfg
         if c.mode not in ("max", "min"):
             raise ValueError(f"trainer.mode={c.mode!r}; choose from: max, min")
+        if c.ties not in ("first", "last"):
+            raise ValueError(f"trainer.ties={c.ties!r}; choose from: first, last")
         module.to(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -268,7 +271,8 @@ class Trainer:
                     raise KeyError(f"trainer.monitor={c.monitor!r} is not a metric; choose from: "
                                    f"{', '.join(k for k in metrics if k != 'epoch')}")
                 score = metrics[c.monitor]
-                if best is None or (score > best if c.mode == "max" else score < best):
+                improves = best is None or (score > best if c.mode == "max" else score < best)
+                if improves or (c.ties == "last" and score == best):
                     best, best_epoch, bad = score, epoch + 1, 0
                     if self.is_main:
                         io.save({"epoch": epoch + 1, "model": module.state_dict(), "metrics": metrics},

@@ -213,6 +213,24 @@ def test_early_stop_on_chosen_metric(tmp_path, data, monkeypatch, monitor, mode,
                            snapshots[-1]["student.model.0.weight"])
 
 
+def test_ties_last_keeps_the_later_of_equal_epochs(tmp_path, data, monkeypatch):
+    train, val = data
+    values = [0.5, 0.7, 0.6, 0.7, 0.65, 0.6, 0.6, 0.99]  # tie at epoch 4 resets patience; stop after 7
+    snapshots = []
+
+    def scripted_evaluate(self, module, dataset):
+        snapshots.append(clone_state(module))
+        return {"acc": values[len(snapshots) - 1], "loss": 0.0}
+
+    monkeypatch.setattr(Trainer, "evaluate", scripted_evaluate)
+    mod = make_module()
+    res = trainer(tmp_path, max_epochs=len(values), patience=3, ties="last").fit(mod, train, val)
+    assert len(res.history) == 7 and res.best_epoch == 4
+    assert_same_state(clone_state(mod), snapshots[3])
+    with pytest.raises(ValueError, match="ties"):
+        trainer(tmp_path, max_epochs=1, ties="middle").fit(make_module(), train, val)
+
+
 def test_unknown_monitor_and_mode_fail(tmp_path, data):
     train, val = data
     with pytest.raises(KeyError, match="val/f1"):

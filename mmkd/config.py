@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from mmkd.adapters import ADAPTERS
-from mmkd.registry import DATASETS, LOSSES, MODELS, ROUTERS
+from mmkd.registry import DATASETS, LOSSES, MODELS, PIPELINES, ROUTERS
 from mmkd.trainer import TrainerConfig
 
 
@@ -86,6 +86,8 @@ class RunConfig:
     baseline: bool = True  # also train the student on labels alone, from the same initialisation
     export: List[str] = field(default_factory=lambda: ["onnx"])  # onnx | torchscript
     imports: List[str] = field(default_factory=list)  # modules registering custom losses, routers, models, data sets
+    pipeline: str = "distill"  # a registered pipeline: distill (teachers, then the student) or a method's stage
+    method: Dict[str, Any] = field(default_factory=dict)  # the pipeline's own options (validated by it)
     data: DataConfig = field(default_factory=DataConfig)
     # entries are typed by ``typed_sections`` (TeacherConfig / TermConfig); declared as plain dicts so
     # that new ones can be added from the command line (``losses.hint.loss=mse``)
@@ -100,7 +102,7 @@ def _schema() -> DictConfig:
     """The RunConfig schema; sections whose entries are free-form (model and loss arguments) or
     typed later by :func:`typed_sections` accept new keys from the command line without ``+``."""
     node = OmegaConf.structured(RunConfig)
-    for path in ("teachers", "losses", "data.args", "student.args", "router.args"):
+    for path in ("teachers", "losses", "method", "data.args", "student.args", "router.args"):
         OmegaConf.set_struct(OmegaConf.select(node, path), False)
     return node
 
@@ -162,7 +164,8 @@ def check_names(cfg: DictConfig) -> None:
     """Import ``cfg.imports``, then raise :class:`ConfigError` (naming the config key) for any
     unregistered name."""
     import_modules(cfg.imports)
-    checks = [("data.name", DATASETS, cfg.data.name), ("student.name", MODELS, cfg.student.name),
+    checks = [("pipeline", PIPELINES, cfg.pipeline), ("data.name", DATASETS, cfg.data.name),
+              ("student.name", MODELS, cfg.student.name),
               ("router.name", ROUTERS, cfg.router.name)]
     checks += [(f"teachers.{k}.name", MODELS, t.name) for k, t in cfg.teachers.items()]
     checks += [(f"losses.{k}.loss", LOSSES, t.loss or k) for k, t in cfg.losses.items()]

@@ -1,4 +1,4 @@
-"""Name -> object registries for losses, routers, models and data sets.
+"""Name -> object registries for losses, routers, models, data sets and run pipelines.
 
 Packages outside the core (``mmkd.routers``, ``mmkd.graphs``, ``mmkd.modalities`` and third-party
 plug-ins) declare themselves under the ``mmkd.plugins`` entry-point group; they are imported the
@@ -92,3 +92,4 @@ LOSSES = Registry("loss")
 ROUTERS = Registry("router")
 MODELS = Registry("model")
 DATASETS = Registry("dataset")
+PIPELINES = Registry("pipeline")  # what `mmkd run` does with a config: "distill" (mmkd.run) or a method's stages

@@ -29,7 +29,7 @@ from mmkd.adapters import make_adapter
 from mmkd.distiller import Distiller, Term, pick
 from mmkd.export import export_onnx, export_program
 from mmkd.net import Net, Teacher, num_params
-from mmkd.registry import DATASETS, MODELS, ROUTERS
+from mmkd.registry import DATASETS, MODELS, PIPELINES, ROUTERS
 from mmkd.trainer import FitResult, Trainer, TrainerConfig, seed_everything
 
 log = logging.getLogger("mmkd")
@@ -148,7 +148,14 @@ def default_run_dir(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the experiment described by ``cfg``; return (and save) its results."""
+    """Run the experiment described by ``cfg`` through its pipeline (``cfg.pipeline``, registered in
+    :data:`~mmkd.registry.PIPELINES`; default ``distill``); return (and save) its results."""
+    return PIPELINES[cfg.get("pipeline") or "distill"](cfg)
+
+
+@PIPELINES.register("distill")
+def distill(cfg: DictConfig) -> dict[str, Any]:
+    """The default pipeline: train or load the teachers, distil the student, train the baseline."""
     t_start = time.perf_counter()
     run_dir = Path(cfg.run_dir or default_run_dir(cfg))
     if cfg.resume and not (run_dir / "config.yaml").exists():

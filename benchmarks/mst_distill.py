@@ -1,0 +1,97 @@
+"""MST-Distill on AV-digits against the cross-modal baselines, for the image-only and the audio-only
+student: stage 1 (co-training), stage 2 (MaskNets), stage 3 with hard top-k routing (the paper's)
+and with soft routing, over several seeds; mean ± std and the margin against the best baseline of
+``benchmarks/results/avdigits.json`` (written by ``benchmarks/avdigits.py``), when it is there.
+
+The routing report (``routing.png``) of every stage-3 run of the first seed is copied to
+``results/mst_distill.routing_<student>_<mode>.png``.
+
+    MMKD_DATA=../shared/data python benchmarks/mst_distill.py [--seeds 3] [--stage1-epochs 15]
+        [--mask-epochs 3] [--stage3-epochs 30] [overrides ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from common import RESULTS, fmt, mean_std, write
+from mmkd import io
+from mmkd.cli import compose
+from mmkd.run import run
+
+BASELINES = {"ce": "CE (labels only)", "kd_mm": "KD from multimodal", "kd_cross": "KD cross-modal",
+             "dkd": "DKD (multimodal)", "fitnet": "FitNet (multimodal)"}
+MODES = {"hard": "MST-Distill, hard top-2 (paper)", "soft": "MST-Distill, soft routing"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--stage1-epochs", type=int, default=15)
+    p.add_argument("--mask-epochs", type=int, default=3)
+    p.add_argument("--stage3-epochs", type=int, default=30)
+    p.add_argument("--students", nargs="+", default=["image", "audio"])
+    p.add_argument("--name", default="mst_distill")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    acc: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as out:
+        common = [f"out_dir={out}", "export=[]", "trainer.tensorboard=false", *args.overrides]
+        for seed in range(args.seeds):
+            for student in args.students:
+                s1 = run(compose([f"experiment=mst_{student}_stage1", f"seed={seed}",
+                                  f"trainer.max_epochs={args.stage1_epochs}", *common]))
+                acc.setdefault(f"{student} stage1", []).append(s1["student"]["test_acc"])
+                for name, row in s1["teachers"].items():
+                    acc.setdefault(f"{student} stage1 teacher {name}", []).append(row["test_acc"])
+                s2 = run(compose([f"experiment=mst_{student}_stage2", f"seed={seed}", f"method.stage1={s1['run_dir']}",
+                                  f"method.epochs={args.mask_epochs}", *common]))
+                for name, row in s2["specialized"].items():
+                    acc.setdefault(f"{student} specialized {name}", []).append(row["test_acc"])
+                for mode in MODES:
+                    s3 = run(compose([f"experiment=mst_{student}_stage3", f"seed={seed}",
+                                      f"method.stage2={s2['run_dir']}", f"router.args.mode={mode}",
+                                      f"trainer.max_epochs={args.stage3_epochs}", *common]))
+                    acc.setdefault(f"{student} mst_{mode}", []).append(s3["student"]["test_acc"])
+                    if seed == 0:
+                        png = (Path(s3["run_dir"]) / "routing.png").read_bytes()
+                        with io.atomic_path(RESULTS / f"{args.name}.routing_{student}_{mode}.png") as tmp:
+                            tmp.write_bytes(png)
+                    print(f"seed {seed} {student} {mode}: {s3['student']['test_acc']:.4f} "
+                          f"(stage-1 student {s1['student']['test_acc']:.4f})", flush=True)
+    baseline_file = RESULTS / "avdigits.json"
+    base = json.loads(baseline_file.read_text())["test_acc"] if baseline_file.exists() else {}
+    rows, margins = [], {}
+    for student in args.students:
+        for m, label in BASELINES.items():
+            if f"{student} {m}" in base:
+                rows.append([f"{student}-only: {label} (avdigits.json)", fmt(base[f"{student} {m}"], 100)])
+        rows.append([f"{student}-only: stage-1 co-trained student", fmt(acc[f"{student} stage1"], 100)])
+        for mode, label in MODES.items():
+            rows.append([f"{student}-only: {label}", fmt(acc[f"{student} mst_{mode}"], 100)])
+        found = {m: mean_std(base[f"{student} {m}"])[0] for m in BASELINES if f"{student} {m}" in base}
+        if found:
+            best = max(found, key=found.get)
+            for mode in MODES:
+                margin = 100 * (mean_std(acc[f"{student} mst_{mode}"])[0] - found[best])
+                margins[f"{student} {mode}"] = {"best_baseline": best, "margin_pct_points": margin}
+                print(f"{student}-only, {mode}: {margin:+.2f} points against the best baseline ({BASELINES[best]})")
+    for key, xs in acc.items():
+        if "teacher" in key or "specialized" in key:
+            rows.append([key, fmt(xs, 100)])
+    notes = (f"{args.seeds} seeds, mean ± std, AV-digits test split (300 items). Epochs: stage 1 "
+             f"{args.stage1_epochs}, stage 2 {args.mask_epochs} per mask, stage 3 {args.stage3_epochs} "
+             "(baselines: teachers 15, students 40). Margins against the best baseline (mean): "
+             + "; ".join(f"{k}: {v['margin_pct_points']:+.2f} points vs {v['best_baseline']}"
+                         for k, v in margins.items()) if margins else "no baseline results found")
+    write(args.name, {"overrides": args.overrides, "seeds": args.seeds, "epochs": {
+        "stage1": args.stage1_epochs, "stage2": args.mask_epochs, "stage3": args.stage3_epochs},
+        "test_acc": acc, "margins": margins}, ["model", "test accuracy %"], rows, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""MST-Distill: a mixture of specialised teachers for cross-modal distillation, in three stages.
+
+Li et al., "MST-Distill: Mixture of Specialized Teachers for Cross-Modal Knowledge Distillation",
+ACM MM 2025. Each stage is a pipeline of ``mmkd run`` (``pipeline: mst_stage1|2|3``, options under
+``method``); a stage reads the previous stage's run directory.
+
+1. ``mst_stage1``, co-training (:class:`~mmkd.routers.cotraining.CoTraining`): the multimodal
+   teacher, the cross-modal teacher (``teachers``) and the student train together,
+
+       L = sum_m CE(z_m, y) + sum_m sum_{o != m} T^2 KL(p_o || p_m),   p = softmax(sg(z) / T).
+
+2. ``mst_stage2``, plug-in masking: for each frozen stage-1 teacher ``i`` and each layer ``l`` of
+   ``method.layers[i]`` a :class:`~mmkd.routers.masknet.MaskNet` multiplies that layer's output by a
+   per-channel mask, giving ``sum_i L_i`` specialised teachers sharing the backbones. Each mask is
+   trained alone (its MaskNet is the module's only trainable part) to bring its teacher towards the
+   frozen student,
+
+       L_mask = T^2 KL(p_student || p_teacher(masked)),
+
+   and keeps its best-validation state (the masked teacher's validation accuracy).
+3. ``mst_stage3``, routed distillation: a router (``router``, e.g. ``linear`` on the student's logits)
+   weighs the frozen (cached) specialised teachers per instance; with the config's loss terms
+   ``ce`` and ``kd``,
+
+       L = CE(z_s, y) + sum_t w_t T^2 KL(p_t || p_s) + lambda * balance(P),
+
+   where ``mode: hard`` is the paper's ``w_t = 1/k`` on the top-k teachers (the router then learns
+   from the balance term only) and ``mode: soft`` uses ``w = P`` (it learns from the KL terms too).
+   A routing report (``routing.png``, ``routing.json``) shows how often each specialised teacher is
+   picked per class on the test split.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from mmkd import io
+from mmkd.cache import cache_teacher
+from mmkd.config import ConfigError
+from mmkd.data import DataSplits, loader
+from mmkd.distiller import Distiller, Term
+from mmkd.losses import kd
+from mmkd.net import Batch, Net, Teacher, num_params
+from mmkd.registry import DATASETS, PIPELINES, ROUTERS
+from mmkd.routers.cotraining import CoTraining
+from mmkd.routers.gating import top_k_mask
+from mmkd.routers.masknet import specialized_teachers
+from mmkd.run import (build_model, build_terms, default_run_dir, export_student, fit, latency_ms, load_weights,
+                      plot_curves, trainer_config)
+from mmkd.trainer import Trainer, seed_everything
+
+STAGE1 = {"temperature": 4.0, "kd_weight": 1.0}
+STAGE2 = {"stage1": None, "layers": None, "temperature": 4.0, "epochs": None, "dim": 32, "heads": 4}
+STAGE3 = {"stage2": None, "init": "stage1"}
+
+
+def options(cfg: DictConfig, pipeline: str, defaults: Mapping[str, Any], required: Sequence[str] = ()) -> dict:
+    """``cfg.method`` over ``defaults``; an unknown or missing key is a one-line :class:`ConfigError`."""
+    given = OmegaConf.to_container(cfg.get("method") or {}, resolve=True)
+    for key in given:
+        if key not in defaults:
+            raise ConfigError(f"method.{key}: unknown option of pipeline {pipeline}; valid keys: {', '.join(defaults)}")
+    opts = {**defaults, **given}
+    for key in required:
+        if opts[key] is None:
+            raise ConfigError(f"method.{key}: missing; pipeline {pipeline} needs it (see routers/mst_distill.py)")
+    return opts
+
+
+def _spec(mc: Any) -> dict:
+    """What makes two model configs the same model: name, arguments and inputs."""
+    mc = OmegaConf.to_container(mc, resolve=True) if isinstance(mc, DictConfig) else dict(mc)
+    return {k: mc.get(k) for k in ("name", "args", "inputs")}
+
+
+def previous(cfg: DictConfig, path: str, key: str, pipeline: str, needs: Sequence[str]) -> DictConfig:
+    """The config of the earlier stage's run in ``path``, checked against ``cfg``: it must be a finished
+    ``pipeline`` run (holding ``needs``) on the same data with the same student."""
+    where, run_dir = f"{key}={path}", Path(path)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{where}: no such run directory; run the {pipeline} experiment first and give its run_dir")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{where}: not a run directory (no config.yaml); give the run_dir of a {pipeline} run")
+    prev = OmegaConf.load(run_dir / "config.yaml")
+    if prev.get("pipeline") != pipeline:
+        raise ConfigError(f"{where}: that run's pipeline is {prev.get('pipeline', 'distill')!r}, not {pipeline!r}")
+    for what in ("data", "student"):
+        if _spec(prev[what]) != _spec(cfg[what]):
+            raise ConfigError(f"{where}: that run's {what} {_spec(prev[what])} differs from this config's "
+                              f"{_spec(cfg[what])}; give a {pipeline} run with the same {what}")
+    missing = [n for n in needs if not (run_dir / n).is_file()]
+    if missing:
+        raise ConfigError(f"{where}: the run is incomplete (no {', '.join(missing)}); rerun {pipeline}")
+    return prev
+
+
+def start(cfg: DictConfig) -> tuple[Path, DataSplits, dict, Path]:
+    """Run directory, data, data description and cache directory; writes config.yaml and data.json."""
+    run_dir = Path(cfg.run_dir or default_run_dir(cfg))
+    cache_dir = Path(cfg.cache_dir or Path(cfg.out_dir) / "cache")
+    data: DataSplits = DATASETS[cfg.data.name](root=cfg.data_root, **cfg.data.args)
+    meta = data.meta()
+    io.write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
+    io.write_json(meta, run_dir / "data.json")
+    return run_dir, data, meta, cache_dir
+
+
+def accuracy(cfg: DictConfig, model: nn.Module, keys: Sequence[str], dataset: Dataset) -> float:
+    """Test accuracy of ``model`` reading ``keys``."""
+    return Trainer(trainer_config(cfg)).evaluate(Distiller(Net(model, keys), [], [Term("ce")]), dataset)["acc"]
+
+
+def finish(cfg: DictConfig, run_dir: Path, data: DataSplits, results: dict, models: Mapping[str, tuple],
+           t_start: float, export: bool) -> dict:
+    """Add latencies (``models``: row name -> (model, keys); ``"student"`` for the student), the
+    export and the time to ``results``; write results.json and curves.png."""
+    batch = next(iter(loader(data.test, len(data.test))))
+    for name, (model, keys) in models.items():
+        row = results["student"] if name == "student" else results["teachers"][name]
+        row["latency_ms"] = latency_ms(model.cpu(), [batch[k] for k in keys])
+    results["latency_batch"] = len(data.test)
+    results["export"] = [str(p) for p in export_student(run_dir, cfg.export)] if export else []
+    results["time_s"] = time.perf_counter() - t_start
+    io.write_json(results, run_dir / "results.json")
+    plot_curves(run_dir)
+    return results
+
+
+@PIPELINES.register("mst_stage1")
+def stage1(cfg: DictConfig) -> dict[str, Any]:
+    """Co-train ``teachers`` (the multimodal and the cross-modal teacher) and the student; write
+    ``cotrain/`` (trainer files), ``teachers/<name>/best.pt`` and ``student.pt``."""
+    t_start = time.perf_counter()
+    opts = options(cfg, "mst_stage1", STAGE1)
+    if not cfg.teachers or "student" in cfg.teachers:
+        raise ConfigError("teachers: mst_stage1 co-trains the listed teachers with the student; list at least one "
+                          "teacher, none of them named 'student'")
+    run_dir, data, meta, _ = start(cfg)
+    models, keys = {}, {}
+    for name, tc in cfg.teachers.items():
+        seed_everything(cfg.seed)
+        models[name], keys[name] = build_model(tc, meta, f"teachers.{name}"), tc.inputs
+        if tc.checkpoint:
+            load_weights(models[name], tc.checkpoint, f"teachers.{name}.checkpoint", name)
+    seed_everything(cfg.seed)
+    models["student"], keys["student"] = build_model(cfg.student, meta, "student"), cfg.student.inputs
+    co = CoTraining({n: Net(m, keys[n]) for n, m in models.items()}, opts["temperature"], opts["kd_weight"])
+    fitted, test = fit("cotrain", co, data, cfg, run_dir)
+    results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir),
+                               "pipeline": "mst_stage1", "teachers": {}}
+    for name in cfg.teachers:
+        io.save(models[name].state_dict(), run_dir / "teachers" / name / "best.pt")
+        results["teachers"][name] = {"test_acc": accuracy(cfg, models[name], keys[name], data.test),
+                                     "params": num_params(models[name])}
+    io.save(models["student"].state_dict(), run_dir / "student.pt")
+    results["student"] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"],
+                          "params": num_params(models["student"])}
+    return finish(cfg, run_dir, data, results, {n: (m, keys[n]) for n, m in models.items()}, t_start, True)
+
+
+def load_stage1(run_dir: str, prev: DictConfig, meta: dict) -> tuple[dict[str, Teacher], nn.Module]:
+    """The frozen teachers and the student of the stage-1 run in ``run_dir`` (config ``prev``)."""
+    teachers = {}
+    for name, tc in prev.teachers.items():
+        model = build_model(tc, meta, f"stage-1 teachers.{name}")
+        load_weights(model, str(Path(run_dir) / "teachers" / name / "best.pt"), f"stage-1 teachers.{name}")
+        teachers[name] = Teacher(model, tc.inputs, frozen=True)
+    student = build_model(prev.student, meta, "stage-1 student")
+    load_weights(student, str(Path(run_dir) / "student.pt"), "stage-1 student")
+    return teachers, student
+
+
+def stage1_needs(cfg: DictConfig, path: str) -> list[str]:
+    """The files a finished stage-1 run in ``path`` holds (its teachers' weights and the student)."""
+    conf = Path(path) / "config.yaml"
+    names = list(OmegaConf.load(conf).get("teachers") or {}) if conf.is_file() else []
+    return ["student.pt", *[f"teachers/{n}/best.pt" for n in names]]
+
+
+def check_teachers(cfg: DictConfig, prev: DictConfig, where: str) -> None:
+    """A later stage takes its teachers from stage 1; teachers listed in ``cfg`` must be the same."""
+    if cfg.teachers and {n: _spec(t) for n, t in cfg.teachers.items()} != {n: _spec(t) for n, t in prev.teachers.items()}:
+        raise ConfigError(f"{where}: that run's teachers {list(prev.teachers)} differ from this config's "
+                          f"{list(cfg.teachers)}; leave teachers empty (they come from stage 1) or list the same")
+
+
+class MaskFit(nn.Module):
+    """Trains one specialised teacher's MaskNet: ``forward`` returns ``T^2 KL(p_student || p_masked)``
+    (``"kd"`` and ``"loss"``) and ``predict`` the masked teacher's logits.
+
+    Args:
+        teacher: a specialised teacher whose only trainable part is its MaskNet.
+        student: the frozen student (or its cached outputs), the target.
+        temperature: ``T``.
+    """
+
+    def __init__(self, teacher: Teacher, student: nn.Module, temperature: float = 4.0):
+        super().__init__()
+        self.teacher, self.student, self.temperature = teacher, student, temperature
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        with torch.no_grad():
+            target = self.student(batch).logits.float()
+        loss = kd(self.teacher(batch).logits.float(), target, temperature=self.temperature)
+        return {"kd": loss, "loss": loss}
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        """The masked teacher's logits."""
+        return self.teacher(batch).logits
+
+
+def frozen_target(student: nn.Module, keys: Sequence[str], data: DataSplits, cache_dir: Path, device) -> nn.Module:
+    """The frozen student as a target: its cached training-set outputs where the data allow it."""
+    target = Teacher(student, keys, frozen=True)
+    return cache_teacher(target, data.train, cache_dir, device=device) if getattr(data.train, "deterministic", False) else target
+
+
+def build_specialized(teachers: Mapping[str, Teacher], layers: Mapping[str, Sequence[str]], data: DataSplits,
+                      dim: int, heads: int) -> tuple[list[str], list[Teacher]]:
+    """Names (``<teacher>@<layer>``) and specialised teachers for ``layers`` (teacher -> layer paths)."""
+    for name, paths in layers.items():
+        if name not in teachers:
+            raise ConfigError(f"method.layers.{name}: not a stage-1 teacher; choose from: {', '.join(teachers)}")
+        if not paths:
+            raise ConfigError(f"method.layers.{name}: give at least one layer path")
+        for p in paths:
+            try:
+                teachers[name].model.get_submodule(p)
+            except AttributeError:
+                raise ConfigError(f"method.layers.{name}: teacher {name!r} has no sub-module {p!r}") from None
+    batch = next(iter(loader(data.train, 2)))
+    spec = specialized_teachers([teachers[n] for n in layers], [list(p) for p in layers.values()], batch, dim, heads)
+    return [f"{n}@{p}" for n, paths in layers.items() for p in paths], spec
+
+
+@PIPELINES.register("mst_stage2")
+def stage2(cfg: DictConfig) -> dict[str, Any]:
+    """Train one MaskNet per (stage-1 teacher, layer of ``method.layers``) towards the frozen student;
+    write ``masks/<teacher>@<layer>/`` (trainer files) and ``masks.pt`` (the best MaskNet states)."""
+    t_start = time.perf_counter()
+    opts = options(cfg, "mst_stage2", STAGE2, ("stage1", "layers"))
+    stage1_dir = str(opts["stage1"])
+    prev = previous(cfg, stage1_dir, "method.stage1", "mst_stage1", stage1_needs(cfg, stage1_dir))
+    check_teachers(cfg, prev, f"method.stage1={stage1_dir}")
+    if not isinstance(opts["layers"], dict):
+        raise ConfigError(f"method.layers: expected {{teacher: [layer paths]}}, got {opts['layers']!r}")
+    run_dir, data, meta, cache_dir = start(cfg)
+    teachers, student = load_stage1(stage1_dir, prev, meta)
+    seed_everything(cfg.seed)
+    names, spec = build_specialized(teachers, opts["layers"], data, opts["dim"], opts["heads"])
+    device = Trainer(trainer_config(cfg)).device
+    target = frozen_target(student, prev.student.inputs, data, cache_dir, device)
+    results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir),
+                               "pipeline": "mst_stage2", "teachers": {}, "specialized": {}}
+    for name, t in zip(names, spec):
+        fitted, test = fit(f"masks/{name}", MaskFit(t, target, opts["temperature"]), data, cfg, run_dir, opts["epochs"])
+        results["specialized"][name] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"],
+                                        "mask_params": num_params(t.model.masknet)}
+    io.save({"layers": opts["layers"], "dim": opts["dim"], "heads": opts["heads"], "names": names,
+             "masks": [t.model.masknet.state_dict() for t in spec]}, run_dir / "masks.pt")
+    for name, t in teachers.items():
+        results["teachers"][name] = {"test_acc": accuracy(cfg, t.model, t.keys, data.test), "params": num_params(t.model)}
+    results["student"] = {"test_acc": accuracy(cfg, student, prev.student.inputs, data.test),
+                          "params": num_params(student)}
+    models = {n: (t.model, t.keys) for n, t in teachers.items()} | {"student": (student, prev.student.inputs)}
+    return finish(cfg, run_dir, data, results, models, t_start, False)
+
+
+def build_router(cfg: DictConfig, num_teachers: int, num_classes: int) -> nn.Module:
+    """``cfg.router`` over ``num_teachers`` specialised teachers (``num_teachers`` and ``num_classes``
+    are filled in where the factory takes them and ``router.args`` does not set them)."""
+    factory, args = ROUTERS[cfg.router.name], dict(cfg.router.args)
+    accepts = inspect.signature(factory).parameters
+    if "num_teachers" in accepts:
+        args.setdefault("num_teachers", num_teachers)
+    if "num_classes" in accepts:
+        args.setdefault("num_classes", num_classes)
+    try:
+        return factory(**args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"router.args: {e}") from None
+
+
+@torch.no_grad()
+def routing_report(router: nn.Module, student: Net, teachers: Sequence[nn.Module], names: Sequence[str],
+                   dataset: Dataset, class_names: Sequence[str], run_dir: Path, label_key: str = "label") -> dict:
+    """How often the router picks each teacher, per class, on ``dataset``: its ``k`` largest weights
+    per instance (``router.k``, 1 for routers without one). Writes ``routing.json`` and ``routing.png``
+    (a classes x teachers heat map of the fraction of each class's instances that picked the teacher)."""
+    router.eval()
+    student.eval()
+    k = getattr(router, "k", 1)
+    counts = torch.zeros(len(class_names), len(names))
+    device = next(student.parameters()).device
+    for batch in loader(dataset, 256):
+        batch = {key: v.to(device) for key, v in batch.items()}
+        w = router(student(batch), [t(batch) for t in teachers], batch)
+        getattr(router, "aux_losses", {}).clear()
+        y = batch[label_key]
+        picked = top_k_mask(w.float(), k)[y >= 0].float().cpu()
+        counts.index_add_(0, y[y >= 0].cpu(), picked)
+    per_class = counts.sum(1, keepdim=True).clamp(min=1) / k
+    freq = counts / per_class
+    report = {"teachers": list(names), "classes": list(class_names), "k": k, "counts": counts.tolist(),
+              "fraction": freq.tolist()}
+    io.write_json(report, run_dir / "routing.json")
+    plot_routing(freq, names, class_names, run_dir / "routing.png")
+    return report
+
+
+def plot_routing(freq: Tensor, names: Sequence[str], class_names: Sequence[str], path: Path) -> None:
+    """A heat map of ``freq`` (classes x teachers), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 0.4 * len(class_names) + 2))
+    im = ax.imshow(freq.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set(xlabel="specialised teacher", ylabel="class", title="fraction of instances routed to each teacher")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+@PIPELINES.register("mst_stage3")
+def stage3(cfg: DictConfig) -> dict[str, Any]:
+    """Distil the student from the routed, frozen specialised teachers of the stage-2 run in
+    ``method.stage2`` with the config's loss terms and router; write ``student/`` (trainer files),
+    ``student.pt``, the routing report and the export."""
+    t_start = time.perf_counter()
+    opts = options(cfg, "mst_stage3", STAGE3, ("stage2",))
+    if opts["init"] not in ("stage1", "scratch"):
+        raise ConfigError(f"method.init: {opts['init']!r}; choose from: stage1 (the co-trained student), scratch")
+    stage2_dir = str(opts["stage2"])
+    prev2 = previous(cfg, stage2_dir, "method.stage2", "mst_stage2", ["masks.pt"])
+    stage1_dir = str(prev2.method.stage1)
+    prev1 = previous(cfg, stage1_dir, f"method.stage2={stage2_dir}: its method.stage1", "mst_stage1",
+                     stage1_needs(cfg, stage1_dir))
+    check_teachers(cfg, prev1, f"method.stage2={stage2_dir}")
+    run_dir, data, meta, cache_dir = start(cfg)
+    teachers, stage1_student = load_stage1(stage1_dir, prev1, meta)
+    masks = torch.load(Path(stage2_dir) / "masks.pt", map_location="cpu", weights_only=False)
+    names, spec = build_specialized(teachers, masks["layers"], data, masks["dim"], masks["heads"])
+    for t, state in zip(spec, masks["masks"]):
+        t.model.masknet.load_state_dict(state)
+    live = [Teacher(t.model, t.keys, frozen=True) for t in spec]
+    device = Trainer(trainer_config(cfg)).device
+    cacheable = getattr(data.train, "deterministic", False)
+    used = [cache_teacher(t, data.train, cache_dir, device=device) if cacheable else t for t in live]
+    seed_everything(cfg.seed)
+    student = build_model(cfg.student, meta, "student")
+    if opts["init"] == "stage1":
+        student.load_state_dict(stage1_student.state_dict())
+    router = build_router(cfg, len(spec), meta["num_classes"])
+    student_net = Net(student, cfg.student.inputs, cfg.student.features)
+    terms = build_terms(cfg, student_net, used, data)
+    fitted, test = fit("student", Distiller(student_net, used, terms, router), data, cfg, run_dir)
+    io.save(student.state_dict(), run_dir / "student.pt")
+    results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir),
+                               "pipeline": "mst_stage3", "teachers": {}, "specialized": {}}
+    results["student"] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"], "params": num_params(student)}
+    for name, t in zip(names, live):
+        results["specialized"][name] = {"test_acc": accuracy(cfg, t.model, t.keys, data.test)}
+    for name, t in teachers.items():
+        results["teachers"][name] = {"test_acc": accuracy(cfg, t.model, t.keys, data.test), "params": num_params(t.model)}
+    report = routing_report(router.to(device), student_net.to(device), [t.to(device) for t in live], names,
+                            data.test, meta["class_names"], run_dir)
+    results["routing"] = {"fraction_overall": (torch.tensor(report["counts"]).sum(0) /
+                                               max(1, len(data.test) * report["k"])).tolist()}
+    models = {n: (t.model, t.keys) for n, t in teachers.items()} | {"student": (student, cfg.student.inputs)}
+    return finish(cfg, run_dir, data, results, models, t_start, True)

@@ -43,7 +43,8 @@ def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"unknown reduction {reduction!r}; choose from: mean, sum, none")
 
 
-from mmkd.losses.ce import ce  # noqa: E402  (imports register the losses)
+from mmkd.losses.bkl import bkl  # noqa: E402  (imports register the losses)
+from mmkd.losses.ce import ce  # noqa: E402
 from mmkd.losses.dist import dist  # noqa: E402
 from mmkd.losses.dkd import dkd  # noqa: E402
 from mmkd.losses.fitnet import fitnet  # noqa: E402
@@ -52,4 +53,4 @@ from mmkd.losses.nkd import nkd  # noqa: E402
 from mmkd.losses.pld import pld  # noqa: E402
 from mmkd.losses.sinkd import sinkd  # noqa: E402
 
-__all__ = ["register_loss", "reduce", "ce", "dist", "dkd", "fitnet", "kd", "nkd", "pld", "sinkd"]
+__all__ = ["register_loss", "reduce", "bkl", "ce", "dist", "dkd", "fitnet", "kd", "nkd", "pld", "sinkd"]

@@ -1,0 +1,214 @@
+"""Dual-head students (DHO, Dual-Head KD): binary KL, gradient alignment, the DHO inference rule and its
+alpha/beta search, export of the combined prediction, label thinning, and the heads' losses in the core."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmkd.data import TensorDictDataset
+from mmkd.distiller import Distiller, Term
+from mmkd.export import export_onnx, export_program
+from mmkd.losses import bkl
+from mmkd.modalities.dual_head import (ALPHAS, BETAS, DualHead, align_gradients, calibrate, combine, dual_head,
+                                       keep_labels, search_alpha_beta, semi)
+from mmkd.net import Net, Teacher
+from mmkd.registry import DATASETS, LOSSES, MODELS
+from mmkd.routers import ConstantRouter
+
+
+def test_bkl_zero_at_teacher_and_matches_loops():
+    torch.manual_seed(0)
+    z = torch.randn(4, 5)
+    assert torch.allclose(bkl(z, z, reduction="none"), torch.zeros(4), atol=1e-6)
+    s, t, temp = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), 2.0
+    want = []
+    for n in range(3):
+        total = 0.0
+        for c in range(4):
+            q = 1 / (1 + math.exp(-(s[n, c] - t[n, c]).item() / temp))
+            total += 0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q))
+        want.append(temp**2 * total)
+    assert torch.allclose(bkl(s, t, temperature=temp, reduction="none"), torch.tensor(want, dtype=torch.float64))
+    assert torch.isclose(bkl(s, t, temperature=temp), torch.tensor(sum(want) / 3, dtype=torch.float64))
+    assert LOSSES.meta("bkl") == {"teacher": True, "per_sample": True, "batch": False}
+
+
+def test_bkl_gradcheck_and_large_gaps():
+    s = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: bkl(x, t, temperature=1.5), (s,))
+    assert torch.isfinite(bkl(torch.full((1, 2), 1e4), torch.zeros(1, 2)))
+
+
+def _grad_through_align(g_ce, g_kd):
+    h = torch.zeros(len(g_ce), requires_grad=True)
+    a, b = align_gradients(h)
+    ((a * torch.tensor(g_ce)).sum() + (b * torch.tensor(g_kd)).sum()).backward()
+    return h.grad.tolist()
+
+
+def test_gradient_alignment_hand_examples():
+    # conflict: <[-1, 1], [1, 0]> = -1 < 0 -> g_kd becomes [-1, 1] - (-1 / 1) * [1, 0] = [0, 1]
+    assert _grad_through_align([1.0, 0.0], [-1.0, 1.0]) == [1.0, 1.0]
+    # g_ce = [2, 0], g_kd = [-1, 3]: projection removes -1 * ... -> g_kd = [0, 3]; total [2, 3]
+    assert _grad_through_align([2.0, 0.0], [-1.0, 3.0]) == pytest.approx([2.0, 3.0])
+    # no conflict: the gradients add unchanged
+    assert _grad_through_align([1.0, 0.0], [1.0, 1.0]) == [2.0, 1.0]
+    # one branch unused: the other's gradient passes
+    h = torch.zeros(2, requires_grad=True)
+    a, _ = align_gradients(h)
+    (a * torch.tensor([3.0, 4.0])).sum().backward()
+    assert h.grad.tolist() == [3.0, 4.0]
+
+
+def test_combine_is_the_mixture():
+    torch.manual_seed(1)
+    z_ce, z_kd = torch.randn(3, 4), torch.randn(3, 4)
+    want = 0.3 * F.softmax(z_ce, 1) + 0.7 * F.softmax(z_kd / 2.0, 1)
+    assert torch.allclose(combine(z_ce, z_kd, 0.7, 2.0).exp(), want, atol=1e-6)
+    assert torch.allclose(combine(z_ce, z_kd, 0.0, 2.0), F.log_softmax(z_ce, 1), atol=1e-6)
+    assert torch.allclose(combine(z_ce, z_kd, 1.0, 1.0), F.log_softmax(z_kd, 1), atol=1e-6)
+
+
+def test_search_picks_the_best_on_constructed_cases():
+    assert len(ALPHAS) == 21 and ALPHAS[1] == 0.05 and BETAS == (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)
+    y = torch.arange(6) % 3
+    right, wrong = 3 * F.one_hot(y, 3).float(), 3 * F.one_hot((y + 1) % 3, 3).float()
+    # the KD head is right, the CE head wrong: all of the KD head, sharpened as much as the grid allows
+    assert search_alpha_beta(wrong, right, y) == (1.0, 0.5, 1.0)
+    # the CE head is right: alpha = 0 (every beta is then the same; the first wins)
+    assert search_alpha_beta(right, wrong, y) == (0.0, 0.5, 1.0)
+    # each head right on half the instances, with the CE head confident and the KD head weak where
+    # right: only a mixture leaning to the CE head is right everywhere; unlabelled rows are ignored
+    z_ce = torch.tensor([[4.0, 0, 0], [0, 4, 0], [0, 0.4, 0]])
+    z_kd = torch.tensor([[0, 0.4, 0], [0.4, 0, 0], [0, 0, 4.0]])
+    labels = torch.tensor([0, 1, 2])
+    alpha, beta, acc = search_alpha_beta(z_ce, z_kd, labels)
+    assert acc == 1.0 and 0 < alpha < 1
+    assert (combine(z_ce, z_kd, alpha, beta).argmax(1) == labels).all()
+    alpha2, beta2, _ = search_alpha_beta(torch.cat([z_ce, wrong[:2]]), torch.cat([z_kd, wrong[:2]]),
+                                         torch.cat([labels, torch.tensor([-1, -1])]))
+    assert (alpha2, beta2) == (alpha, beta)
+
+
+def test_search_matches_brute_force():
+    torch.manual_seed(2)
+    z_ce, z_kd, y = torch.randn(40, 5), torch.randn(40, 5), torch.randint(0, 5, (40,))
+    best = None
+    for a, b in itertools.product(ALPHAS, BETAS):
+        p = (1 - a) * F.softmax(z_ce.double(), 1) + a * F.softmax(z_kd.double() / b, 1)
+        key = ((p.argmax(1) == y).double().mean().item(), -F.nll_loss(p.log(), y).item())
+        if best is None or key > best[0]:
+            best = (key, a, b)
+    alpha, beta, acc = search_alpha_beta(z_ce, z_kd, y)
+    assert (alpha, beta) == (best[1], best[2]) and acc == best[0][0]
+
+
+class _Body(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 8), torch.nn.ReLU())
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _model(**kw):
+    torch.manual_seed(3)
+    body = _Body()
+    body.head = torch.nn.Identity()
+    return DualHead(body, 8, 3, **kw)
+
+
+def test_forward_modes():
+    m, x = _model(alpha=0.25, beta=2.0), torch.randn(5, 6)
+    z_ce, z_kd = m.heads(x)
+    assert torch.equal(m.train()(x), z_ce)
+    want = 0.75 * F.softmax(z_ce, 1) + 0.25 * F.softmax(z_kd / 2, 1)
+    assert torch.allclose(m.eval()(x).exp(), want, atol=1e-6)
+    assert torch.equal(_model(inference="ce").eval()(x), _model().heads(x)[0])
+    assert {"alpha", "beta"} <= set(m.state_dict())
+    with pytest.raises(ValueError, match="inference"):
+        _model(inference="mean")
+
+
+def test_export_returns_the_combined_prediction(tmp_path):
+    m, x = _model(alpha=0.4, beta=1.5).eval(), torch.randn(4, 6)
+    with torch.no_grad():
+        z_ce, z_kd = m.heads(x)
+    want = (0.6 * F.softmax(z_ce, 1) + 0.4 * F.softmax(z_kd / 1.5, 1)).log()
+    export_onnx(m, [x], tmp_path / "m.onnx", ["x"])  # checks onnxruntime against m(x)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), want, atol=1e-5)
+    program = torch.export.load(export_program(m, [x], tmp_path / "m.pt2"))
+    assert torch.allclose(program.module()(x), want, atol=1e-5)
+
+
+def test_heads_get_their_own_losses_through_the_core():
+    m = _model()
+    teacher = Teacher(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)), ["x"])
+    terms = [Term("ce"), Term("kd", 1.0, {"temperature": 2.0}, student="features.kd_head")]
+    d = Distiller(Net(m, ["x"], ["kd_head"]), [teacher], terms, ConstantRouter())
+    x = torch.randn(4, 6)
+    losses = d({"x": x, "label": torch.full((4,), -1)})  # unlabelled: only the KD head learns
+    losses["loss"].backward()
+    assert losses["ce"] == 0 and losses["kd"] > 0
+    assert m.ce_head.weight.grad.abs().sum() == 0 and m.kd_head.weight.grad.abs().sum() > 0
+    z_ce, z_kd = m.heads(x)
+    want = F.kl_div(F.log_softmax(z_kd / 2, 1), F.log_softmax(teacher({"x": x}).logits / 2, 1),
+                    log_target=True, reduction="batchmean") * 4  # KL(p_t || p_s) * T^2 on the KD head
+    assert torch.isclose(losses["kd"], want, atol=1e-5)
+    m.zero_grad(set_to_none=True)
+    d({"x": x, "label": torch.tensor([0, 1, 2, 0])})["ce"].backward()
+    assert m.ce_head.weight.grad.abs().sum() > 0 and m.kd_head.weight.grad is None
+
+
+def test_calibrate_stores_the_search_result():
+    m = _model()
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    ds = TensorDictDataset("val", x=x, label=y)
+    got = calibrate(m, ds, ["x"], batch_size=7)
+    with torch.no_grad():
+        z_ce, z_kd = m.eval().heads(x)
+    assert (got["alpha"], got["beta"], got["acc"]) == search_alpha_beta(z_ce, z_kd, y)
+    assert m.alpha.item() == pytest.approx(got["alpha"]) and m.beta.item() == got["beta"]
+    m2 = _model()
+    m2.load_state_dict(m.state_dict())
+    assert m2.alpha.item() == pytest.approx(got["alpha"])
+
+
+def test_dual_head_factory_strips_the_backbone_head():
+    m = MODELS["dual_head"](num_classes=4, in_shape=(1, 8, 8), backbone={"name": "cnn", "args": {"channels": [4, 6]}},
+                            inference="ce", align=True)
+    assert isinstance(m.backbone.head, torch.nn.Identity) and m.ce_head.in_features == 6
+    out = m.train()(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 4)
+    out.sum().backward()
+    with pytest.raises(ValueError, match="backbone"):
+        dual_head(4, (1, 8, 8), backbone={"model": "cnn"})
+
+
+def test_keep_labels_is_stratified_and_seeded():
+    labels = torch.arange(1000) % 4
+    kept = keep_labels(labels, 0.1, seed=1)
+    assert torch.equal(kept, keep_labels(labels, 0.1, seed=1))
+    assert not torch.equal(kept, keep_labels(labels, 0.1, seed=2))
+    assert [(kept == c).sum().item() for c in range(4)] == [25] * 4
+    assert ((kept == labels) | (kept == -1)).all() and (kept == -1).sum() == 900
+    tiny = keep_labels(labels, 0.001, seed=0)  # 1 per class at least
+    assert [(tiny == c).sum().item() for c in range(4)] == [1] * 4
+
+
+def test_semi_data_set_thins_only_training_labels():
+    data = semi(root="unused", name="digits", fraction=0.1, seed=0)
+    train, full = data.train.tensors["label"], DATASETS["digits"](root="unused").train.tensors["label"]
+    assert [(train == c).sum().item() for c in range(10)] == [round(0.1 * (full == c).sum().item()) for c in range(10)]
+    assert ((train == full) | (train == -1)).all() and torch.equal(data.train.tensors["image"], DATASETS["digits"](
+        root="unused").train.tensors["image"])
+    assert (data.val.tensors["label"] >= 0).all() and (data.test.tensors["label"] >= 0).all()
+    assert data.train.name.endswith("semi-0.1-0") and "semi" in DATASETS

@@ -8,6 +8,7 @@ The routing report (``routing.png``) of every stage-3 run of the first seed is c
 
     MMKD_DATA=../shared/data python benchmarks/mst_distill.py [--seeds 3] [--stage1-epochs 15]
         [--mask-epochs 3] [--stage3-epochs 30] [overrides ...]
+    python benchmarks/mst_distill.py --collect OUT_DIR    # tabulate an interrupted run's finished seeds
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, fmt, mean_std, write
+from omegaconf import OmegaConf
 from mmkd import io
 from mmkd.cli import compose
 from mmkd.run import run
@@ -35,9 +37,17 @@ def main() -> None:
     p.add_argument("--stage3-epochs", type=int, default=30)
     p.add_argument("--students", nargs="+", default=["image", "audio"])
     p.add_argument("--name", default="mst_distill")
+    p.add_argument("--collect", metavar="OUT_DIR", help="only tabulate the finished runs under OUT_DIR "
+                   "(the out_dir of an interrupted benchmark) instead of running")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.collect:
+        acc, seeds = collect(Path(args.collect))
+        if not seeds:
+            raise SystemExit(f"{args.collect}: no seed has finished every stage of every student yet")
+        report(args, acc, seeds)
+        return
     acc: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as out:
         common = [f"out_dir={out}", "export=[]", "trainer.tensorboard=false", *args.overrides]
@@ -63,10 +73,41 @@ def main() -> None:
                             tmp.write_bytes(png)
                     print(f"seed {seed} {student} {mode}: {s3['student']['test_acc']:.4f} "
                           f"(stage-1 student {s1['student']['test_acc']:.4f})", flush=True)
+            report(args, acc, seed + 1)  # after every seed, so an interrupted run leaves its table
+
+
+def collect(out_dir: Path) -> tuple[dict[str, list[float]], int]:
+    """Test accuracies of the finished runs under ``out_dir`` (keys as in :func:`main`), keeping the
+    seeds for which every stage of every student finished; and the number of those seeds."""
+    found: dict[tuple[str, int], dict] = {}
+    for path in sorted(out_dir.glob("mst_*_stage*/*/results.json")):
+        r = json.loads(path.read_text())
+        student, stage = r["experiment"].split("_")[1:3]
+        key = stage if stage != "stage3" else f"mst_{OmegaConf.load(path.parent / 'config.yaml').router.args.mode}"
+        found.setdefault((student, r["seed"]), {})[key] = r
+    students = {s for s, _ in found}
+    seeds = sorted(seed for seed in {s for _, s in found}
+                   if all(len(found.get((st, seed), {})) == 2 + len(MODES) for st in students))
+    acc: dict[str, list[float]] = {}
+    for seed in seeds:
+        for student in sorted(students):
+            runs = found[student, seed]
+            acc.setdefault(f"{student} stage1", []).append(runs["stage1"]["student"]["test_acc"])
+            for name, row in runs["stage1"]["teachers"].items():
+                acc.setdefault(f"{student} stage1 teacher {name}", []).append(row["test_acc"])
+            for name, row in runs["stage2"]["specialized"].items():
+                acc.setdefault(f"{student} specialized {name}", []).append(row["test_acc"])
+            for mode in MODES:
+                acc.setdefault(f"{student} mst_{mode}", []).append(runs[f"mst_{mode}"]["student"]["test_acc"])
+    return acc, len(seeds)
+
+
+def report(args: argparse.Namespace, acc: dict[str, list[float]], seeds: int) -> None:
+    """Write the table of ``acc`` (``seeds`` seeds done) with the margins against the best baseline."""
     baseline_file = RESULTS / "avdigits.json"
     base = json.loads(baseline_file.read_text())["test_acc"] if baseline_file.exists() else {}
     rows, margins = [], {}
-    for student in args.students:
+    for student in [s for s in args.students if f"{s} stage1" in acc]:
         for m, label in BASELINES.items():
             if f"{student} {m}" in base:
                 rows.append([f"{student}-only: {label} (avdigits.json)", fmt(base[f"{student} {m}"], 100)])
@@ -83,12 +124,12 @@ def main() -> None:
     for key, xs in acc.items():
         if "teacher" in key or "specialized" in key:
             rows.append([key, fmt(xs, 100)])
-    notes = (f"{args.seeds} seeds, mean ± std, AV-digits test split (300 items). Epochs: stage 1 "
+    margin_text = "; ".join(f"{k}: {v['margin_pct_points']:+.2f} points vs {v['best_baseline']}"
+                            for k, v in margins.items()) or "no baseline results (run benchmarks/avdigits.py)"
+    notes = (f"{seeds} seeds, mean ± std, AV-digits test split (300 items). Epochs: stage 1 "
              f"{args.stage1_epochs}, stage 2 {args.mask_epochs} per mask, stage 3 {args.stage3_epochs} "
-             "(baselines: teachers 15, students 40). Margins against the best baseline (mean): "
-             + "; ".join(f"{k}: {v['margin_pct_points']:+.2f} points vs {v['best_baseline']}"
-                         for k, v in margins.items()) if margins else "no baseline results found")
-    write(args.name, {"overrides": args.overrides, "seeds": args.seeds, "epochs": {
+             f"(baselines: teachers 15, students 40). Margins against the best baseline (mean): {margin_text}.")
+    write(args.name, {"overrides": args.overrides, "seeds": seeds, "epochs": {
         "stage1": args.stage1_epochs, "stage2": args.mask_epochs, "stage3": args.stage3_epochs},
         "test_acc": acc, "margins": margins}, ["model", "test accuracy %"], rows, notes)
 

@@ -104,10 +104,22 @@ def trainer_config(cfg: DictConfig, epochs: int | None = None) -> TrainerConfig:
 
 def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir: Path,
         epochs: int | None = None) -> tuple[FitResult, dict[str, float]]:
-    """Train ``module`` as stage ``name`` (in ``run_dir/name``) and evaluate it on the test split."""
+    """Train ``module`` as stage ``name`` (in ``run_dir/name``) and evaluate it on the test split.
+
+    In between, a student model with a ``calibrate(val_dataset, keys, label_key) -> dict`` method picks
+    its inference settings on the validation split; the dict lands in the metrics as ``calibrated/<key>``
+    and its ``acc`` (the calibrated model's validation accuracy), if given, replaces ``val/acc``.
+    """
     log.info("stage %s", name)
     trainer = Trainer(trainer_config(cfg, epochs), run_dir / name, resume=cfg.resume)
     result = trainer.fit(module, data.train, data.val)
+    net = getattr(module, "student", None)
+    calibrate = getattr(getattr(net, "model", None), "calibrate", None)
+    if callable(calibrate):  # inference settings the model picks on the validation split (e.g. DHO's alpha, beta)
+        picked = calibrate(data.val, net.keys, getattr(module, "label_key", "label"))
+        log.info("stage %s: calibrated on the validation split: %s", name, picked)
+        result.metrics.update({f"calibrated/{k}": v for k, v in picked.items()})
+        result.metrics["val/acc"] = picked.get("acc", result.metrics["val/acc"])
     return result, trainer.evaluate(module, data.test)
 
 

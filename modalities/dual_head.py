@@ -98,6 +98,12 @@ class DualHead(nn.Module):
         h_ce, h_kd = align_gradients(h) if self.align and self.training else (h, h)
         return self.ce_head(h_ce), self.kd_head(h_kd)
 
+    def calibrate(self, dataset, keys: Sequence[str], label_key: str = "label") -> dict[str, float]:
+        """Pick ``alpha``/``beta`` on ``dataset`` (the validation split); see :func:`calibrate`. ``mmkd run``
+        calls this after training, before the test evaluation, for models that define it. With
+        ``inference="ce"`` nothing is picked (``{}``)."""
+        return calibrate(self, dataset, keys, label_key=label_key) if self.inference == "combine" else {}
+
     def forward(self, x: Tensor, *more: Tensor) -> Tensor:
         z_ce, z_kd = self.heads(x, *more)
         if self.training or self.inference == "ce":
@@ -145,12 +151,12 @@ def search_alpha_beta(z_ce: Tensor, z_kd: Tensor, labels: Tensor, alphas: Sequen
 
 
 @torch.no_grad()
-def calibrate(model: DualHead, dataset, keys: Sequence[str], batch_size: int = 256, label_key: str = "label",
-              device: str | torch.device = "cpu") -> dict[str, float]:
+def calibrate(model: DualHead, dataset, keys: Sequence[str], batch_size: int = 256,
+              label_key: str = "label") -> dict[str, float]:
     """Pick DHO's ``alpha``/``beta`` on ``dataset`` (the validation split) with :func:`search_alpha_beta`
-    and store them in ``model``'s buffers; returns ``{"alpha", "beta", "acc"}``."""
-    training = model.training
-    model.eval().to(device)
+    and store them in ``model``'s buffers; returns ``{"alpha", "beta", "acc"}`` (``acc``: validation accuracy)."""
+    training, device = model.training, model.alpha.device
+    model.eval()
     zs, ys = [], []
     for batch in loader(dataset, batch_size):
         zs.append(model.heads(*[batch[k].to(device) for k in keys]))

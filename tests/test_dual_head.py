@@ -212,3 +212,38 @@ def test_semi_data_set_thins_only_training_labels():
         root="unused").train.tensors["image"])
     assert (data.val.tensors["label"] >= 0).all() and (data.test.tensors["label"] >= 0).all()
     assert data.train.name.endswith("semi-0.1-0") and "semi" in DATASETS
+
+
+def _run(tmp_path, experiment):
+    import json
+
+    from mmkd.cli import main
+
+    code = main(["run", f"experiment={experiment}", f"out_dir={tmp_path}", "trainer.max_epochs=1",
+                 "teachers.cnn.epochs=1", "trainer.tensorboard=false", "trainer.progress=off", "baseline=false",
+                 "export=[]"])
+    assert code == 0
+    run_dir = next((tmp_path / experiment).iterdir())
+    return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+def test_dho_config_runs_and_calibrates_on_validation(tmp_path):
+    """configs/experiment/dho_digits.yaml runs for one epoch; `mmkd run` picks alpha/beta on the
+    validation split and saves them with the student."""
+    run_dir, results = _run(tmp_path, "dho_digits")
+    data = DATASETS["semi"](root="unused", name="digits", fraction=0.1, seed=0)
+    model = dual_head(10, (1, 8, 8), backbone={"name": "mlp", "args": {"hidden": [64], "dropout": 0.1}})
+    model.load_state_dict(torch.load(run_dir / "student.pt"))
+    with torch.no_grad():
+        z_ce, z_kd = model.eval().heads(data.val.tensors["image"])
+    alpha, beta, acc = search_alpha_beta(z_ce, z_kd, data.val.tensors["label"])
+    assert (model.alpha.item(), model.beta.item()) == (pytest.approx(alpha), beta)
+    assert results["student"]["val_acc"] == pytest.approx(acc)
+    test_pred = model(data.test.tensors["image"]).argmax(1)
+    assert results["student"]["test_acc"] == pytest.approx((test_pred == data.test.tensors["label"]).float().mean().item())
+
+
+def test_dhkd_config_runs(tmp_path):
+    """configs/experiment/dhkd_digits.yaml runs for one epoch through `mmkd run`."""
+    _, results = _run(tmp_path, "dhkd_digits")
+    assert 0 <= results["student"]["test_acc"] <= 1

@@ -185,3 +185,19 @@ def test_token_projector_maps_and_sequences():
     y = p(x)
     assert y.shape == (2, 5, 4, 4)
     assert torch.allclose(as_tokens(y), p(as_tokens(x)), atol=1e-6)
+
+
+def test_trg_config_runs(tmp_path):
+    """configs/experiment/trg_digits.yaml runs for one epoch through `mmkd run`; the conv projector trains."""
+    import json
+
+    from mmkd.cli import main
+
+    code = main(["run", "experiment=trg_digits", f"out_dir={tmp_path}", "trainer.max_epochs=1", "teachers.cnn.epochs=1",
+                 "trainer.tensorboard=false", "trainer.progress=off", "baseline=false", "export=[]"])
+    assert code == 0
+    run_dir = next((tmp_path / "trg_digits").iterdir())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0 <= results["student"]["test_acc"] <= 1
+    state = torch.load(run_dir / "student" / "best.pt")["model"]
+    assert state["adapters.trg_global.0.weight"].shape == (64, 32, 1, 1)

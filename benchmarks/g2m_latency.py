@@ -10,8 +10,9 @@ Two workloads, after GLNN (Zhang et al., ICLR 2022, whose abstract reports 146-2
   normalised adjacency after the first call (PyG's ``cached=True``), as a deployed GCN on a fixed
   graph would.
 
-Models are the shipped ``g2m_glnn`` experiment's (teacher hidden width, MLP hidden widths), untrained
-(time and memory do not depend on the weight values); the MLP is exported with ``mmkd.export``
+Models: 2-layer GCN and SAGE of hidden width ``--hidden`` (128) and an MLP of hidden widths
+``--mlp-hidden`` (256, wider than the teacher, as GLNN's students), untrained (time and memory do not
+depend on the weight values); the MLP is exported with ``mmkd.export``
 (checked against PyTorch to 1e-5). Every configuration runs in its own process with one thread.
 Speed-ups divide medians. Peak memory is the growth of the resident set during a call (``VmHWM``
 after, reset through ``/proc/self/clear_refs``, minus ``VmRSS`` before; inputs and weights already in
@@ -22,7 +23,7 @@ call. The generated graph (default 1,000,000 nodes, uniform random edges of aver
 undirected, 100 standard-normal float32 features) is built in each process from a fixed seed.
 
     python benchmarks/g2m_latency.py [--repeats 100] [--cora-repeats 20] [--large-repeats 5] [--nodes 1000000]
-                                     [--degree 10] [--features 100] [--skip-large]
+                                     [--degree 10] [--features 100] [--hidden 128] [--mlp-hidden 256] [--skip-large]
 """
 from __future__ import annotations
 
@@ -125,21 +126,19 @@ class CSC:
         return nodes, torch.stack([local(torch.cat(src_all)), local(torch.cat(dst_all))])
 
 
-def build(name: str, graph: str, nodes: int, degree: float, features: int):
+def build(name: str, graph: str, nodes: int, degree: float, features: int, hidden: int, mlp_hidden: list[int]):
     """The number of nodes and ``run(ids)``: ``name``'s logits for nodes ``ids`` (``None``: all), plus,
     for the onnxruntime MLP, the same function without the memory arena (else ``None``)."""
     from torch_geometric.utils import to_torch_csr_tensor
 
     from mmkd.export import export_onnx
     from mmkd.registry import MODELS as REGISTRY
-    from omegaconf import OmegaConf
 
     x, edge_index, classes = cora() if graph == "cora" else random_graph(nodes, degree, features)
     n, f = x.shape
-    exp = OmegaConf.load(ROOT / "configs/experiment/g2m_glnn.yaml")
     torch.manual_seed(0)
     if name.startswith("mlp"):
-        mlp = REGISTRY["mlp"](num_classes=classes, in_shape=(f,), **exp.student.args).eval()
+        mlp = REGISTRY["mlp"](num_classes=classes, in_shape=(f,), hidden=mlp_hidden).eval()
         if name == "mlp-torch":
             def run(ids):
                 with torch.no_grad():
@@ -159,7 +158,7 @@ def build(name: str, graph: str, nodes: int, degree: float, features: int):
             return lambda ids: session.run(None, {"x": xn if ids is None else xn[ids.numpy()]})[0]
 
         return n, session_run(True), session_run(False)
-    gnn = REGISTRY[name](num_classes=classes, in_shape=(f,), hidden=exp.teachers.gnn.args.hidden).eval()
+    gnn = REGISTRY[name](num_classes=classes, in_shape=(f,), hidden=hidden).eval()
     layers = len(gnn.convs)
     adj_t = to_torch_csr_tensor(edge_index.flip(0), size=(n, n))  # rows are targets
     csc = CSC(edge_index, n)
@@ -185,7 +184,8 @@ def build(name: str, graph: str, nodes: int, degree: float, features: int):
 def worker(spec: dict) -> dict:
     """Time ``spec['model']`` on ``spec['graph']``, both workloads; runs in its own process."""
     torch.set_num_threads(1)
-    n, run, run_no_arena = build(spec["model"], spec["graph"], spec["nodes"], spec["degree"], spec["features"])
+    n, run, run_no_arena = build(spec["model"], spec["graph"], spec["nodes"], spec["degree"], spec["features"],
+                                 spec["hidden"], spec["mlp_hidden"])
     gen = torch.Generator().manual_seed(1)
     draws = {"10": lambda: torch.randperm(n, generator=gen)[:10], "all": lambda: None}
     repeats = {"10": spec["repeats_10"], "all": spec["repeats_all"]}
@@ -233,6 +233,8 @@ def main() -> None:
     p.add_argument("--nodes", type=int, default=1_000_000)
     p.add_argument("--degree", type=float, default=10.0)
     p.add_argument("--features", type=int, default=100)
+    p.add_argument("--hidden", type=int, default=128, help="GNN hidden width")
+    p.add_argument("--mlp-hidden", type=int, nargs="+", default=[256], help="MLP hidden widths")
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -245,7 +247,8 @@ def main() -> None:
     for graph in graphs:
         for model in MODELS:
             spec = {"graph": "cora" if graph == "cora" else "random", "model": model, "nodes": args.nodes,
-                    "degree": args.degree, "features": args.features, "repeats_10": args.repeats,
+                    "degree": args.degree, "features": args.features, "hidden": args.hidden,
+                    "mlp_hidden": args.mlp_hidden, "repeats_10": args.repeats,
                     "repeats_all": args.cora_repeats if graph == "cora" else args.large_repeats}
             t0 = time.perf_counter()
             results.setdefault(graph, {})[model] = measure(spec)
@@ -282,7 +285,8 @@ def report(data: dict) -> None:
              "so latencies carry noise. "
              + (f"{large}: {args['nodes']:,} nodes, average degree about {args['degree']:g}, {args['features']} "
                 "features. " if has_large else "")
-             + "The last two columns divide the model's median latency by the MLP's (the MLP's speed-up). "
+             + f"GNNs: 2 layers of width {args['hidden']}; MLP hidden widths {args['mlp_hidden']}. "
+             "The last two columns divide the model's median latency by the MLP's (the MLP's speed-up). "
              "GLNN reports 146-273x (SAGE against MLP) for 10 nodes.")
     write("g2m_latency", data, header, rows, notes)
 

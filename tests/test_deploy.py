@@ -50,19 +50,26 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cora():
-    """Cora's raw (not row-normalised) features, labels and the run's test nodes."""
-    from mmkd.graphs.data import planetoid
-    from mmkd.graphs.datasets import graph_splits
+def cora(run_dir):
+    """Cora's raw (not row-normalised) features, its labels, and the run's test nodes (rebuilt from
+    the run's own data config)."""
+    from omegaconf import OmegaConf
 
+    from mmkd.graphs.data import planetoid
+    from mmkd.registry import DATASETS
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    test_label = DATASETS[cfg.data.name](root=str(DATA), **cfg.data.args).test[0]["label"]
     g = planetoid(DATA / "planetoid", "cora")
-    test_label = graph_splits(g, split="glnn").test[0]["label"]
     return g.x, g.y, test_label >= 0
 
 
 def student(run_dir: Path) -> torch.nn.Module:
     """The run's MLP student in PyTorch, rebuilt from its config and weights."""
-    model = MODELS["mlp"](num_classes=7, in_shape=(1433,), hidden=[32], dropout=0.6)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    model = MODELS[cfg.student.name](num_classes=7, in_shape=(1433,), **cfg.student.args)
     model.load_state_dict(torch.load(run_dir / "student.pt"))
     return model.eval()
 

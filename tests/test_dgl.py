@@ -146,12 +146,13 @@ def test_mmkd_run_on_a_dgl_graph_with_the_dgl_teacher(dgl, tmp_path):
 
     dgl.save_graphs(str(tmp_path / "tiny.bin"), [tiny_dgl(dgl)])
     args = ["run", "experiment=g2m_glnn", "data.name=dgl", f"data_root={tmp_path}", "data.args.path=tiny.bin",
-            "data.args.split=public", "teachers.gnn.name=dgl_gcn", "teachers.gnn.epochs=2", "trainer.max_epochs=2",
+            "data.args.split=public", "teachers.gnn.name=dgl_gcn", "teachers.gnn.args.hidden=16",
+            "teachers.gnn.epochs=2", "trainer.max_epochs=2",
             "export=[]", "baseline=false", "trainer.device=cpu", "trainer.tensorboard=false",
             "trainer.progress=off", f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"]
     assert main(args) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["teachers"]["gnn"]["params"] == 3 * 128 + 128 + 128 * 2 + 2  # GraphConv 3 -> 128 -> 2
+    assert results["teachers"]["gnn"]["params"] == 3 * 16 + 16 + 16 * 2 + 2  # GraphConv 3 -> 16 -> 2
     assert (tmp_path / "run" / "teachers" / "gnn" / "best.pt").is_file()
 
 

@@ -15,7 +15,9 @@ was drawn for (all of them in full-batch mode; graph losses average their per-no
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+import inspect
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -179,15 +181,25 @@ def graph_splits(g: Graph, split: str = "public", setting: str = "transductive",
                       preprocessing={"x": [{"op": "row_normalize"}]} if normalize else {})
 
 
+def check_args(kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming any ``data.args`` key that :func:`graph_splits` does not take."""
+    valid = [p for p in inspect.signature(graph_splits).parameters if p != "g"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ConfigError(f"data.args: unknown argument {unknown[0]!r}; choose from: {', '.join(valid)}")
+
+
 @DATASETS.register("planetoid")
 def planetoid_splits(root: str, name: str = "cora", **kwargs) -> DataSplits:
     """A Planetoid citation graph (Cora, CiteSeer, PubMed) read from ``<root>/planetoid/<Name>/raw``;
     ``kwargs`` go to :func:`graph_splits` (split, setting, batching, ...)."""
-    return graph_splits(planetoid(f"{root}/planetoid", name), **kwargs)
+    check_args(kwargs)
+    return graph_splits(planetoid(Path(root) / "planetoid", name), **kwargs)
 
 
 def _named(name: str):
     def factory(root: str, **kwargs) -> DataSplits:
+        check_args(kwargs)
         return planetoid_splits(root, name, **kwargs)
 
     factory.__doc__ = f"Planetoid {name} (see ``planetoid``)."
@@ -202,7 +214,6 @@ for _name in ("cora", "citeseer", "pubmed"):
 def npz_splits(root: str, path: str, undirected: bool = True, **kwargs) -> DataSplits:
     """A graph from an ``.npz`` file (see :func:`graphs.data.read_npz`); ``path`` is relative to the
     data root unless absolute; ``kwargs`` go to :func:`graph_splits` (default split: ``glnn``)."""
+    check_args(kwargs)
     kwargs.setdefault("split", "glnn")
-    from pathlib import Path
-
     return graph_splits(read_npz(Path(root) / path, undirected), **kwargs)

@@ -219,6 +219,15 @@ def test_bad_graphs_get_one_clear_error(x, edges, y, match):
     assert "\n" not in str(e.value)
 
 
+def test_bad_data_args_name_the_key_and_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match="data.args: unknown argument 'splt'; choose from: split, setting"):
+        DATASETS["cora"](root=str(tmp_path), splt="glnn")
+    g = tiny()
+    for key, value in (("split", "random"), ("setting", "semi"), ("batching", "cluster")):
+        with pytest.raises(ConfigError, match=f"data.args.{key}='{value}'; choose from"):
+            graph_splits(g, **{"split": "glnn", "train_per_class": 2, "val_per_class": 3, key: value})
+
+
 def test_class_without_training_node_is_refused():
     g = check_graph(torch.ones(4, 2), torch.tensor([[0], [1]]), torch.tensor([0, 1, 1, 0]), "g")
     g.masks = {"train": torch.tensor([True, False, False, False]), "val": torch.tensor([False, True, False, False]),

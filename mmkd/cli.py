@@ -1,7 +1,7 @@
 """The ``mmkd`` command line.
 
     mmkd run [experiment=NAME] [key=value ...]     run an experiment (Hydra overrides)
-    mmkd list                                       registered losses, routers, models, data sets, experiments
+    mmkd list                                       registered losses, routers, models, data sets, pipelines, experiments
     mmkd export run_dir=DIR [format=onnx|torchscript]
     mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|torchscript]
 
@@ -109,10 +109,11 @@ def print_results(results: dict) -> None:
 
 
 def cmd_list() -> int:
-    from mmkd.registry import DATASETS, LOSSES, MODELS, ROUTERS
+    from mmkd.registry import DATASETS, LOSSES, MODELS, PIPELINES, ROUTERS
 
     for title, names in (("losses", LOSSES.names()), ("routers", ROUTERS.names()), ("models", MODELS.names()),
-                         ("datasets", DATASETS.names()), ("experiments", experiments())):
+                         ("datasets", DATASETS.names()), ("pipelines", PIPELINES.names()),
+                         ("experiments", experiments())):
         print(f"{title}: {', '.join(names)}")
     return 0
 

@@ -13,9 +13,8 @@ import time
 
 import torch
 
-from common import fmt, write
+from common import fmt, random_images, write
 from mmkd import Distiller, Net, Teacher, Term, Trainer, cache_teacher
-from mmkd.data import TensorDictDataset
 from mmkd.models import CNN, MLP
 from mmkd.routers import ConstantRouter
 
@@ -39,10 +38,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
-    g = torch.Generator().manual_seed(0)
-    images, labels = torch.randn(args.n, 1, 28, 28, generator=g), torch.randint(0, 10, (args.n,), generator=g)
-    data = TensorDictDataset("cache-bench", image=images, label=labels)
-    val = TensorDictDataset("cache-bench-val", image=images[:256], label=labels[:256])
+    data, val = random_images(args.n, "cache-bench")
     teacher = Teacher(CNN(10, (1, 28, 28), channels=(32, 64, 128)), ["image"])
     live, cached, build = [], [], []
     for seed in range(args.seeds):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from mmkd.data import TensorDictDataset
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -21,6 +23,14 @@ def fmt(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
     """``mean ± std`` of ``xs`` times ``scale``."""
     m, s = mean_std([x * scale for x in xs])
     return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def random_images(n: int, name: str) -> tuple[TensorDictDataset, TensorDictDataset]:
+    """``n`` random 1x28x28 images with random labels (timing only), and a 256-item validation set."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return (TensorDictDataset(name, image=images, label=labels),
+            TensorDictDataset(f"{name}-val", image=images[:256], label=labels[:256]))
 
 
 def machine() -> str:

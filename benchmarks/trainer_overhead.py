@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import fmt, write
+from common import fmt, random_images, write
 from mmkd import Distiller, Net, Teacher, Term, Trainer, cache_teacher
-from mmkd.data import EpochSampler, TensorDictDataset, loader
+from mmkd.data import EpochSampler, loader
 from mmkd.models import CNN, MLP
 from mmkd.routers import ConstantRouter
 
@@ -68,10 +68,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     args = p.parse_args()
     device = torch.device(args.device)
-    g = torch.Generator().manual_seed(0)
-    images, labels = torch.randn(args.n, 1, 28, 28, generator=g), torch.randint(0, 10, (args.n,), generator=g)
-    data = TensorDictDataset("overhead", image=images, label=labels)
-    val = TensorDictDataset("overhead-val", image=images[:256], label=labels[:256])
+    data, val = random_images(args.n, "overhead")
     with tempfile.TemporaryDirectory() as cache:
         teacher = cache_teacher(Teacher(CNN(10, (1, 28, 28)), ["image"]), data, cache, device=device)
         students = {"MLP 784-512-512-10": lambda: MLP(10, (1, 28, 28), hidden=(512, 512)),

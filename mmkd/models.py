@@ -15,15 +15,20 @@ from mmkd.registry import MODELS
 
 @MODELS.register("mlp")
 class MLP(nn.Module):
-    """Flatten, then ``Linear -> ReLU -> Dropout`` per hidden layer, then a linear classifier."""
+    """Flatten, then ``Linear -> ReLU -> Dropout`` per hidden layer, then a linear classifier.
+
+    ``batch_norm`` puts a BatchNorm after each hidden Linear; ``bn_momentum`` is its running-statistics
+    momentum (1.0: evaluation uses the last training batch's statistics, right for full-batch training
+    on one graph, where a small momentum would leave the statistics far behind for hundreds of epochs).
+    """
 
     def __init__(self, num_classes: int, in_shape: Sequence[int], hidden: Sequence[int] = (128,),
-                 dropout: float = 0.0, batch_norm: bool = False):
+                 dropout: float = 0.0, batch_norm: bool = False, bn_momentum: float = 0.1):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(in_shape)
         for h in hidden:
-            layers += [nn.Linear(width, h), *([nn.BatchNorm1d(h)] if batch_norm else []),
+            layers += [nn.Linear(width, h), *([nn.BatchNorm1d(h, momentum=bn_momentum)] if batch_norm else []),
                        nn.ReLU(), nn.Dropout(dropout)]
             width = h
         self.body = nn.Sequential(*layers)

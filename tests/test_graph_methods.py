@@ -94,6 +94,18 @@ def test_hfd_matches_loop_and_its_invariants():
     ffg2m_hfd(s, t, batch=batch_of([])).backward()  # differentiable even without edges
 
 
+def test_mlp_bn_momentum_one_evaluates_with_the_last_full_batch_statistics():
+    x = torch.rand(500, 20) * 0.01  # small inputs (as row-normalised features): stats far from (0, 1)
+    outs = {}
+    for momentum in (1.0, 0.1):
+        torch.manual_seed(0)
+        mlp = MLP(num_classes=3, in_shape=(20,), hidden=[16], batch_norm=True, bn_momentum=momentum)
+        train_out = mlp.train()(x)  # one full-batch step updates the running statistics once
+        outs[momentum] = (train_out, mlp.eval()(x))
+    assert torch.allclose(outs[1.0][1], outs[1.0][0], rtol=1e-2, atol=1e-3)  # (unbiased vs biased variance)
+    assert not torch.allclose(outs[0.1][1], outs[0.1][0], rtol=1e-1, atol=1e-2)
+
+
 # ---------------------------------------------------------------- the mixture core on graph batches
 def tiny_splits(**kw):
     g = torch.Generator().manual_seed(0)

@@ -114,7 +114,8 @@ def main() -> None:
              f"unseen (with their edges) in training. Student: MLP {list(glnn_cfg.student.args.hidden)} hidden, "
              f"dropout {glnn_cfg.student.args.dropout}, BatchNorm {glnn_cfg.student.args.get('batch_norm', False)} "
              f"(momentum {glnn_cfg.student.args.get('bn_momentum', 0.1)}); "
-             f"Adam lr {glnn_cfg.trainer.lr}, weight decay {glnn_cfg.trainer.weight_decay}; GLNN = KL on all (observed) nodes; FF-G2M = LFD + HFD "
+             f"Adam lr {glnn_cfg.trainer.lr}, weight decay {glnn_cfg.trainer.weight_decay}; "
+             f"GLNN = KL on all (observed) nodes; FF-G2M = LFD + HFD "
              f"(lambda = 0, tau = {ffg2m_cfg.losses.ffg2m_hfd.args.tau}). Δ = FF-G2M minus its teacher. "
              f"Total time {(time.perf_counter() - t_start) / 60:.0f} min.")
     write(args.name, {"overrides": args.overrides, "summary": summary, "runs": runs},

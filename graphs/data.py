@@ -119,7 +119,8 @@ def planetoid(root: str | os.PathLike, name: str) -> Graph:
     """
     key = name.lower()
     if key not in PLANETOID:
-        raise ConfigError(f"data.args.name: unknown Planetoid graph {name!r}; choose from: {', '.join(PLANETOID.values())}")
+        raise ConfigError(f"data.args.name: unknown Planetoid graph {name!r}; "
+                          f"choose from: {', '.join(PLANETOID.values())}")
     raw = Path(root) / PLANETOID[key] / "raw"
     files = [f"ind.{key}.{f}" for f in PLANETOID_FILES]
     absent = [f for f in files if not (raw / f).is_file()]

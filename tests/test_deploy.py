@@ -34,6 +34,19 @@ def test_row_normalize_and_standardize_by_hand():
         preprocess.apply([{"op": "log"}], x)
 
 
+def test_onnx_check_is_absolute_for_small_logits_and_relative_for_large(tmp_path):
+    from mmkd.export import export_onnx, onnx_max_diff
+
+    x = torch.eye(3)
+    for scale, shift, want in ((0.1, 0.5, 0.5), (100.0, 0.5, 0.5 / 100.5)):
+        model = torch.nn.Linear(3, 2, bias=False)
+        torch.nn.init.constant_(model.weight, scale)  # logits all equal to scale
+        path = export_onnx(model, (x,), tmp_path / f"m{scale}.onnx", ["x"])
+        with torch.no_grad():
+            model.weight += shift  # the exported file now lags PyTorch by exactly `shift`
+        assert onnx_max_diff(path, model, (x,), ["x"]) == pytest.approx(want, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A short GLNN run on Cora (SAGE teacher, MLP student), exported to ONNX and torch.export."""
@@ -89,9 +102,10 @@ def test_onnx_and_program_equal_pytorch(run_dir, cora):
     with torch.no_grad():
         want = student(run_dir)(x).numpy()
     session = ort.InferenceSession(str(run_dir / "export/student.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], want, atol=1e-5, rtol=0)
+    scale = max(1.0, float(np.abs(want).max()))  # large logits: within 1e-5 of their scale
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], want, atol=1e-5 * scale, rtol=0)
     program = torch.export.load(run_dir / "export/student.pt2").module()
-    np.testing.assert_allclose(program(x).detach().numpy(), want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(program(x).detach().numpy(), want, atol=1e-5 * scale, rtol=0)
 
 
 def test_predict_applies_the_preprocessing_and_matches_the_run(run_dir, cora):

@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from mmkd.adapters import ADAPTERS
 from mmkd.registry import DATASETS, LOSSES, MODELS, PIPELINES, ROUTERS
+from mmkd.schedules import Schedule
 from mmkd.trainer import TrainerConfig
 
 
@@ -162,7 +163,7 @@ def import_modules(names: Sequence[str]) -> None:
 
 def check_names(cfg: DictConfig) -> None:
     """Import ``cfg.imports``, then raise :class:`ConfigError` (naming the config key) for any
-    unregistered name."""
+    unregistered name or malformed loss-argument schedule."""
     import_modules(cfg.imports)
     checks = [("pipeline", PIPELINES, cfg.pipeline), ("data.name", DATASETS, cfg.data.name),
               ("student.name", MODELS, cfg.student.name),
@@ -175,6 +176,11 @@ def check_names(cfg: DictConfig) -> None:
     for k, t in cfg.losses.items():
         if t.adapter is not None and t.adapter not in ADAPTERS:
             raise ConfigError(f"losses.{k}.adapter: unknown adapter {t.adapter!r}; choose from: {', '.join(ADAPTERS)}")
+        for a, v in t.args.items():
+            try:
+                Schedule.parse(v, f"losses.{k}.args.{a}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     for fmt in cfg.export:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export: unknown format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mmkd.net import Batch, Net, Output, Teacher
 from mmkd.registry import LOSSES
+from mmkd.schedules import Schedule
 
 
 @dataclass
@@ -28,7 +29,9 @@ class Term:
     By default the loss compares logits; ``student="features.<path>"`` / ``teacher="features.<path>"``
     make it compare the named intermediate features instead (FitNet-style feature distillation).
     ``adapter`` (e.g. a learned projector from the student's feature width to the teacher's) is
-    applied to the student side first; its parameters train with the student.
+    applied to the student side first; its parameters train with the student. An ``args`` value may
+    be a :class:`~mmkd.schedules.Schedule` (or its config mapping ``{schedule: cosine, start: ...,
+    end: ...}``): the loss then gets its value at the current training progress.
     """
 
     loss: str
@@ -45,6 +48,7 @@ class Term:
         self.reads_teacher, self.per_sample = meta["teacher"], meta["per_sample"]
         self.reads_batch = meta.get("batch", False)
         self.name = self.name or self.loss
+        self.args = {k: Schedule.parse(v, f"loss term {self.name!r}, {k}") for k, v in self.args.items()}
         for side in (self.student, self.teacher):
             if side != "logits" and not side.startswith("features."):
                 raise ValueError(f"loss term {self.name!r}: {side!r} is neither 'logits' nor 'features.<path>'")
@@ -89,6 +93,12 @@ class Distiller(nn.Module):
         self.terms = list(terms)
         self.adapters = nn.ModuleDict({t.name: t.adapter for t in self.terms if t.adapter is not None})
         self.label_key = label_key
+        self.register_buffer("progress", torch.zeros(()), persistent=False)
+
+    def set_progress(self, done: float) -> None:
+        """Set the fraction of training done (the :class:`~mmkd.trainer.Trainer` calls this before
+        each step); scheduled loss arguments are evaluated at it."""
+        self.progress.fill_(done)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         s = self.student(batch)
@@ -109,7 +119,9 @@ class Distiller(nn.Module):
         if term.name in self.adapters:
             s_in = self.adapters[term.name](s_in)
         s_in = s_in.float()
-        kwargs = {**term.args, **({"batch": batch} if term.reads_batch else {})}
+        kwargs = {k: v(self.progress) if isinstance(v, Schedule) else v for k, v in term.args.items()}
+        if term.reads_batch:
+            kwargs["batch"] = batch
         if not term.reads_teacher:
             return term.fn(s_in, None, target, **kwargs)
         total = s_in.new_zeros(())

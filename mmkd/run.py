@@ -137,8 +137,7 @@ def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits)
                 raise ConfigError(f"losses.{k}.adapter: an adapter maps student to teacher features; there is no teacher")
             s_shape, t_shape = (pick(o, side).shape[1:] for o, side in ((outs[0], t.student), (outs[1][0], t.teacher)))
             adapter = make_adapter(t.adapter, s_shape, t_shape)
-        terms.append(Term(t.loss or k, t.weight, dict(t.args), name=k, student=t.student, teacher=t.teacher,
-                          adapter=adapter))
+        terms.append(Term(t.loss or k, t.weight, dict(t.args), name=k, student=t.student, teacher=t.teacher, adapter=adapter))
     return terms
 
 

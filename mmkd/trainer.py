@@ -116,7 +116,9 @@ class Trainer:
     ``best.pt`` (module weights of the best epoch by ``monitor``), ``metrics.csv`` and TensorBoard
     events in ``tb/``. With ``resume=True`` it continues from ``last.pt``, so the final metrics equal
     those of an uninterrupted run with the same seed. Launched with ``torchrun`` it trains with DDP:
-    a ``DistributedSampler`` shards the data and only rank 0 writes files.
+    a ``DistributedSampler`` shards the data and only rank 0 writes files. Before each training step
+    it calls ``module.set_progress(fraction_of_training_done)`` when the module has that method (the
+    :class:`~mmkd.distiller.Distiller` evaluates scheduled loss arguments at it).
     """
 
     def __init__(self, config: TrainerConfig | None = None, run_dir: str | os.PathLike = "run",
@@ -228,6 +230,8 @@ class Trainer:
         if progress:
             stage = progress.add_task(str(self.run_dir), total=c.max_epochs, completed=start)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext())
+        set_progress = getattr(module, "set_progress", None)  # scheduled hyper-parameters (Distiller)
+        total_steps = c.max_epochs * len(train_loader)
         try:
             for epoch in range(start, c.max_epochs):
                 sampler.set_epoch(epoch)
@@ -237,6 +241,8 @@ class Trainer:
                 task = progress.add_task(f"  epoch {epoch + 1}", total=len(train_loader)) if progress else None
                 for step, batch in enumerate(train_loader):
                     batch = to_device(batch, self.device)
+                    if set_progress:
+                        set_progress((epoch * len(train_loader) + step) / total_steps)
                     with autocast:
                         losses = step_fn(batch)
                     loss = losses["loss"]

@@ -14,7 +14,7 @@ and three registered feature losses compare student (S) and teacher (T) token se
 * ``trg_local``: ``sum_i KL(softmax_j A^S_ij || softmax_j A^T_ij)``, the softmax over i's neighbours;
 * ``trg_global``: token-level InfoNCE after a projection, the teacher's token at the same position
   the positive, ``-log exp(<s_i, t_i>/tau) / sum_j exp(<s_i, t_j>/tau)`` on L2-normalised tokens,
-  ``tau`` lowered on a schedule (:class:`CosineTemperature`);
+  ``tau`` lowered on a schedule (a :class:`~mmkd.schedules.Schedule` in the term's args);
 * ``trg_context``: ``mean_ij (M^S_ij - M^T_ij)^2`` with ``M = softmax(F F^T / sqrt(D))`` the
   intra-instance token similarity of each network (its own width D).
 
@@ -27,7 +27,7 @@ widths equal, so a differing student width goes through the Term's ``adapter``, 
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -116,55 +116,26 @@ def trg_local(student_feats, teacher_feats, target=None, *, k: int = 4, sigma: f
     return reduce((log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=(1, 2)), reduction)
 
 
-class CosineTemperature:
-    """A temperature lowered from ``tau_max`` to ``tau_min`` along a half cosine over ``total_steps``:
-
-        tau(step) = tau_min + (tau_max - tau_min) * (1 + cos(pi * min(step / total_steps, 1))) / 2
-
-    Pass the object itself as ``trg_global``'s ``temperature`` (``Term("trg_global", args={"temperature":
-    CosineTemperature(1.0, 0.07, epochs * steps_per_epoch)})``): each call returns the current value
-    and advances ``step`` by one. The loss is evaluated once per training step and teacher (evaluation
-    calls only ``predict``), so with several teachers count ``total_steps`` per teacher call. ``step`` is
-    not in the checkpoint: on resume set it to the steps already taken.
-    """
-
-    def __init__(self, tau_max: float, tau_min: float, total_steps: int):
-        if not (tau_max >= tau_min > 0 and total_steps > 0):
-            raise ValueError(f"CosineTemperature: need tau_max >= tau_min > 0 and total_steps > 0, got "
-                             f"{tau_max}, {tau_min}, {total_steps}")
-        self.tau_max, self.tau_min, self.total_steps, self.step = tau_max, tau_min, total_steps, 0
-
-    def value(self, step: int) -> float:
-        """The temperature at ``step``."""
-        progress = min(step / self.total_steps, 1.0)
-        return self.tau_min + 0.5 * (self.tau_max - self.tau_min) * (1 + math.cos(math.pi * progress))
-
-    def __call__(self) -> float:
-        tau = self.value(self.step)
-        self.step += 1
-        return tau
-
-
 @register_loss("trg_global", teacher=True, per_sample=True)
 def trg_global(student_feats, teacher_feats, target=None, *,
-               temperature: Union[float, Callable[[], float]] = 0.1, num_tokens: int | None = 16,
+               temperature: Union[float, Tensor] = 0.1, num_tokens: int | None = 16,
                skip: int = 0, reduction: str = "mean"):
     """TRG global loss: token-level InfoNCE, the teacher token at the same position the positive.
 
     With ``s``, ``t`` the L2-normalised sampled tokens of the whole batch (``B * N`` of each),
     ``loss_(b,i) = -log exp(<s_bi, t_bi>/tau) / sum_(c,j) exp(<s_bi, t_cj>/tau)`` (every other sampled
     teacher token of the batch is a negative); an instance's loss is the mean over its ``N`` tokens.
-    ``temperature`` is a number or a zero-argument schedule such as :class:`CosineTemperature`. The
+    The TRG paper starts ``temperature`` high and lowers it: give the term a schedule, e.g.
+    ``{schedule: cosine, start: 1.0, end: 0.1}`` in a config (see :mod:`mmkd.schedules`). The
     student tokens must have the teacher's width: project them with the Term's ``adapter``.
     """
-    tau = temperature() if callable(temperature) else float(temperature)
     s, t = paired_tokens(student_feats, teacher_feats, num_tokens, skip)
     if s.shape[-1] != t.shape[-1]:
         raise ValueError(f"trg_global: student tokens have width {s.shape[-1]}, the teacher's {t.shape[-1]}; "
                          "give the term an adapter (TokenProjector, or adapter: conv for feature maps)")
     b, n, _ = s.shape
     s, t = F.normalize(s.reshape(b * n, -1), dim=-1), F.normalize(t.reshape(b * n, -1), dim=-1)
-    nce = F.cross_entropy(s @ t.T / tau, torch.arange(b * n, device=s.device), reduction="none")
+    nce = F.cross_entropy(s @ t.T / temperature, torch.arange(b * n, device=s.device), reduction="none")
     return reduce(nce.view(b, n).mean(dim=1), reduction)
 
 

@@ -142,6 +142,8 @@ def test_resume_needs_an_existing_run(capsys, tmp_path):
     ("losses.kd.colour=red", "losses.kd.colour: unknown config key; valid keys under losses.kd: loss, weight"),
     ("losses.kd.adapter=warp", "losses.kd.adapter: unknown adapter 'warp'; choose from: linear, conv"),
     ("losses.extra.loss=nope", "losses.extra.loss: unknown loss 'nope'"),
+    ("losses.kd.args.temperature={schedule:step,start:4,end:1}",
+     "losses.kd.args.temperature: schedule: unknown kind 'step'; choose from: cosine, linear"),
 ])
 def test_bad_loss_entries(capsys, override, expected):
     code, _, err = run_cli(capsys, "run", override, *FAST)

@@ -8,7 +8,8 @@ from mmkd.distiller import Distiller, Term
 from mmkd.net import Net, Teacher
 from mmkd.registry import LOSSES
 from mmkd.routers import ConstantRouter
-from mmkd.modalities.trg import (CosineTemperature, TokenProjector, as_tokens, knn_graph, paired_tokens, trg_context,
+from mmkd.schedules import Schedule
+from mmkd.modalities.trg import (TokenProjector, as_tokens, knn_graph, paired_tokens, trg_context,
                             trg_global, trg_local)
 
 
@@ -135,20 +136,6 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda x: fn(x, t, num_tokens=None, **kw), (s,))
 
 
-def test_cosine_temperature():
-    sched = CosineTemperature(1.0, 0.1, total_steps=4)
-    values = [sched() for _ in range(6)]
-    assert values[0] == pytest.approx(1.0) and values[2] == pytest.approx(0.55)
-    assert values[4] == values[5] == pytest.approx(0.1)
-    assert sched.step == 6
-    s, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    sched = CosineTemperature(1.0, 0.1, total_steps=4)
-    assert trg_global(s, t, temperature=sched, num_tokens=None) == trg_global(s, t, temperature=1.0, num_tokens=None)
-    assert sched.step == 1
-    with pytest.raises(ValueError):
-        CosineTemperature(0.1, 1.0, 4)
-
-
 class _Conv(torch.nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -164,7 +151,7 @@ def test_terms_in_the_distiller_train_the_projector():
     student, teacher = Net(_Conv(4), ["image"], ["body"]), Teacher(_Conv(6), ["image"], ["body"])
     proj = TokenProjector(4, 6)
     terms = [Term("kd"), Term("trg_local", 1.0, {"k": 3, "num_tokens": 8}, student="features.body", teacher="features.body"),
-             Term("trg_global", 0.5, {"temperature": CosineTemperature(1.0, 0.1, 10)}, student="features.body",
+             Term("trg_global", 0.5, {"temperature": {"schedule": "cosine", "start": 1.0, "end": 0.1}}, student="features.body",
                   teacher="features.body", adapter=proj),
              Term("trg_context", 2.0, {}, student="features.body", teacher="features.body")]
     d = Distiller(student, [teacher], terms, ConstantRouter())
@@ -175,7 +162,7 @@ def test_terms_in_the_distiller_train_the_projector():
     losses["loss"].backward()
     assert proj.proj.weight.grad is not None and proj.proj.weight.grad.abs().sum() > 0
     assert student.model.body.weight.grad.abs().sum() > 0
-    assert terms[2].args["temperature"].step == 1
+    assert terms[2].args["temperature"] == Schedule(1.0, 0.1)  # the config mapping, parsed
     assert any(k.startswith("adapters.trg_global") for k in d.state_dict())
 
 

@@ -2,6 +2,8 @@
 alpha/beta search, export of the combined prediction, label thinning, and the heads' losses in the core."""
 import itertools
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from mmkd.modalities.dual_head import (ALPHAS, BETAS, DualHead, align_gradients,
 from mmkd.net import Net, Teacher
 from mmkd.registry import DATASETS, LOSSES, MODELS
 from mmkd.routers import ConstantRouter
+
+DATA = Path(os.environ["MMKD_DATA"]).resolve() if "MMKD_DATA" in os.environ else None
 
 
 def test_bkl_zero_at_teacher_and_matches_loops():
@@ -247,3 +251,27 @@ def test_dhkd_config_runs(tmp_path):
     """configs/experiment/dhkd_digits.yaml runs for one epoch through `mmkd run`."""
     _, results = _run(tmp_path, "dhkd_digits")
     assert 0 <= results["student"]["test_acc"] <= 1
+
+
+@pytest.mark.skipif(DATA is None, reason="set MMKD_DATA to the shared data folder")
+def test_avdigits_configs_chain_on_tiny_data(tmp_path):
+    """configs/experiment/dhkd_avdigits.yaml trains the teacher on every training label and
+    dho_avdigits.yaml loads it (how benchmarks/dual_head.py chains them), on 2 items per class and split."""
+    import json
+
+    from mmkd.cli import main
+
+    common = [f"data_root={DATA}", "trainer.max_epochs=1", "teachers.cnn.epochs=1", "teachers.cnn.args.channels=[4,8]",
+              "trainer.tensorboard=false", "trainer.progress=off", "export=[]", f"out_dir={tmp_path}"]
+    tiny = {"limit_per_class": 2, "cache_dir": str(tmp_path / "av")}
+    first, dho = tmp_path / "dhkd", tmp_path / "dho"
+    assert main(["run", "experiment=dhkd_avdigits", f"run_dir={first}", *common,
+                 *[f"data.args.{k}={v}" for k, v in tiny.items()]]) == 0
+    assert main(["run", "experiment=dho_avdigits", f"run_dir={dho}", f"teachers.cnn.checkpoint={first}", *common,
+                 "data.args.fraction=0.5", *[f"data.args.args.{k}={v}" for k, v in tiny.items()]]) == 0
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (first, dho))
+    t1, t2 = r1["teachers"]["cnn"], r2["teachers"]["cnn"]
+    assert "baseline" in r1 and "val_acc" in t1  # trained there, with the CE baseline
+    assert "val_acc" not in t2 and t2["test_acc"] == t1["test_acc"]  # loaded, not trained again
+    state = torch.load(dho / "student.pt")
+    assert round(state["alpha"].item(), 2) in ALPHAS and state["beta"].item() in BETAS

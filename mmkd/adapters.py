@@ -9,14 +9,15 @@ from typing import Sequence
 
 from torch import nn
 
-ADAPTERS = ("linear", "conv")
+ADAPTERS = ("linear", "conv", "token")
 
 
 def make_adapter(kind: str, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> nn.Module:
     """A projector from features of ``student_shape`` to ``teacher_shape`` (shapes without batch).
 
     ``linear``: ``[C_s] -> [C_t]`` (flattening other dimensions); ``conv``: a 1x1 convolution with
-    BatchNorm, ``[C_s, H, W] -> [C_t, H_t, W_t]``, resized by adaptive average pooling if needed.
+    BatchNorm, ``[C_s, H, W] -> [C_t, H_t, W_t]``, resized by adaptive average pooling if needed;
+    ``token``: one linear map of every token's width, ``[L, D_s] -> [L, D_t]`` (transformer tokens).
     """
     if kind == "linear":
         from math import prod
@@ -31,4 +32,6 @@ def make_adapter(kind: str, student_shape: Sequence[int], teacher_shape: Sequenc
         if tuple(student_shape[1:]) != tuple(teacher_shape[1:]):
             layers.append(nn.AdaptiveAvgPool2d(tuple(teacher_shape[1:])))
         return nn.Sequential(*layers)
+    if kind == "token":
+        return nn.Linear(student_shape[-1], teacher_shape[-1])
     raise ValueError(f"unknown adapter {kind!r}; choose from: {', '.join(ADAPTERS)}")

@@ -51,6 +51,7 @@ class TeacherConfig(ModelConfig):
     cache: bool = True  # cache its outputs (frozen teachers on deterministic data only)
     epochs: Optional[int] = None  # training epochs when trained here (default: trainer.max_epochs);
     # 0: no training, the model is used as built (pretrained or zero-shot, e.g. clip)
+    lr: Optional[float] = None  # learning rate when trained here (default: trainer.lr), e.g. to fine-tune
 
 
 @dataclass
@@ -62,7 +63,7 @@ class TermConfig:
     args: Dict[str, Any] = field(default_factory=dict)
     student: str = "logits"  # or features.<module path> (listed in student.features)
     teacher: str = "logits"  # or features.<module path> (listed in each teacher's features)
-    adapter: Optional[str] = None  # linear | conv: a learned projector on the student side
+    adapter: Optional[str] = None  # linear | conv | token: a learned projector on the student side
 
 
 @dataclass

@@ -94,16 +94,18 @@ def load_weights(model: nn.Module, path: str, where: str, teacher: str | None = 
         raise ConfigError(f"{where}: {path!r} does not fit the model: {str(e).splitlines()[0]}") from None
 
 
-def trainer_config(cfg: DictConfig, epochs: int | None = None) -> TrainerConfig:
+def trainer_config(cfg: DictConfig, epochs: int | None = None, lr: float | None = None) -> TrainerConfig:
     tc = TrainerConfig(**OmegaConf.to_container(cfg.trainer))
     tc.seed = cfg.seed
     if epochs is not None:
         tc.max_epochs = epochs
+    if lr is not None:
+        tc.lr = lr
     return tc
 
 
 def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir: Path,
-        epochs: int | None = None) -> tuple[FitResult, dict[str, float]]:
+        epochs: int | None = None, lr: float | None = None) -> tuple[FitResult, dict[str, float]]:
     """Train ``module`` as stage ``name`` (in ``run_dir/name``) and evaluate it on the test split.
 
     In between, a student model with a ``calibrate(val_dataset, keys, label_key) -> dict`` method picks
@@ -111,7 +113,7 @@ def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir
     and its ``acc`` (the calibrated model's validation accuracy), if given, replaces ``val/acc``.
     """
     log.info("stage %s", name)
-    trainer = Trainer(trainer_config(cfg, epochs), run_dir / name, resume=cfg.resume)
+    trainer = Trainer(trainer_config(cfg, epochs, lr), run_dir / name, resume=cfg.resume)
     result = trainer.fit(module, data.train, data.val)
     net = getattr(module, "student", None)
     calibrate = getattr(getattr(net, "model", None), "calibrate", None)
@@ -196,7 +198,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     for name, tc in cfg.teachers.items():
         model, row = teacher_models[name], {}
         if not tc.checkpoint and tc.epochs != 0:  # epochs: 0 uses the model as built (pretrained)
-            fitted, _ = fit(f"teachers/{name}", Distiller(Net(model, tc.inputs), [], ce), data, cfg, run_dir, tc.epochs)
+            fitted, _ = fit(f"teachers/{name}", Distiller(Net(model, tc.inputs), [], ce), data, cfg, run_dir,
+                            tc.epochs, tc.lr)
             row["val_acc"] = fitted.metrics["val/acc"]
         teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen)
         row["test_acc"] = Trainer(trainer_config(cfg)).evaluate(Distiller(teacher, [], ce), data.test)["acc"]

@@ -21,8 +21,9 @@ and three registered feature losses compare student (S) and teacher (T) token se
 Logit KD is the core's ``kd`` term. The terms read token features through the Term selectors
 (``student="features.<path>"``, ``teacher="features.<path>"``); ``trg_global`` needs the two token
 widths equal, so a differing student width goes through the Term's ``adapter``, e.g.
-:class:`TokenProjector` (in a config, ``adapter: conv`` projects CNN feature maps). ``trg_local`` and
-``trg_context`` compare ``N x N`` relation matrices, so they need no projector.
+:class:`TokenProjector` (in a config, ``adapter: conv`` projects CNN feature maps, ``adapter: token``
+token sequences). ``trg_local`` and ``trg_context`` compare ``N x N`` relation matrices, so they need
+no projector.
 """
 from __future__ import annotations
 

@@ -140,7 +140,7 @@ def test_resume_needs_an_existing_run(capsys, tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("losses.kd.weight=abc", "losses.kd.weight: expected float, got 'abc'"),
     ("losses.kd.colour=red", "losses.kd.colour: unknown config key; valid keys under losses.kd: loss, weight"),
-    ("losses.kd.adapter=warp", "losses.kd.adapter: unknown adapter 'warp'; choose from: linear, conv"),
+    ("losses.kd.adapter=warp", "losses.kd.adapter: unknown adapter 'warp'; choose from: linear, conv, token"),
     ("losses.extra.loss=nope", "losses.extra.loss: unknown loss 'nope'"),
     ("losses.kd.args.temperature={schedule:step,start:4,end:1}",
      "losses.kd.args.temperature: schedule: unknown kind 'step'; choose from: cosine, linear"),

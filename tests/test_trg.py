@@ -188,3 +188,74 @@ def test_trg_config_runs(tmp_path):
     assert 0 <= results["student"]["test_acc"] <= 1
     state = torch.load(run_dir / "student" / "best.pt")["model"]
     assert state["adapters.trg_global.0.weight"].shape == (64, 32, 1, 1)
+
+
+def test_token_adapter_maps_every_token():
+    from mmkd.adapters import make_adapter
+
+    proj = make_adapter("token", (5, 3), (5, 7))
+    x = torch.randn(2, 5, 3)
+    y = proj(x)
+    assert y.shape == (2, 5, 7)
+    assert torch.allclose(y[1, 4], proj.weight @ x[1, 4] + proj.bias)
+
+
+def test_last_layer_output_is_the_last_hidden_state():
+    """The feature path trg_agnews reads (``encoder.encoder.layer.<last>.output``) is the encoder's output."""
+    from mmkd.registry import MODELS
+
+    model = MODELS["text_transformer"](num_classes=4, in_shape=(8,), hidden=16, layers=2, heads=2).eval()
+    ids, mask = torch.randint(1, 100, (3, 8)), torch.ones(3, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    out = Net(model, ["input_ids", "attention_mask"], ["encoder.encoder.layer.1.output"])(
+        {"input_ids": ids, "attention_mask": mask})
+    want = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(out.features["encoder.encoder.layer.1.output"], want)
+
+
+def _data_root() -> str:
+    import os
+
+    if "MMKD_DATA" not in os.environ:
+        pytest.fail("set MMKD_DATA to the data root (for example ../shared/data)")
+    return os.environ["MMKD_DATA"]
+
+
+def _run(tmp_path, experiment, *overrides):
+    import json
+
+    from mmkd.cli import main
+
+    code = main(["run", f"experiment={experiment}", f"out_dir={tmp_path}", f"data_root={_data_root()}",
+                 "trainer.max_epochs=1", "trainer.tensorboard=false", "trainer.progress=off", "baseline=false",
+                 "export=[]", *overrides])
+    assert code == 0
+    run_dir = next((tmp_path / experiment).iterdir())
+    return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+def test_trg_avdigits_config_runs(tmp_path):
+    """configs/experiment/trg_avdigits.yaml, one epoch on a narrower teacher: every TRG term trains."""
+    import csv
+
+    run_dir, results = _run(tmp_path, "trg_avdigits", "teachers.cnn.epochs=1", "teachers.cnn.args.channels=[8,16,16]")
+    assert 0 <= results["student"]["test_acc"] <= 1
+    row = next(csv.DictReader((run_dir / "student" / "metrics.csv").open()))
+    assert all(float(row[f"train/{k}"]) > 0 for k in ("kd", "trg_local", "trg_global", "trg_context"))
+    state = torch.load(run_dir / "student" / "best.pt")["model"]
+    assert state["adapters.trg_global.0.weight"].shape == (16, 32, 1, 1)
+
+
+def test_trg_agnews_config_runs(tmp_path):
+    """configs/experiment/trg_agnews.yaml on 16 sentences of 16 tokens: MiniLM fine-tunes with its own
+    learning rate, the student's last hidden states are projected token by token to MiniLM's width."""
+    import csv
+
+    run_dir, results = _run(tmp_path, "trg_agnews", "data.args.limit=16", "data.args.max_length=16",
+                            "student.args.hidden=32", "trainer.scheduler=none")
+    assert 0 <= results["student"]["test_acc"] <= 1
+    lr = {stage: float(next(csv.DictReader((run_dir / stage / "metrics.csv").open()))["lr"])
+          for stage in ("teachers/minilm", "student")}
+    assert lr == {"teachers/minilm": 1e-4, "student": 1e-3}
+    state = torch.load(run_dir / "student" / "best.pt")["model"]
+    assert state["adapters.trg_global.weight"].shape == (384, 32)

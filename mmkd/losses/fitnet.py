@@ -19,5 +19,5 @@ def fitnet(student_features, teacher_features, target=None, *, reduction="mean")
     """
     if student_features.shape != teacher_features.shape:
         raise ValueError(f"fitnet: student features {tuple(student_features.shape)} and teacher features "
-                         f"{tuple(teacher_features.shape)} differ; give the term an adapter (linear or conv)")
+                         f"{tuple(teacher_features.shape)} differ; give the term an adapter (linear, conv or token)")
     return reduce((student_features - teacher_features).pow(2).flatten(1).mean(1), reduction)

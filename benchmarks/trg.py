@@ -103,7 +103,11 @@ def main() -> None:
                           flush=True)
             row["task_s"] = time.perf_counter() - t0
             results[task] = row
-    total = time.perf_counter() - t_start
+    report(args.name, args.overrides, args.seeds, results, time.perf_counter() - t_start)
+
+
+def report(name: str, overrides: list[str], seeds: int, results: dict[str, dict], total: float) -> None:
+    """Write ``results/<name>.json`` and ``.md`` from the per-task results."""
     header = ["student", "teacher test acc %", *(f"{v} test acc %" for v in METHODS.values()),
               "TRG - best of CE, KD, FitNet"]
     rows = []
@@ -115,10 +119,13 @@ def main() -> None:
                      *(fmt(acc[m], 100) for m in METHODS), f"{100 * gap:+.2f}"])
     sizes = "; ".join(f"{t}: {r['sizes']['train']:,} / {r['sizes']['val']:,} / {r['sizes']['test']:,} "
                       f"train/val/test" for t, r in results.items())
-    write(args.name, {"overrides": args.overrides, "seeds": args.seeds, "tasks": results, "time_s": total},
-          header, rows,
-          f"{args.seeds} seeds, mean ± std of test accuracy; one teacher per task (seed 0), shared by the "
-          f"seeds. {sizes}. Total {total / 60:.1f} min.")
+    write(name, {"overrides": overrides, "seeds": seeds, "tasks": results, "time_s": total}, header, rows,
+          f"{seeds} seeds, mean ± std of test accuracy; one teacher per task (seed 0), shared by the seeds. "
+          f"{sizes}. Total {total / 60:.1f} min on one core.\n\n"
+          "Sized for one CPU core (the shipped configs): AV-digits students train 20 epochs (the AV-digits "
+          "set-up's 40 halved), the teacher 20. AG News is cut to a 2,000-sentence random subset of the "
+          "training and test splits (validation: all 1,001) and 64 tokens (93% of the sentences whole); "
+          "MiniLM is fine-tuned for 1 epoch (lr 1e-4); the students train 5 epochs (lr 1e-3, batch 32).")
 
 
 if __name__ == "__main__":

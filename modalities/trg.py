@@ -23,7 +23,8 @@ Logit KD is the core's ``kd`` term. The terms read token features through the Te
 widths equal, so a differing student width goes through the Term's ``adapter``, e.g.
 :class:`TokenProjector` (in a config, ``adapter: conv`` projects CNN feature maps, ``adapter: token``
 token sequences). ``trg_local`` and ``trg_context`` compare ``N x N`` relation matrices, so they need
-no projector.
+no projector. For padded text, ``mask: attention_mask`` (the batch entry marking real tokens) keeps
+the drawn positions off the padding.
 """
 from __future__ import annotations
 
@@ -48,9 +49,13 @@ def as_tokens(x: Tensor, skip: int = 0) -> Tensor:
 
 
 def paired_tokens(student: Tensor, teacher: Tensor, num_tokens: int | None = None,
-                  skip: int = 0) -> tuple[Tensor, Tensor]:
+                  skip: int = 0, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The same ``num_tokens`` positions (drawn per instance, without replacement) of both networks:
     ``([B, N, C_s], [B, N, C_t])``; ``None`` (or at least the token count) keeps every token in order.
+
+    ``valid`` (``[B, L_t]``, e.g. a text batch's attention mask; the first ``skip`` columns are
+    dropped with the tokens) restricts the draw to real tokens: an instance with fewer than
+    ``num_tokens`` of them takes all of them and fills up with padding positions.
 
     When the token counts differ: two feature maps are average-pooled to their common grid (the smaller
     height and width); for token sequences, positions are drawn among the teacher's ``L_t`` tokens and
@@ -66,10 +71,27 @@ def paired_tokens(student: Tensor, teacher: Tensor, num_tokens: int | None = Non
     if num_tokens is None or num_tokens >= n_t:
         pos = torch.arange(n_t, device=t.device).expand(len(t), n_t)
     else:
-        pos = torch.rand(len(t), n_t, device=t.device).argsort(dim=1)[:, :num_tokens]
+        scores = torch.rand(len(t), n_t, device=t.device)
+        if valid is not None:
+            valid = valid[:, skip:].to(device=t.device, dtype=torch.bool)
+            if valid.shape != scores.shape:
+                raise ValueError(f"TRG tokens: mask of shape {tuple(valid.shape)} (after skip) for "
+                                 f"{tuple(scores.shape)} teacher tokens")
+            scores = scores + (~valid).float()  # real tokens (in [0, 1)) sort before padding (in [1, 2))
+        pos = scores.argsort(dim=1)[:, :num_tokens]
     pos_s = pos if n_s == n_t else ((pos + 0.5) * n_s / n_t).floor().long().clamp(max=n_s - 1)
     gather = lambda x, p: x.gather(1, p.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
     return gather(s, pos_s), gather(t, pos)
+
+
+def batch_mask(batch, mask: str | None) -> Tensor | None:
+    """The batch entry named ``mask`` (the losses' ``mask`` argument), or None without one."""
+    if mask is None:
+        return None
+    if batch is None or mask not in batch:
+        raise KeyError(f"TRG: mask={mask!r} is not an entry of the batch; give the key of the attention mask "
+                       "(e.g. attention_mask) or leave mask unset")
+    return batch[mask]
 
 
 def sq_dists(x: Tensor) -> Tensor:
@@ -97,9 +119,10 @@ def knn_graph(tokens: Tensor, k: int, sigma: float = 1.0) -> tuple[Tensor, Tenso
     return torch.exp(-d / (2 * sigma)) * mask, mask
 
 
-@register_loss("trg_local", teacher=True, per_sample=True)
+@register_loss("trg_local", teacher=True, per_sample=True, batch=True)
 def trg_local(student_feats, teacher_feats, target=None, *, k: int = 4, sigma: float = 1.0,
-              num_tokens: int | None = 16, normalize: bool = True, skip: int = 0, reduction: str = "mean"):
+              num_tokens: int | None = 16, normalize: bool = True, skip: int = 0, mask: str | None = None,
+              batch=None, reduction: str = "mean"):
     """TRG local loss ``sum_i KL(softmax_j A^S_ij || softmax_j A^T_ij)`` per instance.
 
     The direction is as written in the paper: the student's neighbour distribution comes first
@@ -108,7 +131,7 @@ def trg_local(student_feats, teacher_feats, target=None, *, k: int = 4, sigma: f
     student's tokens on those edges. ``normalize`` L2-normalises tokens first, so squared distances lie
     in ``[0, 4]`` and ``sigma`` needs no tuning per layer.
     """
-    s, t = paired_tokens(student_feats, teacher_feats, num_tokens, skip)
+    s, t = paired_tokens(student_feats, teacher_feats, num_tokens, skip, batch_mask(batch, mask))
     if normalize:
         s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
     nb = neighbours(t, k)  # the teacher's edges, [B, N, k]
@@ -117,10 +140,10 @@ def trg_local(student_feats, teacher_feats, target=None, *, k: int = 4, sigma: f
     return reduce((log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=(1, 2)), reduction)
 
 
-@register_loss("trg_global", teacher=True, per_sample=True)
+@register_loss("trg_global", teacher=True, per_sample=True, batch=True)
 def trg_global(student_feats, teacher_feats, target=None, *,
                temperature: Union[float, Tensor] = 0.1, num_tokens: int | None = 16,
-               skip: int = 0, reduction: str = "mean"):
+               skip: int = 0, mask: str | None = None, batch=None, reduction: str = "mean"):
     """TRG global loss: token-level InfoNCE, the teacher token at the same position the positive.
 
     With ``s``, ``t`` the L2-normalised sampled tokens of the whole batch (``B * N`` of each),
@@ -130,7 +153,7 @@ def trg_global(student_feats, teacher_feats, target=None, *,
     ``{schedule: cosine, start: 1.0, end: 0.1}`` in a config (see :mod:`mmkd.schedules`). The
     student tokens must have the teacher's width: project them with the Term's ``adapter``.
     """
-    s, t = paired_tokens(student_feats, teacher_feats, num_tokens, skip)
+    s, t = paired_tokens(student_feats, teacher_feats, num_tokens, skip, batch_mask(batch, mask))
     if s.shape[-1] != t.shape[-1]:
         raise ValueError(f"trg_global: student tokens have width {s.shape[-1]}, the teacher's {t.shape[-1]}; "
                          "give the term an adapter (TokenProjector, or adapter: conv for feature maps)")
@@ -140,12 +163,12 @@ def trg_global(student_feats, teacher_feats, target=None, *,
     return reduce(nce.view(b, n).mean(dim=1), reduction)
 
 
-@register_loss("trg_context", teacher=True, per_sample=True)
+@register_loss("trg_context", teacher=True, per_sample=True, batch=True)
 def trg_context(student_feats, teacher_feats, target=None, *, num_tokens: int | None = 16, skip: int = 0,
-                reduction: str = "mean"):
+                mask: str | None = None, batch=None, reduction: str = "mean"):
     """TRG contextual loss ``mean_ij (M^S_ij - M^T_ij)^2`` with ``M = softmax_j(F F^T / sqrt(D))``
     over the ``N`` sampled tokens ``F`` ``[N, D]`` of one instance (each network with its own width D)."""
-    s, t = paired_tokens(student_feats, teacher_feats, num_tokens, skip)
+    s, t = paired_tokens(student_feats, teacher_feats, num_tokens, skip, batch_mask(batch, mask))
     m_s = F.softmax(s @ s.transpose(1, 2) / math.sqrt(s.shape[-1]), dim=-1)
     m_t = F.softmax(t @ t.transpose(1, 2) / math.sqrt(t.shape[-1]), dim=-1)
     return reduce((m_s - m_t).pow(2).mean(dim=(1, 2)), reduction)

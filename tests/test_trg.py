@@ -15,7 +15,7 @@ from mmkd.modalities.trg import (TokenProjector, as_tokens, knn_graph, paired_to
 
 def test_registered():
     for name in ("trg_local", "trg_global", "trg_context"):
-        assert LOSSES.meta(name) == {"teacher": True, "per_sample": True, "batch": False}
+        assert LOSSES.meta(name) == {"teacher": True, "per_sample": True, "batch": True}  # batch: the mask
 
 
 def test_feature_map_tokens_are_positions():
@@ -34,6 +34,24 @@ def test_paired_tokens_read_the_same_positions():
     assert torch.equal(2 * s_tok, t_tok)
     assert len({tuple(r) for r in s_tok[:, :, 0].tolist()}) == 3  # drawn per instance
     assert all(len(set(r)) == 5 for r in s_tok[:, :, 0].tolist())  # without replacement
+
+
+def test_paired_tokens_draw_real_tokens_before_padding():
+    t = torch.arange(8.0).view(1, 8, 1).expand(3, 8, 2).clone()  # token p holds the value p
+    valid = torch.tensor([[1, 0, 1, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 0]])
+    for _ in range(5):
+        s_tok, t_tok = paired_tokens(t.clone(), t, num_tokens=3, valid=valid)
+        assert torch.equal(s_tok, t_tok)
+        drawn = [set(t_tok[b, :, 0].long().tolist()) for b in range(3)]
+        assert drawn[0] == {0, 2, 4}  # exactly the three real tokens
+        assert len(drawn[1]) == 3  # any three distinct positions
+        assert 6 in drawn[2] and len(drawn[2]) == 3  # the only real token, then padding
+    with pytest.raises(ValueError, match="mask of shape"):
+        paired_tokens(t, t, num_tokens=3, valid=valid[:, :5])
+    with pytest.raises(KeyError, match="mask='attention_mask' is not an entry of the batch"):
+        trg_context(t, t, num_tokens=3, mask="attention_mask", batch={"input_ids": t})
+    loss = trg_context(t + torch.randn_like(t), t, num_tokens=3, mask="m", batch={"m": valid})
+    assert torch.isfinite(loss)
 
 
 def test_paired_tokens_map_counts_proportionally_and_pool_maps():

@@ -2,7 +2,7 @@
 CE alone, for an image student (AV-digits: CNN teacher -> narrower CNN) and a text student (AG News:
 fine-tuned all-MiniLM-L6-v2 -> 2-layer BERT of width 128 trained from scratch), several seeds.
 
-    OMP_NUM_THREADS=1 MMKD_DATA=../shared/data python benchmarks/trg.py [--seeds 3] [--tasks avdigits agnews]
+    OMP_NUM_THREADS=1 MMKD_DATA=../shared/data python benchmarks/trg.py [--seeds 3] [--tasks avdigits agnews] [--update]
 
 Everything comes from the experiments ``trg_avdigits`` and ``trg_agnews`` (data, teacher, student,
 trainer, the TRG terms); extra arguments are config overrides applied to both. Each task's teacher is
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import tempfile
 import time
 
 from omegaconf import OmegaConf
 
-from common import fmt, mean_std, write
+from common import RESULTS, fmt, mean_std, write
 from mmkd import Distiller, Net, Teacher, Term, Trainer, cache_teacher
 from mmkd.cli import compose
 from mmkd.config import TermConfig
@@ -53,11 +54,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--name", default="trg")
+    p.add_argument("--update", action="store_true", help="keep the other tasks' rows of an existing results file")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     results: dict[str, dict] = {}
-    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         for task in args.tasks:
             t0 = time.perf_counter()
@@ -103,7 +104,10 @@ def main() -> None:
                           flush=True)
             row["task_s"] = time.perf_counter() - t0
             results[task] = row
-    report(args.name, args.overrides, args.seeds, results, time.perf_counter() - t_start)
+    if args.update and (RESULTS / f"{args.name}.json").exists():  # keep the tasks not run this time
+        kept = json.loads((RESULTS / f"{args.name}.json").read_text())["tasks"]
+        results = {t: results.get(t, kept.get(t)) for t in TASKS if t in results or t in kept}
+    report(args.name, args.overrides, args.seeds, results, sum(r["task_s"] for r in results.values()))
 
 
 def report(name: str, overrides: list[str], seeds: int, results: dict[str, dict], total: float) -> None:
@@ -125,7 +129,8 @@ def report(name: str, overrides: list[str], seeds: int, results: dict[str, dict]
           "Sized for one CPU core (the shipped configs): AV-digits students train 20 epochs (the AV-digits "
           "set-up's 40 halved), the teacher 20. AG News is cut to a 2,000-sentence random subset of the "
           "training and test splits (validation: all 1,001) and 64 tokens (93% of the sentences whole); "
-          "MiniLM is fine-tuned for 1 epoch (lr 1e-4); the students train 5 epochs (lr 1e-3, batch 32).")
+          "MiniLM is fine-tuned for 1 epoch (lr 1e-4); the students train 5 epochs (lr 1e-3, batch 32); "
+          "the 16 token positions per sentence are drawn among its real tokens (mask: attention_mask).")
 
 
 if __name__ == "__main__":

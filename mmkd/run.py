@@ -146,10 +146,14 @@ def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits)
 LATENCY_BATCH = 256  # items of the test split in the batch the run times student and teachers on
 
 
-def latency_batch(data: DataSplits) -> tuple[dict, int]:
-    """The first ``LATENCY_BATCH`` items of the test split (all when fewer) and their number."""
-    n = min(len(data.test), LATENCY_BATCH)
-    return next(iter(loader(data.test, n))), n
+def add_latencies(results: dict, data: DataSplits, models: dict[str, tuple[nn.Module, list[str]]]) -> None:
+    """Time each model (row name -> (model, input keys); ``"student"`` for the student, the others
+    teachers) on the first ``LATENCY_BATCH`` test items, on CPU, into ``results``."""
+    results["latency_batch"] = n = min(len(data.test), LATENCY_BATCH)
+    batch = next(iter(loader(data.test, n)))
+    for name, (model, keys) in models.items():
+        row = results["student"] if name == "student" else results["teachers"][name]
+        row["latency_ms"] = latency_ms(model.cpu(), [batch[k] for k in keys])
 
 
 @torch.no_grad()
@@ -232,12 +236,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         fitted, test = fit("baseline", Distiller(Net(baseline, cfg.student.inputs), [], ce), data, cfg, run_dir)
         results["baseline"] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"]}
 
-    batch, results["latency_batch"] = latency_batch(data)
-    student.cpu()
-    results["student"]["latency_ms"] = latency_ms(student, [batch[k] for k in cfg.student.inputs])
-    for name, model in teacher_models.items():
-        inputs = [batch[k] for k in cfg.teachers[name].inputs]
-        results["teachers"][name]["latency_ms"] = latency_ms(model.cpu(), inputs)
+    add_latencies(results, data, {"student": (student, cfg.student.inputs),
+                                  **{n: (m, cfg.teachers[n].inputs) for n, m in teacher_models.items()}})
     results["export"] = [str(p) for p in export_student(run_dir, cfg.export)]
     results["time_s"] = time.perf_counter() - t_start
     io.write_json(results, run_dir / "results.json")

@@ -52,8 +52,8 @@ from mmkd.registry import DATASETS, PIPELINES, ROUTERS
 from mmkd.routers.cotraining import CoTraining
 from mmkd.routers.gating import top_k_mask
 from mmkd.routers.masknet import specialized_teachers
-from mmkd.run import (build_model, build_terms, default_run_dir, export_student, fit, latency_batch, latency_ms,
-                      load_weights, plot_curves, trainer_config)
+from mmkd.run import (add_latencies, build_model, build_terms, default_run_dir, export_student, fit, load_weights,
+                      plot_curves, trainer_config)
 from mmkd.trainer import Trainer, seed_everything
 
 STAGE1 = {"temperature": 4.0, "kd_weight": 1.0}
@@ -121,10 +121,7 @@ def finish(cfg: DictConfig, run_dir: Path, data: DataSplits, results: dict, mode
            t_start: float, export: bool) -> dict:
     """Add latencies (``models``: row name -> (model, keys); ``"student"`` for the student), the
     export and the time to ``results``; write results.json and curves.png."""
-    batch, results["latency_batch"] = latency_batch(data)
-    for name, (model, keys) in models.items():
-        row = results["student"] if name == "student" else results["teachers"][name]
-        row["latency_ms"] = latency_ms(model.cpu(), [batch[k] for k in keys])
+    add_latencies(results, data, models)
     results["export"] = [str(p) for p in export_student(run_dir, cfg.export)] if export else []
     results["time_s"] = time.perf_counter() - t_start
     io.write_json(results, run_dir / "results.json")

@@ -10,3 +10,24 @@ torch.set_num_threads(1)
 def _own_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+@pytest.fixture
+def run_experiment(tmp_path):
+    """``run_experiment(name, *overrides)``: ``mmkd run experiment=name`` for one epoch, quietly, no
+    baseline, no export, into ``tmp_path`` (the data root from ``MMKD_DATA`` when set); returns the
+    run directory and its results.json."""
+    import json
+    import os
+
+    from mmkd.cli import main
+
+    def run(experiment: str, *overrides: str):
+        root = [f"data_root={os.environ['MMKD_DATA']}"] if "MMKD_DATA" in os.environ else []
+        code = main(["run", f"experiment={experiment}", f"out_dir={tmp_path}", *root, "trainer.max_epochs=1",
+                     "trainer.tensorboard=false", "trainer.progress=off", "baseline=false", "export=[]", *overrides])
+        assert code == 0
+        run_dir = next((tmp_path / experiment).iterdir())
+        return run_dir, json.loads((run_dir / "results.json").read_text())
+
+    return run

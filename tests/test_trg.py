@@ -1,5 +1,6 @@
 """TRG token graphs and losses: hand examples, naive loop references, sampling, schedule, Distiller use."""
 import math
+import os
 
 import pytest
 import torch
@@ -192,18 +193,9 @@ def test_token_projector_maps_and_sequences():
     assert torch.allclose(as_tokens(y), p(as_tokens(x)), atol=1e-6)
 
 
-def test_trg_config_runs(tmp_path):
+def test_trg_config_runs(run_experiment):
     """configs/experiment/trg_digits.yaml runs for one epoch through `mmkd run`; the conv projector trains."""
-    import json
-
-    from mmkd.cli import main
-
-    code = main(["run", "experiment=trg_digits", f"out_dir={tmp_path}", "trainer.max_epochs=1", "teachers.cnn.epochs=1",
-                 "trainer.tensorboard=false", "trainer.progress=off", "baseline=false", "export=[]"])
-    assert code == 0
-    run_dir = next((tmp_path / "trg_digits").iterdir())
-    results = json.loads((run_dir / "results.json").read_text())
-    assert 0 <= results["student"]["test_acc"] <= 1
+    run_dir, _ = run_experiment("trg_digits", "teachers.cnn.epochs=1")
     state = torch.load(run_dir / "student" / "best.pt")["model"]
     assert state["adapters.trg_global.0.weight"].shape == (64, 32, 1, 1)
 
@@ -231,32 +223,16 @@ def test_last_layer_output_is_the_last_hidden_state():
     assert torch.equal(out.features["encoder.encoder.layer.1.output"], want)
 
 
-def _data_root() -> str:
-    import os
-
-    if "MMKD_DATA" not in os.environ:
-        pytest.fail("set MMKD_DATA to the data root (for example ../shared/data)")
-    return os.environ["MMKD_DATA"]
+needs_data = pytest.mark.skipif("MMKD_DATA" not in os.environ,
+                                reason="set MMKD_DATA to the shared data folder")
 
 
-def _run(tmp_path, experiment, *overrides):
-    import json
-
-    from mmkd.cli import main
-
-    code = main(["run", f"experiment={experiment}", f"out_dir={tmp_path}", f"data_root={_data_root()}",
-                 "trainer.max_epochs=1", "trainer.tensorboard=false", "trainer.progress=off", "baseline=false",
-                 "export=[]", *overrides])
-    assert code == 0
-    run_dir = next((tmp_path / experiment).iterdir())
-    return run_dir, json.loads((run_dir / "results.json").read_text())
-
-
-def test_trg_avdigits_config_runs(tmp_path):
+@needs_data
+def test_trg_avdigits_config_runs(run_experiment):
     """configs/experiment/trg_avdigits.yaml, one epoch on a narrower teacher: every TRG term trains."""
     import csv
 
-    run_dir, results = _run(tmp_path, "trg_avdigits", "teachers.cnn.epochs=1", "teachers.cnn.args.channels=[8,16,16]")
+    run_dir, results = run_experiment("trg_avdigits", "teachers.cnn.epochs=1", "teachers.cnn.args.channels=[8,16,16]")
     assert 0 <= results["student"]["test_acc"] <= 1
     row = next(csv.DictReader((run_dir / "student" / "metrics.csv").open()))
     assert all(float(row[f"train/{k}"]) > 0 for k in ("kd", "trg_local", "trg_global", "trg_context"))
@@ -264,12 +240,13 @@ def test_trg_avdigits_config_runs(tmp_path):
     assert state["adapters.trg_global.0.weight"].shape == (16, 32, 1, 1)
 
 
-def test_trg_agnews_config_runs(tmp_path):
+@needs_data
+def test_trg_agnews_config_runs(run_experiment):
     """configs/experiment/trg_agnews.yaml on 16 sentences of 16 tokens: MiniLM fine-tunes with its own
     learning rate, the student's last hidden states are projected token by token to MiniLM's width."""
     import csv
 
-    run_dir, results = _run(tmp_path, "trg_agnews", "data.args.limit=16", "data.args.max_length=16",
+    run_dir, results = run_experiment("trg_agnews", "data.args.limit=16", "data.args.max_length=16",
                             "student.args.hidden=32", "trainer.scheduler=none")
     assert 0 <= results["student"]["test_acc"] <= 1
     lr = {stage: float(next(csv.DictReader((run_dir / stage / "metrics.csv").open()))["lr"])

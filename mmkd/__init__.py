@@ -6,7 +6,7 @@ The core: :class:`Net` / :class:`Teacher` (models plus the batch keys they read)
 """
 from mmkd import losses, models  # noqa: F401  (registration)
 from mmkd.cache import CachedTeacher, cache_teacher
-from mmkd.data import DataSplits, TensorDictDataset
+from mmkd.data import DataError, DataSplits, TensorDictDataset
 from mmkd.distiller import Distiller, Term
 from mmkd.losses import register_loss
 from mmkd.net import Net, Output, Teacher
@@ -15,5 +15,5 @@ from mmkd.trainer import FitResult, Trainer, TrainerConfig
 
 __version__ = "0.1.0"
 __all__ = ["Net", "Teacher", "Output", "Distiller", "Term", "Trainer", "TrainerConfig", "FitResult",
-           "TensorDictDataset", "DataSplits", "CachedTeacher", "cache_teacher", "register_loss",
+           "TensorDictDataset", "DataSplits", "DataError", "CachedTeacher", "cache_teacher", "register_loss",
            "LOSSES", "ROUTERS", "MODELS", "DATASETS"]

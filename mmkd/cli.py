@@ -178,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("mmkd").addHandler(handler)
     logging.getLogger("mmkd").setLevel(os.environ.get("MMKD_LOG", "INFO"))
+    from mmkd.data import DataError
     from mmkd.registry import UnknownName
 
     try:
@@ -188,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "predict":
             return cmd_predict(args.options)
         return cmd_export(args.options)
-    except (ConfigError, UnknownName) as e:
+    except (ConfigError, UnknownName, DataError) as e:
         print(f"mmkd: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -16,6 +16,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mmkd.registry import DATASETS
 
 
+class DataError(ValueError):
+    """Input data that cannot be used: a missing file or folder, an unreadable or malformed file.
+
+    The message names the file (or data root) and what to do; ``mmkd`` prints it on one line and
+    exits with code 2.
+    """
+
+
 class TensorDictDataset(Dataset):
     """A data set of named tensors that share their first dimension.
 

@@ -36,28 +36,43 @@ log = logging.getLogger("mmkd")
 
 
 def build_model(mc: ModelConfig, meta: dict, where: str) -> nn.Module:
-    """Instantiate the registered model ``mc.name`` for a data set described by ``meta``."""
+    """Instantiate the registered model ``mc.name`` for a data set described by ``meta`` (a factory
+    that takes ``class_names`` gets the data set's unless ``mc.args`` sets them)."""
     shapes = [tuple(meta["shapes"][k]) for k in mc.inputs if k in meta["shapes"]]
     if len(shapes) != len(mc.inputs):
         raise ConfigError(f"{where}.inputs: {list(mc.inputs)} are not all inputs of the data set; "
                           f"choose from: {', '.join(meta['shapes'])}")
     in_shape = shapes[0] if len(shapes) == 1 else dict(zip(mc.inputs, shapes))
+    args = dict(mc.args)
+    if "class_names" in inspect.signature(MODELS[mc.name]).parameters and meta.get("class_names"):
+        args.setdefault("class_names", meta["class_names"])  # e.g. a zero-shot head's prompts
     try:
-        return MODELS[mc.name](num_classes=meta["num_classes"], in_shape=in_shape, **mc.args)
+        return MODELS[mc.name](num_classes=meta["num_classes"], in_shape=in_shape, **args)
     except TypeError as e:
         raise ConfigError(f"{where}.args: {e}") from None
 
 
-def build_router(cfg: DictConfig, meta: dict, student: nn.Module, data: DataSplits) -> nn.Module | None:
-    """The router of ``cfg.router`` (``None`` without teachers). A factory that names a parameter
+def load_data(cfg: DictConfig) -> tuple[DataSplits, dict]:
+    """The data set of ``cfg.data`` under ``cfg.data_root``, and its description (``meta``)."""
+    factory, args = DATASETS[cfg.data.name], dict(cfg.data.args)
+    try:
+        inspect.signature(factory).bind(root=cfg.data_root, **args)
+    except TypeError as e:
+        valid = [p for p in inspect.signature(factory).parameters if p != "root"]
+        raise ConfigError(f"data.args: {e} (data set {cfg.data.name!r} takes: {', '.join(valid)})") from None
+    data: DataSplits = factory(root=cfg.data_root, **args)
+    return data, data.meta()
+
+
+def build_router(cfg: DictConfig, meta: dict, student: nn.Module, data: DataSplits,
+                 num_teachers: int) -> nn.Module:
+    """The router of ``cfg.router`` over ``num_teachers`` teachers. A factory that names a parameter
     ``num_teachers``, ``num_classes`` or ``feature_shapes`` (the shapes, without batch, of the
     student's ``features``) gets it from the run unless ``router.args`` sets it."""
-    if not cfg.teachers:
-        return None
     factory, args = ROUTERS[cfg.router.name], dict(cfg.router.args)
     accepts = inspect.signature(factory).parameters
     if "num_teachers" in accepts:
-        args.setdefault("num_teachers", len(cfg.teachers))
+        args.setdefault("num_teachers", num_teachers)
     if "num_classes" in accepts:
         args.setdefault("num_classes", meta["num_classes"])
     if "feature_shapes" in accepts and "feature_shapes" not in args and cfg.student.features:
@@ -188,8 +203,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if cfg.resume and not (run_dir / "config.yaml").exists():
         raise ConfigError(f"resume=true: {str(run_dir)!r} holds no run; set run_dir to an existing run directory")
     cache_dir = Path(cfg.cache_dir or os.path.join(cfg.out_dir, "cache"))
-    data: DataSplits = DATASETS[cfg.data.name](root=cfg.data_root, **cfg.data.args)
-    meta = data.meta()
+    data, meta = load_data(cfg)
     io.write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
     io.write_json(meta, run_dir / "data.json")
     ce = [Term("ce")]
@@ -205,7 +219,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     student = build_model(cfg.student, meta, "student")
     init = copy.deepcopy(student.state_dict())
-    router = build_router(cfg, meta, student, data)
+    router = build_router(cfg, meta, student, data, len(cfg.teachers)) if cfg.teachers else None
 
     results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir)}
     teachers = []

@@ -9,6 +9,7 @@ specialised teachers: :mod:`mmkd.routers.masknet`; its three stages (``mmkd run`
 
 Write your own by subclassing :class:`Router` and registering it::
 
+    import torch
     from mmkd.routers import Router, register_router
 
     @register_router("entropy")

@@ -26,12 +26,11 @@ ACM MM 2025. Each stage is a pipeline of ``mmkd run`` (``pipeline: mst_stage1|2|
 
    where ``mode: hard`` is the paper's ``w_t = 1/k`` on the top-k teachers (the router then learns
    from the balance term only) and ``mode: soft`` uses ``w = P`` (it learns from the KL terms too).
-   A routing report (``routing.png``, ``routing.json``) shows how often each specialised teacher is
-   picked per class on the test split.
+   A routing report (``routing.png``, ``routing.json``) shows, per class of the test split, how often
+   each specialised teacher is picked (``hard``) or how much it weighs (``soft``).
 """
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -48,12 +47,12 @@ from mmkd.data import DataSplits, loader
 from mmkd.distiller import Distiller, Term
 from mmkd.losses import kd
 from mmkd.net import Batch, Net, Teacher, num_params
-from mmkd.registry import DATASETS, PIPELINES, ROUTERS
+from mmkd.registry import PIPELINES
 from mmkd.routers.cotraining import CoTraining
 from mmkd.routers.gating import top_k_mask
 from mmkd.routers.masknet import specialized_teachers
-from mmkd.run import (add_latencies, build_model, build_terms, default_run_dir, export_student, fit, load_weights,
-                      plot_curves, trainer_config)
+from mmkd.run import (add_latencies, build_model, build_router, build_terms, default_run_dir, export_student, fit,
+                      load_data, load_weights, plot_curves, trainer_config)
 from mmkd.trainer import Trainer, seed_everything
 
 STAGE1 = {"temperature": 4.0, "kd_weight": 1.0}
@@ -105,8 +104,7 @@ def start(cfg: DictConfig) -> tuple[Path, DataSplits, dict, Path]:
     """Run directory, data, data description and cache directory; writes config.yaml and data.json."""
     run_dir = Path(cfg.run_dir or default_run_dir(cfg))
     cache_dir = Path(cfg.cache_dir or Path(cfg.out_dir) / "cache")
-    data: DataSplits = DATASETS[cfg.data.name](root=cfg.data_root, **cfg.data.args)
-    meta = data.meta()
+    data, meta = load_data(cfg)
     io.write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
     io.write_json(meta, run_dir / "data.json")
     return run_dir, data, meta, cache_dir
@@ -132,7 +130,10 @@ def finish(cfg: DictConfig, run_dir: Path, data: DataSplits, results: dict, mode
 @PIPELINES.register("mst_stage1")
 def stage1(cfg: DictConfig) -> dict[str, Any]:
     """Co-train ``teachers`` (the multimodal and the cross-modal teacher) and the student; write
-    ``cotrain/`` (trainer files), ``teachers/<name>/best.pt`` and ``student.pt``."""
+    ``cotrain/`` (trainer files), ``teachers/<name>/best.pt`` and ``student.pt``.
+
+    The co-trained models are one module, checkpointed together: every member is kept at the epoch
+    of the student's best validation accuracy (``trainer.monitor``), the state stages 2 and 3 use."""
     t_start = time.perf_counter()
     opts = options(cfg, "mst_stage1", STAGE1)
     if not cfg.teachers or "student" in cfg.teachers:
@@ -173,7 +174,7 @@ def load_stage1(run_dir: str, prev: DictConfig, meta: dict) -> tuple[dict[str, T
     return teachers, student
 
 
-def stage1_needs(cfg: DictConfig, path: str) -> list[str]:
+def stage1_needs(path: str) -> list[str]:
     """The files a finished stage-1 run in ``path`` holds (its teachers' weights and the student)."""
     conf = Path(path) / "config.yaml"
     names = list(OmegaConf.load(conf).get("teachers") or {}) if conf.is_file() else []
@@ -244,7 +245,7 @@ def stage2(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     opts = options(cfg, "mst_stage2", STAGE2, ("stage1", "layers"))
     stage1_dir = str(opts["stage1"])
-    prev = previous(cfg, stage1_dir, "method.stage1", "mst_stage1", stage1_needs(cfg, stage1_dir))
+    prev = previous(cfg, stage1_dir, "method.stage1", "mst_stage1", stage1_needs(stage1_dir))
     check_teachers(cfg, prev, f"method.stage1={stage1_dir}")
     if not isinstance(opts["layers"], dict):
         raise ConfigError(f"method.layers: expected {{teacher: [layer paths]}}, got {opts['layers']!r}")
@@ -270,50 +271,47 @@ def stage2(cfg: DictConfig) -> dict[str, Any]:
     return finish(cfg, run_dir, data, results, models, t_start, False)
 
 
-def build_router(cfg: DictConfig, num_teachers: int, num_classes: int) -> nn.Module:
-    """``cfg.router`` over ``num_teachers`` specialised teachers (``num_teachers`` and ``num_classes``
-    are filled in where the factory takes them and ``router.args`` does not set them)."""
-    factory, args = ROUTERS[cfg.router.name], dict(cfg.router.args)
-    accepts = inspect.signature(factory).parameters
-    if "num_teachers" in accepts:
-        args.setdefault("num_teachers", num_teachers)
-    if "num_classes" in accepts:
-        args.setdefault("num_classes", num_classes)
-    try:
-        return factory(**args)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"router.args: {e}") from None
-
-
 @torch.no_grad()
 def routing_report(router: nn.Module, student: Net, teachers: Sequence[nn.Module], names: Sequence[str],
                    dataset: Dataset, class_names: Sequence[str], run_dir: Path, label_key: str = "label") -> dict:
-    """How often the router picks each teacher, per class, on ``dataset``: its ``k`` largest weights
-    per instance (``router.k``, 1 for routers without one). Writes ``routing.json`` and ``routing.png``
-    (a classes x teachers heat map of the fraction of each class's instances that picked the teacher)."""
+    """How the router uses each teacher, per class, on ``dataset``. Writes ``routing.json`` with
+
+    - ``fraction[c][t]``: the fraction of class ``c``'s instances whose ``k`` largest weights include
+      teacher ``t`` (``router.k``; 1 for routers without one), and
+    - ``mean_weight[c][t]``: teacher ``t``'s mean weight on class ``c``,
+    - ``overall``: both over all classes,
+
+    and ``routing.png``, a classes x teachers heat map of what the router's ``mode`` trains with: the
+    picks for ``hard`` and ``topk``, the weights for ``soft`` (and for routers without a mode)."""
     router.eval()
     student.eval()
-    k = getattr(router, "k", 1)
-    counts = torch.zeros(len(class_names), len(names))
+    mode, k = getattr(router, "mode", "soft"), getattr(router, "k", 1)
+    counts, weights = torch.zeros(len(class_names), len(names)), torch.zeros(len(class_names), len(names))
     device = next(student.parameters()).device
     for batch in loader(dataset, 256):
         batch = {key: v.to(device) for key, v in batch.items()}
-        w = router(student(batch), [t(batch) for t in teachers], batch)
+        w = router(student(batch), [t(batch) for t in teachers], batch).float()
         getattr(router, "aux_losses", {}).clear()
         y = batch[label_key]
-        picked = top_k_mask(w.float(), k)[y >= 0].float().cpu()
-        counts.index_add_(0, y[y >= 0].cpu(), picked)
-    per_class = counts.sum(1, keepdim=True).clamp(min=1) / k
-    freq = counts / per_class
-    report = {"teachers": list(names), "classes": list(class_names), "k": k, "counts": counts.tolist(),
-              "fraction": freq.tolist()}
+        labelled = y >= 0
+        counts.index_add_(0, y[labelled].cpu(), top_k_mask(w, k)[labelled].float().cpu())
+        weights.index_add_(0, y[labelled].cpu(), w[labelled].cpu())
+    n = counts.sum(1, keepdim=True).clamp(min=1) / k
+    total = n.sum().clamp(min=1)
+    report = {"teachers": list(names), "classes": list(class_names), "mode": mode, "k": k,
+              "counts": counts.tolist(), "fraction": (counts / n).tolist(), "mean_weight": (weights / n).tolist(),
+              "overall": {"fraction": (counts.sum(0) / total).tolist(), "mean_weight": (weights.sum(0) / total).tolist()}}
     io.write_json(report, run_dir / "routing.json")
-    plot_routing(freq, names, class_names, run_dir / "routing.png")
+    if mode == "soft":
+        shown, title = weights / n, "soft routing: mean weight of each teacher"
+    else:
+        shown, title = counts / n, f"{mode} top-{k} routing: fraction of instances routed to each teacher"
+    plot_routing(shown, names, class_names, title, run_dir / "routing.png")
     return report
 
 
-def plot_routing(freq: Tensor, names: Sequence[str], class_names: Sequence[str], path: Path) -> None:
-    """A heat map of ``freq`` (classes x teachers), written atomically."""
+def plot_routing(freq: Tensor, names: Sequence[str], class_names: Sequence[str], title: str, path: Path) -> None:
+    """A heat map of ``freq`` (classes x teachers, values in [0, 1]), written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,7 +321,7 @@ def plot_routing(freq: Tensor, names: Sequence[str], class_names: Sequence[str],
     im = ax.imshow(freq.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
-    ax.set(xlabel="specialised teacher", ylabel="class", title="fraction of instances routed to each teacher")
+    ax.set(xlabel="specialised teacher", ylabel="class", title=title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
@@ -344,14 +342,21 @@ def stage3(cfg: DictConfig) -> dict[str, Any]:
     prev2 = previous(cfg, stage2_dir, "method.stage2", "mst_stage2", ["masks.pt"])
     stage1_dir = str(prev2.method.stage1)
     prev1 = previous(cfg, stage1_dir, f"method.stage2={stage2_dir}: its method.stage1", "mst_stage1",
-                     stage1_needs(cfg, stage1_dir))
+                     stage1_needs(stage1_dir))
     check_teachers(cfg, prev1, f"method.stage2={stage2_dir}")
     run_dir, data, meta, cache_dir = start(cfg)
     teachers, stage1_student = load_stage1(stage1_dir, prev1, meta)
     masks = torch.load(Path(stage2_dir) / "masks.pt", map_location="cpu", weights_only=False)
     names, spec = build_specialized(teachers, masks["layers"], data, masks["dim"], masks["heads"])
-    for t, state in zip(spec, masks["masks"]):
-        t.model.masknet.load_state_dict(state)
+    if masks["names"] != names:
+        raise ConfigError(f"method.stage2={stage2_dir}: its masks {masks['names']} do not match the teachers' layers "
+                          f"{names}; rerun stage 2 on its stage-1 run")
+    for name, t, state in zip(names, spec, masks["masks"]):
+        try:
+            t.model.masknet.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"method.stage2={stage2_dir}: mask {name} does not fit its teacher "
+                              f"({str(e).splitlines()[0]}); rerun stage 2 on its stage-1 run") from None
     live = [Teacher(t.model, t.keys, frozen=True) for t in spec]
     device = Trainer(trainer_config(cfg)).device
     cacheable = getattr(data.train, "deterministic", False)
@@ -360,7 +365,7 @@ def stage3(cfg: DictConfig) -> dict[str, Any]:
     student = build_model(cfg.student, meta, "student")
     if opts["init"] == "stage1":
         student.load_state_dict(stage1_student.state_dict())
-    router = build_router(cfg, len(spec), meta["num_classes"])
+    router = build_router(cfg, meta, student, data, len(spec))
     student_net = Net(student, cfg.student.inputs, cfg.student.features)
     terms = build_terms(cfg, student_net, used, data)
     fitted, test = fit("student", Distiller(student_net, used, terms, router), data, cfg, run_dir)
@@ -374,7 +379,6 @@ def stage3(cfg: DictConfig) -> dict[str, Any]:
         results["teachers"][name] = {"test_acc": accuracy(cfg, t.model, t.keys, data.test), "params": num_params(t.model)}
     report = routing_report(router.to(device), student_net.to(device), [t.to(device) for t in live], names,
                             data.test, meta["class_names"], run_dir)
-    results["routing"] = {"fraction_overall": (torch.tensor(report["counts"]).sum(0) /
-                                               max(1, len(data.test) * report["k"])).tolist()}
+    results["routing"] = {key: report[key] for key in ("mode", "k", "overall")}
     models = {n: (t.model, t.keys) for n, t in teachers.items()} | {"student": (student, cfg.student.inputs)}
     return finish(cfg, run_dir, data, results, models, t_start, True)

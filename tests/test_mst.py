@@ -126,6 +126,20 @@ def test_routing_report_counts_top_k_picks_per_class_and_writes_a_png(tmp_path):
     torch.testing.assert_close(torch.tensor(report["fraction"]), want / 10)
     assert (tmp_path / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "routing.json").read_text())["teachers"] == ["a", "b", "c", "d"]
+    torch.testing.assert_close(torch.tensor(report["overall"]["fraction"]), want.sum(0) / 30)
+
+
+def test_routing_report_of_a_soft_router_gives_mean_weights_per_class(tmp_path):
+    d, router, _ = routed("soft")
+    data = toy_data(30)
+    report = routing_report(router, d.student, list(d.teachers), ["a", "b", "c", "d"], data, ["c0", "c1", "c2"],
+                            tmp_path)
+    batch = data[list(range(30))]
+    p = router.gate(d.student(batch).logits).softmax(1)
+    want = torch.stack([p[batch["label"] == c].mean(0) for c in range(3)])
+    assert report["mode"] == "soft"
+    torch.testing.assert_close(torch.tensor(report["mean_weight"]), want)
+    torch.testing.assert_close(torch.tensor(report["overall"]["mean_weight"]), p.mean(0))
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:
@@ -164,8 +178,16 @@ def test_three_stages_chain_through_mmkd_run_on_tiny_avdigits(tmp_path, capsys):
     s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
     assert main(["run", "experiment=mst_image_stage1", f"run_dir={s1}", *common]) == 0
     assert main(["run", "experiment=mst_image_stage2", f"run_dir={s2}", f"method.stage1={s1}",
-                 "method.epochs=1", "method.dim=8", "method.heads=2", *common]) == 0
+                 "method.epochs=2", "method.dim=8", "method.heads=2", *common]) == 0
     assert main(["run", "experiment=mst_image_stage3", f"run_dir={s3}", f"method.stage2={s2}", *common]) == 0
+    # stage 2 keeps each mask's best-validation state: the one in its trainer's best.pt
+    masks = torch.load(s2 / "masks.pt", weights_only=False)
+    for name, state in zip(masks["names"], masks["masks"]):
+        best = torch.load(s2 / "masks" / name / "best.pt", weights_only=False)["model"]
+        prefix = "teacher.model.masknet."
+        assert set(state) == {k.removeprefix(prefix) for k in best if k.startswith(prefix)}, name
+        for k, v in state.items():
+            torch.testing.assert_close(v, best[prefix + k])
     for run, parts in ((s1, ["cotrain"]), (s2, [f"masks/{m}" for m in ("fusion@encoders.image.pool",
                         "fusion@encoders.audio.body", "audio@body.2", "audio@body.5")]), (s3, ["student"])):
         assert (run / "config.yaml").is_file() and (run / "results.json").is_file()
@@ -176,8 +198,25 @@ def test_three_stages_chain_through_mmkd_run_on_tiny_avdigits(tmp_path, capsys):
     assert len(results["specialized"]) == 4 and 0 <= results["student"]["test_acc"] <= 1
     routing = json.loads((s3 / "routing.json").read_text())
     assert torch.tensor(routing["counts"]).sum() == 2 * 20  # k=2 picks for each of 20 test items
+    assert (routing["mode"], routing["k"]) == ("hard", 2) and results["routing"]["overall"] == routing["overall"]
     assert (s3 / "routing.png").is_file()
+    # a soft router on a student feature: stage 3 gives it the feature's width
+    s3f = tmp_path / "s3f"
+    assert main(["run", "experiment=mst_image_stage3", f"run_dir={s3f}", f"method.stage2={s2}", "router.name=mlp",
+                 "router.args.mode=soft", "router.args.source=features.body", *common]) == 0
+    routing = json.loads((s3f / "routing.json").read_text())
+    assert routing["mode"] == "soft"
+    torch.testing.assert_close(torch.tensor(routing["mean_weight"]).sum(1), torch.ones(10))  # weights sum to 1
     capsys.readouterr()
+    # masks that do not fit the stage-1 teachers' layers
+    torch.save({**masks, "names": masks["names"][::-1]}, s2 / "masks.pt")
+    code, err = cli(capsys, "experiment=mst_image_stage3", f"method.stage2={s2}", *common)
+    err = err.splitlines()[-1]  # after the data set's log line
+    assert code == 2 and err.startswith("mmkd: error: method.stage2=") and "do not match the teachers' layers" in err
+    torch.save({**masks, "masks": masks["masks"][::-1]}, s2 / "masks.pt")
+    code, err = cli(capsys, "experiment=mst_image_stage3", f"method.stage2={s2}", *common)
+    err = err.splitlines()[-1]
+    assert code == 2 and err.startswith("mmkd: error: method.stage2=") and "does not fit its teacher" in err
     # the audio student's stage 3 cannot read the image student's stage 2
     code, err = cli(capsys, "experiment=mst_audio_stage3", f"method.stage2={s2}", *common)
     assert code == 2 and "that run's student" in err and "\n" not in err

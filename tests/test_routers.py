@@ -209,7 +209,7 @@ def test_run_gives_router_factories_the_sizes_they_ask_for():
 
     def router(*overrides):
         cfg = compose(["teachers.cnn2={name: cnn, inputs: [image]}", *overrides])
-        return build_router(cfg, meta, build_model(cfg.student, meta, "student"), data)
+        return build_router(cfg, meta, build_model(cfg.student, meta, "student"), data, len(cfg.teachers))
 
     r = router("router.name=linear")
     assert (r.gate.in_features, r.gate.out_features) == (10, 2)  # num_classes, two teachers

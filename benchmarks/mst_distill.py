@@ -3,12 +3,14 @@ student: stage 1 (co-training), stage 2 (MaskNets), stage 3 with hard top-k rout
 and with soft routing, over several seeds; mean ± std and the margin against the best baseline of
 ``benchmarks/results/avdigits.json`` (written by ``benchmarks/avdigits.py``), when it is there.
 
-The routing report (``routing.png``) of every stage-3 run of the first seed is copied to
-``results/mst_distill.routing_<student>_<mode>.png``.
+Margins are paired by seed (MST-Distill minus the baseline, seed by seed, mean ± std) and called
+"within noise" when their mean is smaller than their standard deviation. Every run directory is kept
+under ``--out-dir`` (each stage-3 run holds its ``routing.png`` and ``routing.json``); the routing
+reports of the first seed are copied to ``results/mst_distill.routing_<student>_<mode>.png``.
 
     MMKD_DATA=../shared/data python benchmarks/mst_distill.py [--seeds 3] [--stage1-epochs 15]
-        [--mask-epochs 3] [--stage3-epochs 30] [overrides ...]
-    python benchmarks/mst_distill.py --collect OUT_DIR    # tabulate an interrupted run's finished seeds
+        [--mask-epochs 3] [--stage3-epochs 30] [--out-dir DIR] [overrides ...]
+    python benchmarks/mst_distill.py --collect DIR    # tabulate the finished seeds of an interrupted run
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ def main() -> None:
     p.add_argument("--stage3-epochs", type=int, default=30)
     p.add_argument("--students", nargs="+", default=["image", "audio"])
     p.add_argument("--name", default="mst_distill")
-    p.add_argument("--collect", metavar="OUT_DIR", help="only tabulate the finished runs under OUT_DIR "
-                   "(the out_dir of an interrupted benchmark) instead of running")
+    p.add_argument("--out-dir", help="keep every run directory here (default: a temporary directory)")
+    p.add_argument("--collect", metavar="DIR", help="only tabulate the finished runs under DIR "
+                   "(the --out-dir of an interrupted benchmark) instead of running")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -49,7 +52,8 @@ def main() -> None:
         report(args, acc, seeds)
         return
     acc: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out_dir or tmp
         common = [f"out_dir={out}", "export=[]", "trainer.tensorboard=false", *args.overrides]
         for seed in range(args.seeds):
             for student in args.students:
@@ -102,10 +106,19 @@ def collect(out_dir: Path) -> tuple[dict[str, list[float]], int]:
     return acc, len(seeds)
 
 
+def baseline_epochs(overrides: list[str]) -> dict[str, int]:
+    """The epochs the baselines of ``avdigits.json`` trained for: its configs with its overrides."""
+    teachers = compose(["experiment=av_teachers", *overrides])
+    student = compose(["experiment=av_image_kd_mm", *overrides])
+    return {"teachers": max(t.epochs or teachers.trainer.max_epochs for t in teachers.teachers.values()),
+            "students": student.trainer.max_epochs}
+
+
 def report(args: argparse.Namespace, acc: dict[str, list[float]], seeds: int) -> None:
     """Write the table of ``acc`` (``seeds`` seeds done) with the margins against the best baseline."""
     baseline_file = RESULTS / "avdigits.json"
-    base = json.loads(baseline_file.read_text())["test_acc"] if baseline_file.exists() else {}
+    stored = json.loads(baseline_file.read_text()) if baseline_file.exists() else {}
+    base = stored.get("test_acc", {})
     rows, margins = [], {}
     for student in [s for s in args.students if f"{s} stage1" in acc]:
         for m, label in BASELINES.items():
@@ -118,19 +131,28 @@ def report(args: argparse.Namespace, acc: dict[str, list[float]], seeds: int) ->
         if found:
             best = max(found, key=found.get)
             for mode in MODES:
-                margin = 100 * (mean_std(acc[f"{student} mst_{mode}"])[0] - found[best])
-                margins[f"{student} {mode}"] = {"best_baseline": best, "margin_pct_points": margin}
-                print(f"{student}-only, {mode}: {margin:+.2f} points against the best baseline ({BASELINES[best]})")
+                diffs = [100 * (a - b) for a, b in zip(acc[f"{student} mst_{mode}"], base[f"{student} {best}"])]
+                mean, std = mean_std(diffs)
+                margins[f"{student} {mode}"] = {"best_baseline": best, "paired_diffs_pct_points": diffs,
+                                                "margin_pct_points": mean, "std": std, "within_noise": abs(mean) < std}
+                print(f"{student}-only, {mode}: {mean:+.2f} ± {std:.2f} points against the best baseline "
+                      f"({BASELINES[best]}), paired over {len(diffs)} seeds")
     for key, xs in acc.items():
         if "teacher" in key or "specialized" in key:
             rows.append([key, fmt(xs, 100)])
-    margin_text = "; ".join(f"{k}: {v['margin_pct_points']:+.2f} points vs {v['best_baseline']}"
-                            for k, v in margins.items()) or "no baseline results (run benchmarks/avdigits.py)"
-    notes = (f"{seeds} seeds, mean ± std, AV-digits test split (300 items). Epochs: stage 1 "
-             f"{args.stage1_epochs}, stage 2 {args.mask_epochs} per mask, stage 3 {args.stage3_epochs} "
-             f"(baselines: teachers 15, students 40). Margins against the best baseline (mean): {margin_text}.")
+    margin_text = "; ".join(
+        f"{k}: {v['margin_pct_points']:+.2f} ± {v['std']:.2f} vs {v['best_baseline']}"
+        + (" (within noise)" if v["within_noise"] else "") for k, v in margins.items()
+    ) or "no baseline results (run benchmarks/avdigits.py)"
+    epochs = baseline_epochs(stored.get("overrides", [])) if stored else None
+    budget = (f"; baselines (avdigits.json, its own runs): teachers {epochs['teachers']}, students {epochs['students']} "
+              "epochs from scratch" if epochs else "")
+    notes = (f"{seeds} seeds, mean ± std, AV-digits test split. Epochs: stage 1 {args.stage1_epochs} (teachers and "
+             f"student co-trained), stage 2 {args.mask_epochs} per mask, stage 3 {args.stage3_epochs} (the student "
+             f"starts from stage 1's){budget}. Margins against the best baseline by mean, paired by seed "
+             f"(mean ± std of the per-seed differences, points): {margin_text}.")
     write(args.name, {"overrides": args.overrides, "seeds": seeds, "epochs": {
-        "stage1": args.stage1_epochs, "stage2": args.mask_epochs, "stage3": args.stage3_epochs},
+        "stage1": args.stage1_epochs, "stage2": args.mask_epochs, "stage3": args.stage3_epochs, "baselines": epochs},
         "test_acc": acc, "margins": margins}, ["model", "test accuracy %"], rows, notes)
 
 

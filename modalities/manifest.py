@@ -4,7 +4,7 @@ A manifest names, for every item, an image file (PNG, JPEG, anything Pillow read
 a raw text, one column each, plus a label column. File paths are relative to the CSV's folder. Give
 one CSV per split (``train``, ``val``, ``test``) or one CSV with a split column; a CSV path is
 relative to the data root. Every file is checked before anything is read, so a missing file is
-one error naming it.
+one error naming it; missing, unreadable or malformed files raise :class:`mmkd.data.DataError`.
 
 Batch keys: an image column ``c`` gives ``c`` (float ``[C, H, W]`` in [0, 1], every image of a column
 the same shape); an audio column ``c`` gives ``c`` (log-mel ``[1, n_mels, frames]`` standardised with
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmkd.data import DataSplits, TensorDictDataset, stratified_split
+from mmkd.data import DataError, DataSplits, TensorDictDataset, stratified_split
 from mmkd.registry import DATASETS
 
 from . import audio_io
@@ -44,16 +44,22 @@ class Row(dict):
 
 
 def read_csv(path: Path, needed: list[str]) -> list[Row]:
-    """The rows of the CSV ``path``; raises if a column in ``needed`` is missing."""
+    """The rows of the UTF-8 CSV file ``path``; raises :class:`DataError` if it is missing, not UTF-8
+    or not CSV, or lacks a column in ``needed``."""
     if not path.is_file():
-        raise FileNotFoundError(f"manifest: no such CSV file {str(path)!r} "
-                                "(a relative path is taken from the data root)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csvlib.DictReader(f)
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r}; it has: {', '.join(reader.fieldnames or [])}")
-        return [Row(r, path, n) for n, r in enumerate(reader, 2)]
+        raise DataError(f"manifest: no such CSV file {str(path)!r} (a relative path is taken from the data root)")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csvlib.DictReader(f)
+            missing = [c for c in needed if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: no column {missing[0]!r}; it has: {', '.join(reader.fieldnames or [])}")
+            return [Row(r, path, n) for n, r in enumerate(reader, 2)]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}, byte {e.object[e.start]:#04x}); "
+                        "save the CSV as UTF-8") from None
+    except csvlib.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
 
 
 def read_image(path: Path) -> Tensor:
@@ -64,12 +70,12 @@ def read_image(path: Path) -> Tensor:
     try:
         with Image.open(path) as img:
             if img.mode in ("I", "F"):
-                raise ValueError(f"{path}: unsupported image mode {img.mode!r} (32-bit); save it as 8- or 16-bit")
+                raise DataError(f"{path}: unsupported image mode {img.mode!r} (32-bit); save it as 8- or 16-bit")
             if img.mode.startswith("I;16"):
                 return torch.from_numpy(np.asarray(img, np.float32) / 65535)[None]
             x = np.asarray(img.convert("L" if img.mode in ("1", "L", "LA") else "RGB"), np.float32) / 255
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise DataError(f"{path}: not a readable image ({e}); give a PNG, JPEG or other file Pillow reads") from None
     return torch.from_numpy(x[None] if x.ndim == 2 else x.transpose(2, 0, 1).copy())
 
 
@@ -80,8 +86,8 @@ def images(rows: list[Row], column: str, shape: tuple[int, ...] | None) -> Tenso
         x = read_image(r.file(column))
         shape = shape or tuple(x.shape)
         if tuple(x.shape) != shape:
-            raise ValueError(f"{r.file(column)}: image of shape {tuple(x.shape)} in column {column!r}; expected "
-                             f"{shape} like the others (resize the images to one size)")
+            raise DataError(f"{r.file(column)}: image of shape {tuple(x.shape)} in column {column!r}; expected "
+                            f"{shape} like the others (resize the images to one size)")
         out.append(x)
     return torch.stack(out)
 
@@ -100,7 +106,7 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
              csv: str | None = None, split_column: str = "split", val_fraction: float = 0.1,
              split_seed: int = 0, sample_rate: int = 16000, seconds: float = 1.0, n_mels: int = 64,
              n_fft: int = 400, hop: int = 160, waveform: bool = False, tokenizer: str = "minilm",
-             max_length: int = 128) -> DataSplits:
+             max_length: int = 128, convert_audio: bool = False) -> DataSplits:
     """Paired image / audio / text items listed in CSV manifests.
 
     Args:
@@ -111,11 +117,13 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
         train, val, test: one CSV per split; without ``val``, a stratified ``val_fraction`` of
             ``train`` (drawn with ``split_seed``) is the validation set.
         csv, split_column: instead, one CSV whose ``split_column`` says train, val or test.
-        sample_rate, seconds: WAV files are resampled to ``sample_rate`` Hz (and averaged to mono)
-            when needed, then cut or zero-padded at the end to ``seconds``.
+        sample_rate, seconds: the WAV files' rate (a file at another rate or with several channels
+            is an error unless ``convert_audio``) and the length they are cut or zero-padded to at the end.
         n_mels, n_fft, hop: log-mel features of the audio (defaults: 25 ms windows every 10 ms at 16 kHz).
         waveform: give audio columns as waveforms ``[1, samples]`` instead of log-mel features.
         tokenizer, max_length: for text columns (see :func:`mmkd.modalities.text.tokenize`).
+        convert_audio: resample WAV files at another rate than ``sample_rate`` and average
+            multi-channel ones to mono (logged), instead of raising an error naming the file.
     """
     if not columns or any(k not in KINDS for k in columns.values()):
         raise ValueError(f"manifest: columns must map each input column to one of {', '.join(KINDS)}; "
@@ -126,8 +134,8 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
         rows = read_csv(root / csv, [*needed, split_column])
         bad = next((r for r in rows if r[split_column] not in SPLITS), None)
         if bad is not None:
-            raise ValueError(f"{bad.path}:{bad.line}: {split_column} is {bad[split_column]!r}; "
-                             f"expected one of {', '.join(SPLITS)}")
+            raise DataError(f"{bad.path}:{bad.line}: {split_column} is {bad[split_column]!r}; "
+                            f"expected one of {', '.join(SPLITS)}")
         parts = {s: [r for r in rows if r[split_column] == s] for s in SPLITS}
     elif train is not None and test is not None:
         parts = {s: read_csv(root / p, needed) for s, p in (("train", train), ("val", val), ("test", test)) if p}
@@ -142,13 +150,14 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
         labels["train"], labels["val"] = labels["train"][keep], labels["train"][held]
     for s in SPLITS:
         if not parts.get(s):
-            raise ValueError(f"manifest: the {s} split has no rows")
+            source = csv or {"train": train, "val": val or train, "test": test}[s]
+            raise DataError(f"manifest: the {s} split has no rows; add some to {str(root / source)!r}")
     for rows in parts.values():
         for r in rows:
             for c, kind in columns.items():
                 if kind != "text" and not r.file(c).is_file():
-                    raise FileNotFoundError(f"{r.path}:{r.line}: column {c!r}: no such file {str(r.file(c))!r} "
-                                            "(paths are relative to the CSV's folder)")
+                    raise DataError(f"{r.path}:{r.line}: column {c!r}: no such file {str(r.file(c))!r} "
+                                    "(paths are relative to the CSV's folder)")
 
     tensors: dict[str, dict[str, Tensor]] = {s: {} for s in SPLITS}
     shapes, preprocessing = {}, {}
@@ -159,7 +168,8 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
                 shapes[c] = tuple(tensors[s][c].shape[1:])
         elif kind == "audio":
             length = round(seconds * sample_rate)
-            waves = {s: audio_io.load_audios([r.file(c) for r in parts[s]], sample_rate, length) for s in SPLITS}
+            waves = {s: audio_io.load_audios([r.file(c) for r in parts[s]], sample_rate, length, convert_audio)
+                     for s in SPLITS}
             if waveform:
                 feats = {s: w.unsqueeze(1) for s, w in waves.items()}
             else:

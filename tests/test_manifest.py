@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torchaudio.functional import resample
 
+from mmkd.cli import main
+from mmkd.data import DataError
 from mmkd.modalities import audio_io, manifest as mf
 from mmkd.modalities.audio_io import AudioError, read_wav
 from mmkd.registry import DATASETS
@@ -126,22 +128,32 @@ def test_bad_manifests_are_one_clear_error_naming_the_file(files, monkeypatch):
     monkeypatch.setattr(mf, "tokenize", fake_tokenize)
     root, _, _ = files
     (root / "media" / "4.wav").unlink()
-    with pytest.raises(FileNotFoundError, match=r"all.csv:6: column 'snd': no such file .*media/4.wav"):
+    with pytest.raises(DataError, match=r"all.csv:6: column 'snd': no such file .*media/4.wav"):
         load(root)
     write_wav(root / "media" / "4.wav", np.zeros((800, 1)), 16000)
     Image.fromarray(np.zeros((5, 6), np.uint8)).save(root / "media" / "7.png")
-    with pytest.raises(ValueError, match=r"7.png: image of shape \(1, 5, 6\) in column 'img'; expected \(1, 6, 5\)"):
+    with pytest.raises(DataError, match=r"7.png: image of shape \(1, 5, 6\) in column 'img'; expected \(1, 6, 5\)"):
         load(root)
     (root / "media" / "7.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"7.png: not a readable image"):
+    with pytest.raises(DataError, match=r"7.png: not a readable image"):
         load(root)
-    with pytest.raises(ValueError, match=r"all.csv: no column 'text'"):
+    with pytest.raises(DataError, match=r"all.csv: no column 'text'"):
         load(root, columns={"text": "text"})
     with pytest.raises(ValueError, match="columns must map"):
         load(root, columns={"img": "picture"})
     csv = root / "lists" / "all.csv"
     csv.write_text(csv.read_text().replace(",val\n", ",valid\n", 1))
-    with pytest.raises(ValueError, match=r"all.csv:8: split is 'valid'; expected one of train, val, test"):
+    with pytest.raises(DataError, match=r"all.csv:8: split is 'valid'; expected one of train, val, test"):
+        load(root)
+
+
+def test_a_missing_or_non_utf8_csv_is_a_data_error_naming_it(files):
+    root, _, _ = files
+    with pytest.raises(DataError, match=r"no such CSV file '.*lists/none.csv' \(a relative path is taken from"):
+        load(root, csv="lists/none.csv")
+    csv = root / "lists" / "all.csv"
+    csv.write_bytes(csv.read_bytes().replace(b"caption, number", "légende".encode("latin-1"), 1))
+    with pytest.raises(DataError, match=r"all.csv: not UTF-8 text \(.*byte 0xe9\); save the CSV as UTF-8"):
         load(root)
 
 
@@ -157,19 +169,37 @@ def test_wav_formats_are_read_exactly(tmp_path):
         torch.testing.assert_close(x, torch.from_numpy(ref.T).float())
 
 
-def test_other_rates_and_channels_are_converted_with_a_note(tmp_path, caplog):
+def test_other_rates_and_channels_are_converted_on_request_with_a_note(tmp_path, caplog):
     rng = np.random.default_rng(2)
     stereo = rng.integers(-2**15, 2**15, (1000, 2))
     write_wav(tmp_path / "a.wav", stereo, 16000)
     write_wav(tmp_path / "b.wav", stereo[:, :1], 8000)
     with caplog.at_level(logging.INFO, logger="mmkd"):
-        out = audio_io.load_audios([tmp_path / "a.wav", tmp_path / "b.wav"], 8000, 600)
+        out = audio_io.load_audios([tmp_path / "a.wav", tmp_path / "b.wav"], 8000, 600, convert=True)
     mono = torch.from_numpy(stereo.mean(1) / 32768).float()
     torch.testing.assert_close(out[0, :500], resample(mono[None], 16000, 8000)[0])  # 1000 samples at 16 kHz
     assert out[0, 500:].eq(0).all()  # padded to 600
     torch.testing.assert_close(out[1], torch.from_numpy(stereo[:600, 0] / 32768).float())  # cut to 600
-    assert "resampled 1 of 2 WAV files to 8000 Hz (from 16000 Hz: 1)" in caplog.text
-    assert "averaged 1 of 2 multi-channel WAV files to mono" in caplog.text
+    assert f"resampled 1 of 2 WAV files to 8000 Hz (from 16000 Hz: 1): {tmp_path / 'a.wav'}" in caplog.text
+    assert f"averaged 1 of 2 multi-channel WAV files to mono: {tmp_path / 'a.wav'}" in caplog.text
+
+
+def test_other_rates_and_channels_are_an_error_by_default(tmp_path, files, monkeypatch):
+    rng = np.random.default_rng(3)
+    write_wav(tmp_path / "mono.wav", rng.integers(-2**15, 2**15, (1000, 1)), 8000)
+    write_wav(tmp_path / "stereo.wav", rng.integers(-2**15, 2**15, (1000, 2)), 8000)
+    write_wav(tmp_path / "fast.wav", rng.integers(-2**15, 2**15, (1000, 1)), 16000)
+    assert audio_io.load_audios([tmp_path / "mono.wav"], 8000, 100).shape == (1, 100)
+    with pytest.raises(AudioError, match=r"stereo.wav: 8000 Hz, 2 channel\(s\); expected 8000 Hz mono: convert "
+                                         r"the file, or set data.args.convert_audio=true"):
+        audio_io.load_audios([tmp_path / "mono.wav", tmp_path / "stereo.wav"], 8000, 100)
+    with pytest.raises(AudioError, match=r"fast.wav: 16000 Hz, 1 channel\(s\); expected 8000 Hz mono"):
+        audio_io.load_audios([tmp_path / "fast.wav"], 8000, 100)
+    monkeypatch.setattr(mf, "tokenize", fake_tokenize)  # through the manifest: an error, or converted on request
+    root, _, _ = files
+    with pytest.raises(AudioError, match=r"media/0.wav: 16000 Hz, 1 channel\(s\); expected 8000 Hz mono"):
+        load(root, sample_rate=8000)
+    assert load(root, sample_rate=8000, convert_audio=True, waveform=True).shapes["snd"] == (1, 1600)
 
 
 def test_unreadable_wavs_are_one_clear_error_naming_the_file(tmp_path):
@@ -189,3 +219,56 @@ def test_unreadable_wavs_are_one_clear_error_naming_the_file(tmp_path):
         read_wav(tmp_path / "float.wav")
     with pytest.raises(AudioError, match=r"float.wav"):  # through a data set too
         audio_io.load_audios([tmp_path / "float.wav"], 8000, 100)
+
+
+def patched_wav(path, offset: int, fmt: str, value: int):
+    """A valid 16-bit mono 8 kHz WAV of 1000 frames (the ``wave`` module's 44-byte header), with the
+    header field at ``offset`` overwritten by ``value`` packed as ``fmt``."""
+    write_wav(path, np.zeros((1000, 1)), 8000)
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+HEADER = "damaged or unsupported WAV header: "
+
+
+@pytest.mark.parametrize("offset,fmt,value,message", [
+    (22, "<H", 0, r"not a readable PCM WAV file \(bad # of channels\)"),
+    (22, "<H", 100, HEADER + r"100 channels \(at most 64\)"),
+    (24, "<I", 0, HEADER + r"a sample rate of 0 Hz \(expected 1000 Hz to 1000000 Hz\)"),
+    (24, "<I", 5_000_000, HEADER + r"a sample rate of 5000000 Hz \(expected 1000 Hz to 1000000 Hz\)"),
+    (34, "<H", 80, HEADER + r"80-bit samples; replace it with an intact 8/16/24/32-bit integer PCM WAV file"),
+    (34, "<H", 0, r"not a readable PCM WAV file \(bad sample width\)"),
+    (40, "<I", 0, HEADER + "no audio frames"),
+    (40, "<I", 1, HEADER + "no audio frames"),  # less than one frame
+    (40, "<I", 10**9, r"truncated WAV file: its header announces 500000000 frames, it holds 1000"),
+], ids=["0 channels", "100 channels", "0 Hz", "5 MHz", "80 bit", "0 bit", "0 bytes", "1 byte", "1 GB"])
+def test_damaged_wav_headers_are_one_clear_error_naming_the_file(tmp_path, offset, fmt, value, message):
+    path = patched_wav(tmp_path / "damaged.wav", offset, fmt, value)
+    with pytest.raises(AudioError, match=r"^\S*damaged.wav: " + message) as e:
+        read_wav(path)
+    assert "\n" not in str(e.value) and isinstance(e.value, DataError)
+
+
+def test_a_missing_wav_and_an_unexpected_failure_name_the_file(tmp_path, monkeypatch):
+    with pytest.raises(AudioError, match=r"gone.wav: not a readable PCM WAV file \(.*No such file"):
+        read_wav(tmp_path / "gone.wav")
+    path = patched_wav(tmp_path / "odd.wav", 22, "<H", 1)
+
+    def broken(self, n):
+        raise RuntimeError("unexpected\nfailure")
+
+    monkeypatch.setattr(wave.Wave_read, "readframes", broken)
+    with pytest.raises(AudioError, match=r"odd.wav: not a readable PCM WAV file \(unexpected failure\)"):
+        read_wav(path)
+
+
+def test_a_data_error_is_one_line_and_exit_code_2_through_the_cli(files, capsys):
+    root, _, _ = files
+    (root / "media" / "3.wav").write_bytes(b"RIFF")
+    code = main(["run", "experiment=quickstart", f"data_root={root}", f"out_dir={root.parent / 'runs'}",
+                 "data.name=manifest", "data.args={columns: {snd: audio}, csv: lists/all.csv, seconds: 0.2}"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("mmkd: error: ") and "media/3.wav: not a readable PCM WAV file" in last

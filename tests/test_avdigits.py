@@ -1,7 +1,9 @@
-"""AV-digits on the real MNIST test set and Free Spoken Digit recordings (``MMKD_DATA``)."""
+"""AV-digits on the real MNIST test set and Free Spoken Digit recordings (``MMKD_DATA``; those tests
+skip without it), and its errors and cache on a small generated data root."""
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import wave
@@ -14,12 +16,22 @@ import torch
 import torchaudio
 
 from mmkd import io
-from mmkd.modalities import audio_io
+from mmkd.cli import main
+from mmkd.data import DataError
+from mmkd.modalities import audio_io, avdigits as av
+from mmkd.modalities.audio_io import AudioError
 from mmkd.modalities.avdigits import MNIST_FILES, avdigits
 from mmkd.registry import DATASETS
 
 DATA = Path(os.environ["MMKD_DATA"]).resolve() if "MMKD_DATA" in os.environ else None
 REC = "fsdd/recordings"
+
+
+def data_root() -> Path:
+    """The real data root; skips the test without ``MMKD_DATA``."""
+    if DATA is None:
+        pytest.skip("set MMKD_DATA to the data root (for example ../shared/data)")
+    return DATA
 
 
 class Counted:
@@ -45,8 +57,7 @@ def build(mp, **kw):
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     """The full data set built twice into a fresh cache (second time from the cache), and with another seed."""
-    if DATA is None:
-        pytest.fail("set MMKD_DATA to the data root (for example ../shared/data)")
+    data_root()
     cache = tmp_path_factory.mktemp("avcache")
     with pytest.MonkeyPatch.context() as mp:
         first, first_reads = build(mp, root=DATA, cache_dir=cache)
@@ -131,6 +142,7 @@ def test_the_cache_is_reused_and_invalidated_by_a_parameter(real, monkeypatch):
 @pytest.fixture
 def small_root(tmp_path):
     """A data root with the MNIST files and one recording per digit and split (30 files)."""
+    data_root()
     root = tmp_path / "data"
     (root / REC).mkdir(parents=True)
     shutil.copytree(DATA / "mnist", root / "mnist")
@@ -200,19 +212,95 @@ def test_a_crash_while_writing_the_cache_leaves_nothing_that_is_read_back(small_
     assert reads == 30 and d.test.fingerprint == clean.test.fingerprint
 
 
-def test_missing_files_and_a_cache_inside_the_data_root_are_refused(small_root, tmp_path):
-    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte.gz.*fsdd"):
-        DATASETS["avdigits"](root=tmp_path / "nothing", cache_dir=tmp_path / "c")
-    with pytest.raises(ValueError, match="inside the data root"):
-        avdigits(small_root, cache_dir=small_root / "cache")
-    (small_root / "mnist" / MNIST_FILES[1]).write_bytes(gzip.compress(b"\x08\x08\x01\x00junk"))
-    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz: not an IDX file"):
-        avdigits(small_root, cache_dir=tmp_path / "c")
-
-
 def test_limit_per_class_keeps_the_lowest_takes_of_every_split(tmp_path):
-    d = avdigits(DATA, cache_dir=tmp_path / "c", limit_per_class=7)
+    d = avdigits(data_root(), cache_dir=tmp_path / "c", limit_per_class=7)
     for s, takes in (("train", [10, 11]), ("val", [5, 6]), ("test", [0, 1])):
         t = getattr(d, s).tensors
         assert torch.bincount(t["label"]).tolist() == [7] * 10
         assert torch.bincount(t["take"])[takes].tolist() == [60, 10]  # 6 speakers in the first take
+
+
+def write_idx(path: Path, values: np.ndarray) -> None:
+    """Write uint8 ``values`` as a gzipped IDX file (type 0x08)."""
+    header = bytes([0, 0, 0x08, values.ndim]) + np.array(values.shape, ">i4").tobytes()
+    path.write_bytes(gzip.compress(header + values.astype(np.uint8).tobytes()))
+
+
+def write_wav(path: Path, rate: int = 8000, channels: int = 1, seconds: float = 0.1) -> None:
+    """A 16-bit WAV file of noise."""
+    samples = np.random.default_rng(len(path.name)).integers(-2**15, 2**15, (round(rate * seconds), channels))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(samples.astype("<i2").tobytes())
+
+
+@pytest.fixture
+def fake_root(tmp_path):
+    """A generated data root: 40 random 28x28 MNIST-format images (digits 0-9 in turn) and 30 short
+    8 kHz mono recordings, one per digit and split."""
+    root = tmp_path / "fake"
+    (root / "mnist").mkdir(parents=True)
+    (root / REC).mkdir(parents=True)
+    write_idx(root / "mnist" / MNIST_FILES[0], np.random.default_rng(0).integers(0, 256, (40, 28, 28)))
+    write_idx(root / "mnist" / MNIST_FILES[1], np.arange(40) % 10)
+    for digit in range(10):
+        for take in (0, 5, 10):
+            write_wav(root / REC / f"{digit}_alice_{take}.wav")
+    return root
+
+
+def test_missing_files_and_a_cache_inside_the_data_root_are_refused(fake_root, tmp_path):
+    with pytest.raises(DataError, match=r"avdigits: missing \S*nothing/mnist/t10k-images-idx3-ubyte.gz, .*fsdd"):
+        DATASETS["avdigits"](root=tmp_path / "nothing", cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="inside the data root"):
+        avdigits(fake_root, cache_dir=fake_root / "cache")
+    assert len(avdigits(fake_root, cache_dir=tmp_path / "c", seconds=0.1).test) == 10
+
+
+@pytest.mark.parametrize("name,contents,message", [
+    (MNIST_FILES[1], gzip.compress(b"\x08\x08\x01\x00junk"), r"labels-idx1-ubyte.gz: not an IDX file \(bad header"),
+    (MNIST_FILES[1], gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 41]) + bytes(40)),
+     r"labels-idx1-ubyte.gz: IDX header announces shape \(41,\), the file holds 40 values"),
+    (MNIST_FILES[0], gzip.compress(bytes([0, 0, 8, 3, 0, 0, 0, 1]))[:-6], r"images-idx3-ubyte.gz: unreadable"),
+    (MNIST_FILES[0], b"not gzip", r"images-idx3-ubyte.gz: unreadable \(Not a gzipped file"),
+    (MNIST_FILES[0], gzip.compress(bytes([0, 0, 8, 3, 0, 0, 0, 40, 0, 0, 0, 20, 0, 0, 0, 20]) + bytes(16000)),
+     r"images-idx3-ubyte.gz: images of shape \(40, 20, 20\); expected \[N, 28, 28\]"),
+    (MNIST_FILES[1], gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 30]) + bytes(range(10)) * 3),
+     r"labels-idx1-ubyte.gz: 30 labels for the 40 images of t10k-images-idx3-ubyte.gz"),
+], ids=["bad magic", "short", "truncated gzip", "not gzip", "20x20 images", "fewer labels"])
+def test_malformed_mnist_files_are_a_data_error_naming_the_file(fake_root, tmp_path, name, contents, message):
+    (fake_root / "mnist" / name).write_bytes(contents)
+    with pytest.raises(DataError, match=r"^\S*/fake/mnist/t10k-" + message):
+        avdigits(fake_root, cache_dir=tmp_path / "c", seconds=0.1)
+
+
+def test_other_rates_and_channels_are_an_error_unless_converted(fake_root, tmp_path, caplog):
+    write_wav(fake_root / REC / "3_alice_10.wav", rate=16000)
+    write_wav(fake_root / REC / "4_alice_5.wav", channels=2)
+    with pytest.raises(AudioError, match=r"3_alice_10.wav: 16000 Hz, 1 channel\(s\); expected 8000 Hz mono: "
+                                         r"convert the file, or set data.args.convert_audio=true"):
+        avdigits(fake_root, cache_dir=tmp_path / "c", seconds=0.1)
+    with caplog.at_level(logging.INFO, logger="mmkd"):
+        d = avdigits(fake_root, cache_dir=tmp_path / "c", seconds=0.1, convert_audio=True)
+    assert d.shapes["audio"] == (1, 40, 11)
+    assert "resampled 1 of 30 WAV files to 8000 Hz (from 16000 Hz: 1): " in caplog.text
+    assert "averaged 1 of 30 multi-channel WAV files to mono: " in caplog.text
+
+
+def test_the_feature_version_is_part_of_the_cache_key_and_a_build_is_timed(fake_root, tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "c"
+    with caplog.at_level(logging.INFO, logger="mmkd"):
+        assert build(monkeypatch, root=fake_root, cache_dir=cache, seconds=0.1)[1] == 30
+    assert build(monkeypatch, root=fake_root, cache_dir=cache, seconds=0.1)[1] == 0
+    assert len([r for r in caplog.records if "built the logmel cache of 30 recordings in" in r.message]) == 1
+    monkeypatch.setattr(av, "FEATURE_VERSION", av.FEATURE_VERSION + 1)
+    assert build(monkeypatch, root=fake_root, cache_dir=cache, seconds=0.1)[1] == 30
+
+
+def test_missing_data_through_the_cli_is_one_line_and_exit_code_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["run", "experiment=av_image_kd_mm", f"data_root={tmp_path / 'empty'}", f"out_dir={tmp_path / 'runs'}",
+                 f"data.args.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1", "trainer.tensorboard=false"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("mmkd: error: avdigits: missing ")
+    assert str(tmp_path / "empty" / "mnist" / MNIST_FILES[0]) in last

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mmkd.data import DataSplits, TensorDictDataset, stratified_split
+from mmkd.data import DataError, DataSplits, TensorDictDataset, stratified_split
 from mmkd.registry import DATASETS
 
 from .text import tokenize
@@ -22,16 +22,21 @@ FILES = ("dev.tsv", "test.tsv")
 
 
 def read_tsv(path: str | os.PathLike) -> tuple[list[str], torch.Tensor]:
-    """The texts and labels (``CLASS_NAMES`` indices) of an AG News ``text<TAB>label`` file."""
+    """The texts and labels (``CLASS_NAMES`` indices) of an AG News ``text<TAB>label`` file; a line
+    that is not ``text<TAB>label`` or a file that is not UTF-8 raises :class:`DataError` naming it."""
     texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            text, tab, label = line.rstrip("\n").rpartition("\t")
-            if not tab or label not in CLASS_NAMES:
-                raise ValueError(f"{path}:{n}: expected 'text<TAB>label' with a label in "
-                                 f"{', '.join(CLASS_NAMES)}; got {line[-40:]!r}")
-            texts.append(text)
-            labels.append(CLASS_NAMES.index(label))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                text, tab, label = line.rstrip("\n").rpartition("\t")
+                if not tab or label not in CLASS_NAMES:
+                    raise DataError(f"{path}:{n}: expected 'text<TAB>label' with a label in "
+                                    f"{', '.join(CLASS_NAMES)}; got {line[-40:]!r}")
+                texts.append(text)
+                labels.append(CLASS_NAMES.index(label))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}, byte {e.object[e.start]:#04x}); "
+                        "replace it with a UTF-8 copy") from None
     return texts, torch.tensor(labels)
 
 
@@ -53,9 +58,10 @@ def agnews(root: str | os.PathLike = "data", tokenizer: str = "minilm", max_leng
     "row": int64}``, ``row`` being the item's line (from 0) in its file.
     """
     folder = Path(root) / "agnews"
-    if not all((folder / f).is_file() for f in FILES):
-        raise FileNotFoundError(f"agnews: missing files in {folder}; expected {' and '.join(FILES)} "
-                                "('text<TAB>label' lines; set data_root or MMKD_DATA)")
+    missing = [str(folder / f) for f in FILES if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"agnews: missing {', '.join(missing)}; expected {' and '.join(FILES)} in {folder} "
+                        "('text<TAB>label' lines; set data_root or MMKD_DATA)")
     dev_texts, dev_labels = read_tsv(folder / FILES[0])
     test_texts, test_labels = read_tsv(folder / FILES[1])
     train_idx, val_idx = stratified_split(dev_labels, [1 - val_fraction, val_fraction], split_seed)

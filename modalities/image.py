@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from mmkd.data import DataError
 from mmkd.registry import MODELS
 
 log = logging.getLogger("mmkd")
@@ -61,12 +62,20 @@ def load_resnet_weights(model: ResNet18, path: str | os.PathLike) -> None:
     A 3-channel first convolution loaded into a 1-channel model is summed over its input channels
     (a grey image ``g`` seen as ``(g, g, g)`` gives the same response). A first convolution of
     another kernel size (the ImageNet stem into a ``small_input`` model) and a classifier of another
-    class count keep their random initialisation; each is logged. Any other mismatch is an error.
+    class count keep their random initialisation; each is logged. A missing or unreadable file and any
+    other mismatch raise :class:`mmkd.data.DataError` naming the file.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"resnet18.weights: no such file {str(path)!r}; give a local state dict "
-                                "(e.g. torchvision's resnet18-f37072fd.pth)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise DataError(f"resnet18.weights: no such file {str(path)!r}; give a local state dict "
+                        "(e.g. torchvision's resnet18-f37072fd.pth)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or plain I/O errors of a damaged or foreign file
+        raise DataError(f"resnet18.weights: {str(path)!r} is not a readable state dict "
+                        f"({type(e).__name__}); give one saved with torch.save") from None
+    if not isinstance(state, dict):
+        raise DataError(f"resnet18.weights: {str(path)!r} holds a {type(state).__name__}, not a state dict; "
+                        "give one saved with torch.save(model.state_dict(), path)")
     own, kept = model.state_dict(), set()  # kept: keys left at their random initialisation
     conv = state.get("conv1.weight")
     if conv is not None and conv.shape != own["conv1.weight"].shape:
@@ -85,9 +94,9 @@ def load_resnet_weights(model: ResNet18, path: str | os.PathLike) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise ValueError(f"resnet18.weights: {str(path)!r} does not fit: {str(e).splitlines()[-1].strip()}") from None
+        raise DataError(f"resnet18.weights: {str(path)!r} does not fit: {str(e).splitlines()[-1].strip()}") from None
     wrong = [*unexpected, *sorted(set(missing) - kept)]
     if wrong:
-        raise ValueError(f"resnet18.weights: {str(path)!r} is not a ResNet-18 state dict; "
+        raise DataError(f"resnet18.weights: {str(path)!r} is not a ResNet-18 state dict; "
                          f"mismatched keys: {', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
 

@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
+from mmkd.data import DataError
 from mmkd.registry import MODELS
 
 MINILM = "minilm"
@@ -33,12 +34,13 @@ def minilm_dir() -> Path:
 
 
 def model_dir(name: str | os.PathLike) -> Path:
-    """``"minilm"`` -> :func:`minilm_dir`; anything else is a local Hugging Face model/tokenizer folder."""
+    """``"minilm"`` -> :func:`minilm_dir`; anything else is a local Hugging Face model/tokenizer folder
+    (:class:`mmkd.data.DataError` if there is none)."""
     if str(name) == MINILM:
         return minilm_dir()
     if not Path(name).is_dir():
-        raise FileNotFoundError(f"no such folder {str(name)!r}; give {MINILM!r} or a local folder holding "
-                                "a Hugging Face config.json / tokenizer files")
+        raise DataError(f"no such folder {str(name)!r}; give {MINILM!r} or a local folder holding "
+                        "a Hugging Face config.json / tokenizer files")
     return Path(name)
 
 

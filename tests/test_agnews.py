@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmkd.data import DataError
 from mmkd.modalities import agnews as ag
 from mmkd.registry import DATASETS
 
@@ -66,9 +67,12 @@ def test_items_are_the_minilm_tokens_of_their_sentences(lines):
 
 
 def test_missing_files_and_unknown_labels_are_one_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dev.tsv and test.tsv"):
+    with pytest.raises(DataError, match=r"agnews: missing \S*/agnews/dev.tsv, \S*/agnews/test.tsv; expected"):
         ag.agnews(tmp_path)
     bad = tmp_path / "bad.tsv"
     bad.write_text("fine text\tWorld\nno label here\n")
-    with pytest.raises(ValueError, match=r"bad.tsv:2: expected 'text<TAB>label'"):
+    with pytest.raises(DataError, match=r"bad.tsv:2: expected 'text<TAB>label'"):
+        ag.read_tsv(bad)
+    bad.write_bytes("fine text\tWorld\ncaf\xe9\tWorld\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"bad.tsv: not UTF-8 text \(.*byte 0xe9\); replace it with a UTF-8 copy"):
         ag.read_tsv(bad)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
+from mmkd import DataError, Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
 from mmkd.config import ModelConfig
 from mmkd.models import CNN
 from mmkd.registry import MODELS
@@ -79,8 +79,11 @@ def test_resnet18_three_channel_weights_into_one_channel_model(tmp_path, small_i
     torch.save({"w": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a ResNet-18 state dict"):
         ResNet18(10, (1, side, side), weights=str(tmp_path / "other.pt"))
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(DataError, match="resnet18.weights: no such file .*missing.pt"):
         ResNet18(10, (1, side, side), weights=str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a state dict")
+    with pytest.raises(DataError, match=r"resnet18.weights: '\S*junk.pt' is not a readable state dict"):
+        ResNet18(10, (1, side, side), weights=str(tmp_path / "junk.pt"))
 
 
 # ------------------------------------------------------------------ audio
@@ -174,7 +177,7 @@ def test_tiny_text_transformer_and_tokenize_truncation():
     assert model(tok["input_ids"], tok["attention_mask"]).shape == (2, 3)
     with pytest.raises(ValueError, match="max_positions"):
         MODELS["text_transformer"](num_classes=3, in_shape=(600,))
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(DataError, match="no such folder '/nonexistent/tokenizer'"):
         tokenize(["x"], tokenizer="/nonexistent/tokenizer")
 
 

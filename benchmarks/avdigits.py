@@ -25,13 +25,14 @@ METHODS = {"kd_mm": "KD from multimodal", "kd_cross": "KD cross-modal", "dkd": "
 TEACHER_OF = {("image", "kd_cross"): "audio", ("audio", "kd_cross"): "image"}
 
 
-def epoch_seconds(run_dir: str) -> float:
-    rows = list(csv.DictReader((Path(run_dir) / "student" / "metrics.csv").open()))
-    return statistics.mean(float(r["time/train_s"]) for r in rows)
+def epoch_seconds(metrics: Path) -> float:
+    """The mean training time per epoch (``time/train_s``) in a stage's ``metrics.csv``."""
+    with metrics.open() as f:
+        return statistics.mean(float(r["time/train_s"]) for r in csv.DictReader(f))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--name", default="avdigits")
     p.add_argument("overrides", nargs="*")
@@ -39,34 +40,49 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     acc: dict[str, list[float]] = {}
     sec: dict[str, list[float]] = {}
+    epochs: dict[str, dict[str, int]] = {"teachers": {}, "students": {}}
     with tempfile.TemporaryDirectory() as out:
         common = [f"out_dir={out}", "export=[]", "trainer.tensorboard=false", *args.overrides]
         for seed in range(args.seeds):
-            teachers = run(compose(["experiment=av_teachers", f"seed={seed}", *common]))
+            cfg = compose(["experiment=av_teachers", f"seed={seed}", *common])
+            pairing_seed = cfg.data.args.get("seed", 0)  # 0: the avdigits default
+            epochs["teachers"] = {n: t.epochs or cfg.trainer.max_epochs for n, t in cfg.teachers.items()}
+            teachers = run(cfg)
             for name, row in teachers["teachers"].items():
                 acc.setdefault(f"teacher {name}", []).append(row["test_acc"])
+                sec.setdefault(f"teacher {name}", []).append(
+                    epoch_seconds(Path(teachers["run_dir"]) / "teachers" / name / "metrics.csv"))
             for student in ("image", "audio"):
                 for method in METHODS:
                     teacher = TEACHER_OF.get((student, method), "fusion")
-                    r = run(compose([f"experiment=av_{student}_{method}", f"seed={seed}",
-                                     f"teachers.{teacher}.checkpoint={teachers['run_dir']}",
-                                     f"baseline={method == 'kd_mm'}", *common]))
+                    cfg = compose([f"experiment=av_{student}_{method}", f"seed={seed}",
+                                   f"teachers.{teacher}.checkpoint={teachers['run_dir']}",
+                                   f"baseline={method == 'kd_mm'}", *common])
+                    epochs["students"][cfg.experiment] = cfg.trainer.max_epochs
+                    r = run(cfg)
                     acc.setdefault(f"{student} {method}", []).append(r["student"]["test_acc"])
-                    sec.setdefault(f"{student} {method}", []).append(epoch_seconds(r["run_dir"]))
+                    sec.setdefault(f"{student} {method}", []).append(
+                        epoch_seconds(Path(r["run_dir"]) / "student" / "metrics.csv"))
                     if method == "kd_mm":
                         acc.setdefault(f"{student} ce", []).append(r["baseline"]["test_acc"])
-                        rows = list(csv.DictReader((Path(r["run_dir"]) / "baseline" / "metrics.csv").open()))
                         sec.setdefault(f"{student} ce", []).append(
-                            statistics.mean(float(x["time/train_s"]) for x in rows))
+                            epoch_seconds(Path(r["run_dir"]) / "baseline" / "metrics.csv"))
                     print(f"seed {seed} {student} {method}: {r['student']['test_acc']:.4f}", flush=True)
-    rows = [[f"teacher: {k.split()[1]}", fmt(v, 100), ""] for k, v in acc.items() if k.startswith("teacher")]
+    rows = [[f"teacher: {k.split()[1]}", fmt(v, 100), fmt(sec[k], 1, 2)] for k, v in acc.items()
+            if k.startswith("teacher")]
     for student in ("image", "audio"):
         for method, label in {"ce": "CE (labels only)", **METHODS}.items():
             key = f"{student} {method}"
             rows.append([f"{student}-only student: {label}", fmt(acc[key], 100), fmt(sec[key], 1, 2)])
-    write(args.name, {"overrides": args.overrides, "seeds": args.seeds, "test_acc": acc, "train_s_per_epoch": sec},
+    teacher_epochs = ", ".join(f"{n} {e}" for n, e in epochs["teachers"].items())
+    student_epochs = sorted(set(epochs["students"].values()))
+    write(args.name, {"overrides": args.overrides, "seeds": args.seeds, "epochs": epochs, "pairing_seed": pairing_seed,
+                      "test_acc": acc, "train_s_per_epoch": sec},
           ["model", "test accuracy %", "train s / epoch"], rows,
-          f"{args.seeds} seeds, mean ± std; AV-digits test split (FSDD takes 0-4, 300 items).")
+          f"{args.seeds} seeds, mean ± std; AV-digits test split (FSDD takes 0-4, 300 items). Epochs: teachers "
+          f"{teacher_epochs}; students (CE baseline included) {', '.join(map(str, student_epochs))}. The AV-digits "
+          f"pairing (which MNIST image goes with which recording, data.args.seed={pairing_seed}) is the same for "
+          "all seeds: the seeds change initialisation and batch order.")
 
 
 if __name__ == "__main__":

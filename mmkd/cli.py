@@ -2,8 +2,8 @@
 
     mmkd run [experiment=NAME] [key=value ...]     run an experiment (Hydra overrides)
     mmkd list                                       registered losses, routers, models, data sets, pipelines, experiments
-    mmkd export run_dir=DIR [format=onnx|torchscript]
-    mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|torchscript]
+    mmkd export run_dir=DIR [format=onnx|pt2]
+    mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|pt2]
 
 Bad input (an unknown key, a wrong type, an unknown name, a missing file) prints one line naming
 the key and the valid choices, and exits with code 2.
@@ -128,7 +128,7 @@ def cmd_export(args: Sequence[str]) -> int:
             raise ConfigError(f"{arg!r}: unknown export option; valid keys: run_dir, format")
         opts[key] = value
     if "run_dir" not in opts:
-        raise ConfigError("run_dir: missing; mmkd export run_dir=DIR [format=onnx|torchscript]")
+        raise ConfigError("run_dir: missing; mmkd export run_dir=DIR [format=onnx|pt2]")
     for path in export_student(opts["run_dir"], [opts["format"]]):
         print(path)
     return 0
@@ -151,7 +151,7 @@ def _options(args: Sequence[str], valid: Sequence[str], required: Sequence[str],
 def cmd_predict(args: Sequence[str]) -> int:
     from mmkd.deploy import predict, write_predictions
 
-    usage = "mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|torchscript]"
+    usage = "mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|pt2]"
     opts = _options(args, ("run_dir", "input", "output", "batch_size", "format"), ("run_dir", "input"), usage)
     batch_size = opts.get("batch_size", "4096")
     if not batch_size.isdigit() or int(batch_size) < 1:
@@ -168,10 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("run", help="run an experiment: mmkd run [experiment=NAME] [key=value ...]").add_argument(
         "overrides", nargs="*")
     sub.add_parser("list", help="registered losses, routers, models, data sets and experiments")
-    sub.add_parser("export", help="export a run's student: mmkd export run_dir=DIR format=onnx|torchscript").add_argument(
+    sub.add_parser("export", help="export a run's student: mmkd export run_dir=DIR format=onnx|pt2").add_argument(
         "options", nargs="*")
     sub.add_parser("predict", help="classify raw features with a run's exported student: mmkd predict run_dir=DIR "
-                   "input=FEATURES [output=preds.csv] [batch_size=N] [format=onnx|torchscript]").add_argument(
+                   "input=FEATURES [output=preds.csv] [batch_size=N] [format=onnx|pt2]").add_argument(
         "options", nargs="*")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()

@@ -7,6 +7,7 @@ its type and default, so a misspelt key or a wrong type is caught before anythin
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -21,7 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from mmkd.adapters import ADAPTERS
 from mmkd.registry import DATASETS, LOSSES, MODELS, PIPELINES, ROUTERS
 from mmkd.schedules import Schedule
-from mmkd.trainer import TrainerConfig
+from mmkd.trainer import TrainerConfig, check_config
 
 
 @dataclass
@@ -86,7 +87,7 @@ class RunConfig:
     cache_dir: Optional[str] = None  # teacher-output cache; default: <out_dir>/cache
     resume: bool = False  # continue the run in run_dir
     baseline: bool = True  # also train the student on labels alone, from the same initialisation
-    export: List[str] = field(default_factory=lambda: ["onnx"])  # onnx | torchscript
+    export: List[str] = field(default_factory=lambda: ["onnx"])  # onnx | pt2 (alias: torchscript)
     imports: List[str] = field(default_factory=list)  # modules registering custom losses, routers, models, data sets
     pipeline: str = "distill"  # a registered pipeline: distill (teachers, then the student) or a method's stage
     method: Dict[str, Any] = field(default_factory=dict)  # the pipeline's own options (validated by it)
@@ -111,7 +112,7 @@ def _schema() -> DictConfig:
 
 ConfigStore.instance().store(name="base_config", node=_schema())
 
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "pt2", "torchscript")  # pt2: a torch.export program; torchscript: its alias
 
 
 def config_dir() -> Path:
@@ -177,14 +178,54 @@ def check_names(cfg: DictConfig) -> None:
     for k, t in cfg.losses.items():
         if t.adapter is not None and t.adapter not in ADAPTERS:
             raise ConfigError(f"losses.{k}.adapter: unknown adapter {t.adapter!r}; choose from: {', '.join(ADAPTERS)}")
-        for a, v in t.args.items():
-            try:
-                Schedule.parse(v, f"losses.{k}.args.{a}")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+        for side in ("student", "teacher"):
+            if t[side] != "logits" and not t[side].startswith("features."):
+                raise ConfigError(f"losses.{k}.{side}: {t[side]!r}; give logits or features.<module path>")
+        path = t.student.removeprefix("features.")
+        if t.student != "logits" and path not in cfg.student.features:
+            raise ConfigError(f"losses.{k}.student: {path!r} is not among student.features "
+                              f"{list(cfg.student.features)}; list it there")
+        path = t.teacher.removeprefix("features.")
+        for name, teacher in cfg.teachers.items():
+            if t.teacher != "logits" and path not in teacher.features:
+                raise ConfigError(f"losses.{k}.teacher: {path!r} is not among teachers.{name}.features "
+                                  f"{list(teacher.features)}; list it there")
+        check_loss_args(k, t.loss or k, t.args)
+    try:
+        check_config(cfg.trainer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.trainer.monitor not in MONITORS:
+        raise ConfigError(f"trainer.monitor={cfg.trainer.monitor!r}; choose from: {', '.join(MONITORS)} "
+                          "(the metrics every stage of a run has)")
     for fmt in cfg.export:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export: unknown format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")
+
+
+MONITORS = ("val/acc", "val/loss", "train/loss")
+
+
+def check_loss_args(term: str, loss: str, args: Any) -> None:
+    """``losses.<term>.args`` must name keyword arguments of the loss, with numbers (or schedules)
+    where the loss's default is a number."""
+    params = inspect.signature(LOSSES[loss]).parameters
+    named = {n: p for n, p in list(params.items())[3:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    named.pop("reduction", None)
+    named.pop("batch", None)  # given by the mixture core
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for a, v in args.items():
+        key = f"losses.{term}.args.{a}"
+        if a not in named and not takes_any:
+            raise ConfigError(f"{key}: loss {loss!r} has no argument {a!r}; it takes: {', '.join(named) or 'none'}")
+        try:
+            v = Schedule.parse(v, key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        default = named[a].default if a in named else None
+        number = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if number and (isinstance(v, bool) or not isinstance(v, (int, float, Schedule))):
+            raise ConfigError(f"{key}: expected a number, got {v!r}")
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,7 @@ import torch
 from mmkd import io, preprocess
 from mmkd.config import ConfigError
 
-FILES = {"onnx": "student.onnx", "torchscript": "student.pt2"}
+FILES = {"onnx": "student.onnx", "pt2": "student.pt2", "torchscript": "student.pt2"}  # torchscript: alias of pt2
 
 
 @dataclass
@@ -61,7 +61,7 @@ def load_runtime(directory: Path, fmt: str | None) -> Callable[[np.ndarray], np.
     if fmt is None:
         fmt = next((f for f in FILES if (directory / FILES[f]).is_file()), None)
         if fmt is None:
-            raise ConfigError(f"run_dir: {str(directory)!r} has no {' or '.join(FILES.values())}; "
+            raise ConfigError(f"run_dir: {str(directory)!r} has no {' or '.join(dict.fromkeys(FILES.values()))}; "
                               "export the student with `mmkd export run_dir=... format=onnx`")
     elif fmt not in FILES:
         raise ConfigError(f"format: unknown format {fmt!r}; choose from: {', '.join(FILES)}")
@@ -131,7 +131,7 @@ def predict(path: str | os.PathLike, features: np.ndarray | torch.Tensor | str |
     in ``path`` (a run directory or its ``export/``), in batches of ``batch_size`` rows.
 
     The export's feature preprocessing is applied to every batch first; ``format`` picks ``onnx`` or
-    ``torchscript`` (default: ONNX when exported). Bad input raises :class:`ConfigError`.
+    ``pt2`` (default: ONNX when exported). Bad input raises :class:`ConfigError`.
     """
     directory = export_dir(path)
     meta = json.loads((directory / "meta.json").read_text())

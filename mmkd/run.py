@@ -23,7 +23,7 @@ from torch import nn
 
 from mmkd import io
 from mmkd.cache import cache_teacher
-from mmkd.config import ConfigError, ModelConfig, import_modules
+from mmkd.config import EXPORT_FORMATS, ConfigError, ModelConfig, import_modules
 from mmkd.data import DataSplits, loader
 from mmkd.adapters import make_adapter
 from mmkd.distiller import Distiller, Term, pick
@@ -47,9 +47,15 @@ def build_model(mc: ModelConfig, meta: dict, where: str) -> nn.Module:
     if "class_names" in inspect.signature(MODELS[mc.name]).parameters and meta.get("class_names"):
         args.setdefault("class_names", meta["class_names"])  # e.g. a zero-shot head's prompts
     try:
-        return MODELS[mc.name](num_classes=meta["num_classes"], in_shape=in_shape, **args)
+        model = MODELS[mc.name](num_classes=meta["num_classes"], in_shape=in_shape, **args)
     except TypeError as e:
         raise ConfigError(f"{where}.args: {e}") from None
+    modules = [n for n, _ in model.named_modules() if n]
+    for path in mc.features:
+        if path not in modules:
+            shown = ", ".join(modules[:12]) + (", ..." if len(modules) > 12 else "")
+            raise ConfigError(f"{where}.features: {mc.name} has no sub-module {path!r}; its modules: {shown}")
+    return model
 
 
 def load_data(cfg: DictConfig) -> tuple[DataSplits, dict]:
@@ -152,8 +158,11 @@ def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits)
                     outs = student.eval()(batch), [teacher(batch) for teacher in teachers]
             if not teachers:
                 raise ConfigError(f"losses.{k}.adapter: an adapter maps student to teacher features; there is no teacher")
-            s_shape, t_shape = (pick(o, side).shape[1:] for o, side in ((outs[0], t.student), (outs[1][0], t.teacher)))
-            adapter = make_adapter(t.adapter, s_shape, t_shape)
+            try:
+                s_shape, t_shape = (pick(o, side).shape[1:] for o, side in ((outs[0], t.student), (outs[1][0], t.teacher)))
+                adapter = make_adapter(t.adapter, s_shape, t_shape)
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"losses.{k}: {e.args[0]}") from None
         terms.append(Term(t.loss or k, t.weight, dict(t.args), name=k, student=t.student, teacher=t.teacher, adapter=adapter))
     return terms
 
@@ -261,7 +270,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
 
 def export_student(run_dir: str | os.PathLike, formats: list[str]) -> list[Path]:
     """Export the student of a finished run to ``<run_dir>/export/``: ``student.onnx`` (``onnx``)
-    and/or ``student.pt2`` (``torchscript``: a ``torch.export`` program), plus ``meta.json``: the
+    and/or ``student.pt2`` (``pt2``, alias ``torchscript``: a ``torch.export`` program), plus ``meta.json``: the
     input shapes, the class names and the data set's feature preprocessing (what ``mmkd predict``
     applies to raw inputs)."""
     run_dir = Path(run_dir)
@@ -281,10 +290,10 @@ def export_student(run_dir: str | os.PathLike, formats: list[str]) -> list[Path]
     for fmt in formats:
         if fmt == "onnx":
             paths.append(export_onnx(student, example, out / "student.onnx", keys))
-        elif fmt == "torchscript":
+        elif fmt in ("pt2", "torchscript"):  # torch.jit is deprecated: TorchScript's successor, torch.export
             paths.append(export_program(student, example, out / "student.pt2"))
         else:
-            raise ConfigError(f"format: unknown export format {fmt!r}; choose from: onnx, torchscript")
+            raise ConfigError(f"format: unknown export format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")
     preprocessing = meta.get("preprocessing") or {}
     io.write_json({"inputs": {k: meta["shapes"][k] for k in keys}, "class_names": meta["class_names"],
                    "num_classes": meta["num_classes"], "model": cfg.student.name,

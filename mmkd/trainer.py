@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -60,6 +61,33 @@ class TrainerConfig:
     progress: str = "auto"  # auto (a bar on a TTY) | on | off
     tensorboard: bool = True
     finite_check_every: int = 1  # check the loss for NaN/inf every N steps
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+CHOICES = {"optimizer": ("adamw", "adam", "sgd"), "scheduler": ("cosine", "step", "none"), "mode": ("max", "min"),
+           "ties": ("first", "last"), "precision": ("auto", "bf16", "fp32"), "progress": ("auto", "on", "off")}
+AT_LEAST = {"max_epochs": 1, "batch_size": 1, "step_epochs": 1, "finite_check_every": 1, "num_workers": 0,
+            "warmup_epochs": 0, "weight_decay": 0, "momentum": 0, "patience": 1}
+
+
+def check_config(c: Any) -> None:
+    """Raise ``ValueError`` naming ``trainer.<key>`` and the valid values for an unusable setting of
+    ``c`` (a :class:`TrainerConfig` or its config node); called before anything is trained."""
+    for key, valid in CHOICES.items():
+        if c[key] not in valid:
+            raise ValueError(f"trainer.{key}={c[key]!r}; choose from: {', '.join(valid)}")
+    for key, low in AT_LEAST.items():
+        if c[key] is not None and c[key] < low:
+            raise ValueError(f"trainer.{key}={c[key]!r}; it must be at least {low}")
+    for key in ("lr", "grad_clip"):
+        if c[key] is not None and not c[key] > 0:
+            raise ValueError(f"trainer.{key}={c[key]!r}; it must be positive")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
+        raise ValueError(f"trainer.device={c.device!r}; choose from: auto, cpu, cuda, cuda:N")
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={c.device!r}, but no CUDA device is available; use auto or cpu")
 
 
 @dataclass
@@ -128,6 +156,7 @@ class Trainer:
             if not hasattr(self.cfg, k):
                 raise TypeError(f"unknown trainer option {k!r}")
             setattr(self.cfg, k, v)
+        check_config(self.cfg)
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -138,8 +167,6 @@ class Trainer:
         precision = self.cfg.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision not in ("bf16", "fp32"):
-            raise ValueError(f"trainer.precision={precision!r}; choose from: auto, bf16, fp32")
         self.bf16 = precision == "bf16"
 
     def _device(self) -> torch.device:
@@ -160,41 +187,30 @@ class Trainer:
     # ------------------------------------------------------------------ optimisation
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         c = self.cfg
-        if c.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         if c.optimizer == "sgd":
             return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                                    nesterov=c.momentum > 0)
-        raise ValueError(f"trainer.optimizer={c.optimizer!r}; choose from: adamw, adam, sgd")
+        adam = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        return adam(params, lr=c.lr, weight_decay=c.weight_decay)
 
     def _scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int):
+        """LR factor per step: linear warm-up over ``warmup_epochs``, then cosine decay to 0 over the
+        rest of the run, a step decay by ``gamma`` every ``step_epochs``, or constant (``none``)."""
         c = self.cfg
         total, warmup = c.max_epochs * steps_per_epoch, int(c.warmup_epochs * steps_per_epoch)
-        if c.scheduler == "cosine":
-            def f(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / warmup
-                return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-        elif c.scheduler == "step":
-            def f(step: int) -> float:
-                return min(1.0, (step + 1) / warmup) if step < warmup else c.gamma ** (step // (c.step_epochs * steps_per_epoch))
-        elif c.scheduler == "none":
-            def f(step: int) -> float:
-                return min(1.0, (step + 1) / warmup) if step < warmup else 1.0
-        else:
-            raise ValueError(f"trainer.scheduler={c.scheduler!r}; choose from: cosine, step, none")
-        return torch.optim.lr_scheduler.LambdaLR(opt, f)
+        after_warmup = {
+            "cosine": lambda step: 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))),
+            "step": lambda step: c.gamma ** (step // (c.step_epochs * steps_per_epoch)),
+            "none": lambda step: 1.0,
+        }[c.scheduler]
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / warmup if step < warmup
+                                                 else after_warmup(step))
 
     # ------------------------------------------------------------------ fit
     def fit(self, module: nn.Module, train: Dataset, val: Dataset) -> FitResult:
         """Train ``module`` on ``train``; at the end, ``module`` holds the best epoch's weights."""
         c = self.cfg
-        if c.mode not in ("max", "min"):
-            raise ValueError(f"trainer.mode={c.mode!r}; choose from: max, min")
-        if c.ties not in ("first", "last"):
-            raise ValueError(f"trainer.ties={c.ties!r}; choose from: first, last")
+        check_config(c)
         module.to(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:

@@ -17,14 +17,17 @@ class ConstantRouter(Router):
     Args:
         weights: one non-negative weight per teacher; ``None`` weighs all teachers equally. With a
             single teacher this is plain single-teacher distillation.
+        num_teachers: if given (``mmkd run`` gives it), ``weights`` must have that many entries.
     """
 
-    def __init__(self, weights: Sequence[float] | None = None):
+    def __init__(self, weights: Sequence[float] | None = None, num_teachers: int | None = None):
         super().__init__()
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         if self.weights is not None and (self.weights.ndim != 1 or (self.weights < 0).any()
                                          or self.weights.sum() <= 0):
             raise ValueError(f"router weights must be non-negative with a positive sum, got {list(weights)}")
+        if self.weights is not None and num_teachers is not None and len(self.weights) != num_teachers:
+            raise ValueError(f"{len(self.weights)} router weights for {num_teachers} teachers; give one per teacher")
 
     def forward(self, student: Output, teachers: Sequence[Output], batch: Batch) -> Tensor:
         n, b = len(teachers), student.logits.shape[0]

@@ -32,17 +32,33 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     ("teachers.cnn.name=zzz", "teachers.cnn.name: unknown model 'zzz'; choose from:"),
     ("data.name=zzz", "data.name: unknown dataset 'zzz'; choose from: "),
     ("router.name=zzz", "router.name: unknown router 'zzz'; choose from:"),
-    ("export=[pdf]", "export: unknown format 'pdf'; choose from: onnx, torchscript"),
+    ("export=[pdf]", "export: unknown format 'pdf'; choose from: onnx, pt2, torchscript"),
     ("student.args.bogus=1", "student.args: MLP.__init__() got an unexpected keyword argument 'bogus'"),
     ("student.inputs=[audio]", "student.inputs: ['audio'] are not all inputs of the data set; choose from: image"),
     ("teachers.cnn.checkpoint=missing.pt", "teachers.cnn.checkpoint: no such file 'missing.pt'"),
+    ("trainer.optimizer=foo", "trainer.optimizer='foo'; choose from: adamw, adam, sgd"),
+    ("trainer.scheduler=x", "trainer.scheduler='x'; choose from: cosine, step, none"),
+    ("trainer.mode=x", "trainer.mode='x'; choose from: max, min"),
+    ("trainer.precision=fp16", "trainer.precision='fp16'; choose from: auto, bf16, fp32"),
+    ("trainer.progress=foo", "trainer.progress='foo'; choose from: auto, on, off"),
+    ("trainer.device=gpu", "trainer.device='gpu'; choose from: auto, cpu, cuda, cuda:N"),
+    ("trainer.batch_size=0", "trainer.batch_size=0; it must be at least 1"),
+    ("trainer.lr=0", "trainer.lr=0.0; it must be positive"),
+    ("trainer.monitor=val/zz", "trainer.monitor='val/zz'; choose from: val/acc, val/loss, train/loss"),
+    ("losses.kd.args.temperatur=2", "losses.kd.args.temperatur: loss 'kd' has no argument 'temperatur'; it takes: temperature"),
+    ("losses.kd.args.temperature=abc", "losses.kd.args.temperature: expected a number, got 'abc'"),
+    ("losses.kd.student=feat", "losses.kd.student: 'feat'; give logits or features.<module path>"),
+    ("losses.kd.student=features.body", "losses.kd.student: 'body' is not among student.features []; list it there"),
+    ("teachers.cnn.features=[body]", "teachers.cnn.features: cnn has no sub-module 'body'; its modules: features, "),
+    ("router.args.weights=[1,2]", "router.args: 2 router weights for 1 teachers; give one per teacher"),
+    ("data.args.bogus=1", "data.args: got an unexpected keyword argument 'bogus' (data set 'digits' takes: "),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(capsys, override, expected):
     code, out, err = run_cli(capsys, "run", override, *FAST)
     assert code == 2
     assert err.startswith("mmkd: error: " + expected), err
     assert err.count("\n") == 1 and "Traceback" not in err
-    if "choose from: " in expected:  # the valid choices are listed, the core's among them
+    if expected.endswith(("choose from: ", "choose from:")):  # a registry's names are listed, the core's among them
         choices = err.strip().split("choose from: ")[1].split(", ")
         assert {"mlp", "digits", "kd", "constant", "quickstart", "onnx", "image"} & set(choices)
 
@@ -71,7 +87,7 @@ def quickstart_run(tmp_path_factory):
     """One-epoch quickstart run through the CLI."""
     run_dir = tmp_path_factory.mktemp("runs") / "qs"
     code = main(["run", f"run_dir={run_dir}", f"cache_dir={run_dir.parent / 'cache'}",
-                 "export=[onnx,torchscript]", *FAST])
+                 "export=[onnx,pt2]", *FAST])
     assert code == 0
     return run_dir
 
@@ -112,7 +128,7 @@ def test_exports_match_pytorch(quickstart_run):
 
 def test_export_command(quickstart_run, capsys):
     (quickstart_run / "export/student.pt2").unlink()
-    code, out, _ = run_cli(capsys, "export", f"run_dir={quickstart_run}", "format=torchscript")
+    code, out, _ = run_cli(capsys, "export", f"run_dir={quickstart_run}", "format=torchscript")  # the alias of pt2
     assert code == 0 and out.strip().endswith("student.pt2")
     assert (quickstart_run / "export/student.pt2").is_file()
 
@@ -129,7 +145,7 @@ def test_export_errors(capsys, args, expected):
 
 def test_export_unknown_format(quickstart_run, capsys):
     code, _, err = run_cli(capsys, "export", f"run_dir={quickstart_run}", "format=pdf")
-    assert code == 2 and "unknown export format 'pdf'; choose from: onnx, torchscript" in err
+    assert code == 2 and "unknown export format 'pdf'; choose from: onnx, pt2, torchscript" in err
 
 
 def test_resume_needs_an_existing_run(capsys, tmp_path):
@@ -155,14 +171,16 @@ def test_feature_kd_term_with_adapter_from_the_command_line(tmp_path):
     from mmkd.cli import compose
     from mmkd.run import run
 
-    cfg = compose([f"out_dir={tmp_path}", "baseline=false", "export=[]", "student.features=[body.2]",
-                   "teachers.cnn.features=[pool]", "losses.hint.loss=sinkd", "losses.hint.weight=0.0",
-                   "losses.hint.student=features.body.2", "losses.hint.teacher=features.pool",
-                   "losses.hint.adapter=linear", *FAST])
-    results = run(cfg)
-    state = torch.load(tmp_path / "quickstart" / next((tmp_path / "quickstart").iterdir()).name / "student" / "best.pt")
-    assert any(k.startswith("adapters.hint.") for k in state["model"])  # 64 -> 128 projector
-    assert state["model"]["adapters.hint.1.weight"].shape == (128, 64)
+    args = [f"out_dir={tmp_path}", "baseline=false", "export=[]", "student.features=[body.2]",
+            "teachers.cnn.features=[pool]", "losses.hint.loss=fitnet", "losses.hint.weight=1.0",
+            "losses.hint.student=features.body.2", "losses.hint.teacher=features.pool",
+            "losses.hint.adapter=linear", "teachers.cnn.lr=1e-3", *FAST]
+    results = run(compose([*args, f"run_dir={tmp_path / 'trained'}"]))
+    run(compose([*args, f"run_dir={tmp_path / 'frozen'}", "trainer.lr=1e-12"]))  # the same teacher and initialisation
+    trained, frozen = (torch.load(tmp_path / d / "student" / "best.pt")["model"]["adapters.hint.1.weight"]
+                       for d in ("trained", "frozen"))
+    assert trained.shape == (128, 64)  # the 64 -> 128 projector
+    assert (trained - frozen).abs().max() > 1e-4  # it moved: the hint loss's gradient reaches it
     assert 0 <= results["student"]["test_acc"] <= 1
 
 

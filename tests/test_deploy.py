@@ -113,7 +113,7 @@ def test_predict_applies_the_preprocessing_and_matches_the_run(run_dir, cora):
     with torch.no_grad():
         logits = student(run_dir)(preprocess.row_normalize(x_raw))
     want = logits.softmax(1).numpy()
-    for fmt, batch_size in (("onnx", 1000), ("torchscript", 512), (None, 4096)):
+    for fmt, batch_size in (("onnx", 1000), ("pt2", 512), ("torchscript", 333), (None, 4096)):
         pred = predict(run_dir / "export" if fmt else run_dir, x_raw.numpy(), batch_size, fmt)
         np.testing.assert_allclose(pred.probs, want, atol=1e-5)
         clear = np.sort(want, 1)[:, -1] - np.sort(want, 1)[:, -2] > 1e-4  # no near-tie between the top two
@@ -161,7 +161,7 @@ def test_predict_command_on_npy_csv_and_pt(run_dir, cora, capsys, tmp_path):
     (["run_dir=RUN", "input=bad.csv"], "input: cannot read 'bad.csv'"),
     (["run_dir=RUN", "input=other.pt"], "input: 'other.pt' holds a dict without the key 'x' (it has: y)"),
     (["run_dir=RUN", "input=narrow.npy", "batch_size=0"], "batch_size: expected a positive integer, got '0'"),
-    (["run_dir=RUN", "input=narrow.npy", "format=pdf"], "format: unknown format 'pdf'; choose from: onnx, torchscript"),
+    (["run_dir=RUN", "input=narrow.npy", "format=pdf"], "format: unknown format 'pdf'; choose from: onnx, pt2, torchscript"),
     (["run_dir=RUN", "input=narrow.npy", "colour=red"], "'colour=red': unknown option; valid keys: run_dir, input"),
     (["run_dir=nowhere", "input=narrow.npy"], "run_dir: 'nowhere' is neither a run directory nor an export directory"),
 ])
@@ -185,8 +185,8 @@ def test_predict_needs_an_export(run_dir, tmp_path):
     export.mkdir()
     (export / "meta.json").write_text((run_dir / "export/meta.json").read_text())
     (export / "student.onnx").write_bytes((run_dir / "export/student.onnx").read_bytes())
-    with pytest.raises(ConfigError, match="has no student.pt2; export it with `mmkd export run_dir=... format=torchscript`"):
-        predict(export, np.ones((1, 1433)), format="torchscript")
+    with pytest.raises(ConfigError, match="has no student.pt2; export it with `mmkd export run_dir=... format=pt2`"):
+        predict(export, np.ones((1, 1433)), format="pt2")
     assert predict(export, np.ones((2, 1433))).probs.shape == (2, 7)
 
 

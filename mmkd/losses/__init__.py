@@ -5,7 +5,7 @@ Per-sample losses accept ``reduction="none"`` and then return one value per inst
 mixture core weight each teacher per instance; batch-level losses (registered with
 ``per_sample=False``) always return a scalar. Write your own in a few lines::
 
-    from mmkd.losses import register_loss
+    from mmkd.losses import reduce, register_loss
 
     @register_loss("l2_logits")
     def l2_logits(student_logits, teacher_logits, target=None, reduction="mean"):

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from mmkd import io
+from mmkd.config import ConfigError
 from mmkd.data import DataError, DataSplits, TensorDictDataset
 from mmkd.registry import DATASETS
 
@@ -166,8 +167,8 @@ def avdigits(root: str | os.PathLike = "data", seed: int = 0, sample_rate: int =
             f"{mnist} and FSDD's {{digit}}_{{speaker}}_{{take}}.wav files in {folder} (set data_root or MMKD_DATA)")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if cache_dir.resolve().is_relative_to(root.resolve()):
-        raise ValueError(f"avdigits: cache_dir {str(cache_dir)!r} lies inside the data root {str(root)!r}, "
-                         "which is read-only; choose another cache_dir")
+        raise ConfigError(f"data.args.cache_dir: {str(cache_dir)!r} lies inside the data root {str(root)!r}, "
+                          "which is read-only; choose another cache_dir")
 
     recs = recordings(folder)
     if limit_per_class is not None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmkd.config import ConfigError
 from mmkd.data import DataError, DataSplits, TensorDictDataset, stratified_split
 from mmkd.registry import DATASETS
 
@@ -126,8 +127,7 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
             multi-channel ones to mono (logged), instead of raising an error naming the file.
     """
     if not columns or any(k not in KINDS for k in columns.values()):
-        raise ValueError(f"manifest: columns must map each input column to one of {', '.join(KINDS)}; "
-                         f"got {columns!r}")
+        raise ConfigError(f"data.args.columns: map each input column to one of {', '.join(KINDS)}; got {columns!r}")
     root = Path(root)
     needed = [*columns, label]
     if csv is not None:
@@ -140,7 +140,8 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
     elif train is not None and test is not None:
         parts = {s: read_csv(root / p, needed) for s, p in (("train", train), ("val", val), ("test", test)) if p}
     else:
-        raise ValueError("manifest: give train and test CSV files (and optionally val), or csv with a split column")
+        raise ConfigError("data.args: give the manifest's train and test CSV files (and optionally val), "
+                          "or csv with a split column")
     names = class_names([r[label] for rows in parts.values() for r in rows])
     index = {n: i for i, n in enumerate(names)}
     labels = {s: torch.tensor([index.get(r[label], -1) for r in rows], dtype=torch.long) for s, rows in parts.items()}

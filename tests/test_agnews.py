@@ -18,7 +18,7 @@ DATA = Path(os.environ["MMKD_DATA"]).resolve() if "MMKD_DATA" in os.environ else
 def lines():
     """Every line of dev.tsv and test.tsv as (text, label name), split naively on the last tab."""
     if DATA is None:
-        pytest.fail("set MMKD_DATA to the data root (for example ../shared/data)")
+        pytest.skip("set MMKD_DATA to the shared data folder")
     return {f: [tuple(l.rsplit("\t", 1)) for l in (DATA / "agnews" / f).read_text(encoding="utf-8").splitlines()]
             for f in ag.FILES}
 

@@ -17,6 +17,7 @@ import torchaudio
 
 from mmkd import io
 from mmkd.cli import main
+from mmkd.config import ConfigError
 from mmkd.data import DataError
 from mmkd.modalities import audio_io, avdigits as av
 from mmkd.modalities.audio_io import AudioError
@@ -252,7 +253,7 @@ def fake_root(tmp_path):
 def test_missing_files_and_a_cache_inside_the_data_root_are_refused(fake_root, tmp_path):
     with pytest.raises(DataError, match=r"avdigits: missing \S*nothing/mnist/t10k-images-idx3-ubyte.gz, .*fsdd"):
         DATASETS["avdigits"](root=tmp_path / "nothing", cache_dir=tmp_path / "c")
-    with pytest.raises(ValueError, match="inside the data root"):
+    with pytest.raises(ConfigError, match="data.args.cache_dir: .* lies inside the data root"):
         avdigits(fake_root, cache_dir=fake_root / "cache")
     assert len(avdigits(fake_root, cache_dir=tmp_path / "c", seconds=0.1).test) == 10
 

@@ -12,6 +12,7 @@ from PIL import Image
 from torchaudio.functional import resample
 
 from mmkd.cli import main
+from mmkd.config import ConfigError
 from mmkd.data import DataError
 from mmkd.modalities import audio_io, manifest as mf
 from mmkd.modalities.audio_io import AudioError, read_wav
@@ -139,8 +140,10 @@ def test_bad_manifests_are_one_clear_error_naming_the_file(files, monkeypatch):
         load(root)
     with pytest.raises(DataError, match=r"all.csv: no column 'text'"):
         load(root, columns={"text": "text"})
-    with pytest.raises(ValueError, match="columns must map"):
+    with pytest.raises(ConfigError, match="data.args.columns: map each input column to one of"):
         load(root, columns={"img": "picture"})
+    with pytest.raises(ConfigError, match="data.args: give the manifest's train and test CSV files"):
+        load(root, csv=None, train="lists/all.csv")
     csv = root / "lists" / "all.csv"
     csv.write_text(csv.read_text().replace(",val\n", ",valid\n", 1))
     with pytest.raises(DataError, match=r"all.csv:8: split is 'valid'; expected one of train, val, test"):

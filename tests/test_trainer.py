@@ -1,8 +1,11 @@
 """Tests for the Trainer: exact resume, atomic checkpoints, early stopping, NaN detection,
-logging, gradient clipping and evaluation, on tiny models and random data."""
+logging, gradient clipping, evaluation, device and precision selection, learning-rate schedules,
+optimizers, the progress bar and torch.compile, on tiny models and random data."""
 import csv
 import io as _pyio
+import logging
 import math
+import sys
 
 import pytest
 import torch
@@ -172,11 +175,13 @@ def test_run_files_get_the_usual_permissions(tmp_path, data):
 
 
 # ---------------------------------------------------------------- early stopping
-def test_early_stop_when_lr_zero(tmp_path, data):
+def test_early_stop_when_lr_zero(tmp_path, data, monkeypatch):
     train, val = data
     mod = make_module()
     before = clone_state(mod)
-    res = trainer(tmp_path, max_epochs=20, lr=0.0, patience=2).fit(mod, train, val)
+    # an optimizer that never moves the weights, set directly (trainer.lr may be required to be positive)
+    monkeypatch.setattr(Trainer, "_optimizer", lambda self, params: torch.optim.SGD(params, lr=0.0))
+    res = trainer(tmp_path, max_epochs=20, patience=2).fit(mod, train, val)
     assert len(res.history) == 3  # best at epoch 1, then 2 epochs without improvement
     assert res.best_epoch == 1
     assert torch.load(tmp_path / "best.pt", weights_only=False)["epoch"] == 1
@@ -229,6 +234,33 @@ def test_ties_last_keeps_the_later_of_equal_epochs(tmp_path, data, monkeypatch):
     assert_same_state(clone_state(mod), snapshots[3])
     with pytest.raises(ValueError, match="ties"):
         trainer(tmp_path, max_epochs=1, ties="middle").fit(make_module(), train, val)
+
+
+@pytest.mark.parametrize("ties,stop,best", [
+    ("first", 6, 3),  # the tie at epoch 5 is no improvement: epochs 4-6 are bad -> stop after 6
+    ("last", 8, 5),  # the tie at epoch 5 becomes the best and resets patience -> stop after 8
+])
+def test_ties_on_a_minimised_loss(tmp_path, data, monkeypatch, ties, stop, best):
+    train, val = data
+    values = [2.0, 1.5, 1.2, 1.3, 1.2, 1.25, 1.3, 1.4, 0.1]
+    snapshots = []
+
+    def scripted_evaluate(self, module, dataset):
+        snapshots.append(clone_state(module))
+        return {"acc": 0.0, "loss": values[len(snapshots) - 1]}
+
+    monkeypatch.setattr(Trainer, "evaluate", scripted_evaluate)
+    mod = make_module()
+    res = trainer(tmp_path, max_epochs=len(values), monitor="val/loss", mode="min", patience=3,
+                  ties=ties).fit(mod, train, val)
+    assert len(res.history) == stop
+    assert res.best_epoch == best and res.best_score == 1.2
+    saved = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert saved["epoch"] == best
+    assert_same_state(clone_state(mod), snapshots[best - 1])
+    assert not torch.equal(snapshots[2]["student.model.0.weight"], snapshots[4]["student.model.0.weight"])
+    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert last["done"] and last["bad_epochs"] == 3 and last["best_epoch"] == best
 
 
 def test_unknown_monitor_and_mode_fail(tmp_path, data):
@@ -373,3 +405,253 @@ def test_evaluate_uses_module_label_key(tmp_path):
         lin.bias.zero_()
     mod = Distiller(Net(lin, keys=("x",)), [], [Term("ce")], label_key="target")
     assert trainer(tmp_path).evaluate(mod, ds)["acc"] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------- device and precision
+@pytest.fixture
+def single_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def test_auto_device_and_precision_without_cuda(tmp_path, monkeypatch, single_process):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    t = Trainer(run_dir=tmp_path, device="auto", precision="auto")
+    assert t.device == torch.device("cpu")
+    assert t.bf16 is False
+    assert Trainer(run_dir=tmp_path, device="auto", precision="bf16").bf16 is True  # asked for explicitly
+
+
+def test_auto_device_and_precision_with_cuda(tmp_path, monkeypatch, single_process):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    selected = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: selected.append(d))
+    t = Trainer(run_dir=tmp_path, device="auto", precision="auto")
+    assert t.device.type == "cuda"
+    assert t.bf16 is True
+    assert [torch.device(d).type for d in selected] == ["cuda"]  # the process is bound to it
+    assert Trainer(run_dir=tmp_path, device="auto", precision="fp32").bf16 is False
+
+
+class AutocastProbe(nn.Module):
+    """A 2-layer MLP that records, at every call, whether CPU autocast is on, its dtype, and the
+    dtype its first layer computes in."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C))
+        self.seen = []
+
+    def forward(self, x):
+        h = self.net[0](x)
+        self.seen.append((self.training, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), h.dtype))
+        return self.net[2](self.net[1](h)).float()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "auto"])
+def test_bf16_autocast_on_cpu(tmp_path, data, precision):
+    train, val = data
+    torch.manual_seed(0)
+    probe = AutocastProbe()
+    res = trainer(tmp_path, max_epochs=1, precision=precision).fit(make_module(model=probe), train, val)
+    train_calls = [s for s in probe.seen if s[0]]
+    eval_calls = [s for s in probe.seen if not s[0]]
+    assert len(train_calls) == len(train) // 32 and len(eval_calls) >= 1
+    if precision == "bf16":
+        assert all(s[1:] == (True, torch.bfloat16, torch.bfloat16) for s in probe.seen), probe.seen
+    else:  # fp32, and auto on a CPU
+        assert all(s[1] is False and s[3] == torch.float32 for s in probe.seen), probe.seen
+    assert all(p.dtype == torch.float32 for p in probe.parameters())  # autocast, not a cast of the weights
+    assert math.isfinite(res.history[0]["train/loss"])
+
+
+# ---------------------------------------------------------------- learning-rate schedules
+@pytest.fixture
+def optimizer_steps():
+    """Every optimizer step taken while the test runs: (optimizer, its first group's lr then)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    steps = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: steps.append((opt, opt.param_groups[0]["lr"])))
+    yield steps
+    handle.remove()
+
+
+SPE, EPOCHS, BASE_LR = 4, 3, 0.1  # 32 items in batches of 8: 4 steps an epoch, 12 in all
+
+
+def expected_lr(scheduler, warmup_epochs, step, step_epochs=1, gamma=0.5):
+    """The LR of optimizer step ``step`` (0-based), from the documented formulas."""
+    w, total = int(warmup_epochs * SPE), EPOCHS * SPE
+    if step < w:
+        return BASE_LR * (step + 1) / w
+    if scheduler == "cosine":
+        return BASE_LR * 0.5 * (1 + math.cos(math.pi * (step - w) / (total - w)))
+    if scheduler == "step":
+        return BASE_LR * gamma ** (step // (step_epochs * SPE))
+    return BASE_LR
+
+
+@pytest.mark.parametrize("scheduler,warmup_epochs,step_epochs,anchors", [
+    ("cosine", 0, 1, {0: 1.0, 3: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 11: 0.5 * (1 + math.cos(11 * math.pi / 12))}),
+    ("cosine", 1, 1, {0: 0.25, 3: 1.0, 4: 1.0, 8: 0.5}),
+    ("cosine", 0.5, 1, {0: 0.5, 1: 1.0, 2: 1.0, 7: 0.5}),
+    ("step", 0, 1, {0: 1.0, 3: 1.0, 4: 0.5, 7: 0.5, 8: 0.25, 11: 0.25}),
+    ("step", 1, 2, {0: 0.25, 2: 0.75, 4: 1.0, 7: 1.0, 8: 0.5, 11: 0.5}),
+    ("none", 0, 1, {0: 1.0, 5: 1.0, 11: 1.0}),
+    ("none", 1, 1, {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 11: 1.0}),
+])
+def test_lr_schedule_step_by_step(tmp_path, optimizer_steps, scheduler, warmup_epochs, step_epochs, anchors):
+    train, val = make_data(SPE * 8, 0, "train"), make_data(16, 1, "val")
+    res = trainer(tmp_path, max_epochs=EPOCHS, batch_size=8, lr=BASE_LR, scheduler=scheduler,
+                  warmup_epochs=warmup_epochs, step_epochs=step_epochs, gamma=0.5).fit(make_module(), train, val)
+    lrs = [lr for _, lr in optimizer_steps]
+    assert len(lrs) == EPOCHS * SPE
+    for step, factor in anchors.items():  # a few values worked out by hand
+        assert lrs[step] == pytest.approx(BASE_LR * factor, rel=1e-12, abs=1e-15), step
+    expect = [expected_lr(scheduler, warmup_epochs, s, step_epochs) for s in range(EPOCHS * SPE)]
+    assert lrs == pytest.approx(expect, rel=1e-12, abs=1e-15)
+    # metrics["lr"] is the LR after the epoch's last scheduler step: that of the next epoch's first step
+    logged = [row["lr"] for row in res.history]
+    after = [expected_lr(scheduler, warmup_epochs, (e + 1) * SPE, step_epochs) for e in range(EPOCHS)]
+    assert logged == pytest.approx(after, rel=1e-12, abs=1e-15)
+
+
+def test_unknown_scheduler_and_optimizer_fail(tmp_path, data):
+    train, val = data
+    with pytest.raises(ValueError, match="scheduler"):
+        trainer(tmp_path, max_epochs=1, scheduler="linear").fit(make_module(), train, val)
+    with pytest.raises(ValueError, match="optimizer"):
+        trainer(tmp_path, max_epochs=1, optimizer="lamb").fit(make_module(), train, val)
+
+
+# ---------------------------------------------------------------- optimizers
+@pytest.mark.parametrize("name,momentum,cls", [
+    ("adamw", 0.9, torch.optim.AdamW),
+    ("adam", 0.9, torch.optim.Adam),
+    ("sgd", 0.9, torch.optim.SGD),
+    ("sgd", 0.0, torch.optim.SGD),
+])
+def test_optimizer_choice_and_its_first_step(tmp_path, data, optimizer_steps, name, momentum, cls):
+    train, val = data
+    lr, wd = 0.1, 0.1
+    mod = make_module(dropout=0.0)
+    before = clone_state(mod)
+    ref = make_module(dropout=0.0)  # the same initial weights; the full-batch gradient by hand
+    loss = nn.functional.cross_entropy(ref.student.model(train.tensors["x"]), train.tensors["label"])
+    names = [n for n, _ in ref.named_parameters()]
+    grads = dict(zip(names, torch.autograd.grad(loss, list(ref.parameters()))))
+
+    trainer(tmp_path, max_epochs=1, batch_size=len(train), optimizer=name, lr=lr, weight_decay=wd,
+            momentum=momentum, scheduler="none").fit(mod, train, val)
+
+    assert len(optimizer_steps) == 1
+    opt, used_lr = optimizer_steps[0]
+    assert type(opt) is cls and used_lr == lr
+    group = opt.param_groups[0]
+    assert group["lr"] == lr and group["weight_decay"] == wd
+    if name == "sgd":
+        assert group["momentum"] == momentum and group["nesterov"] is (momentum > 0)
+    eps = 1e-8  # torch's Adam default; on the first step m-hat = g and v-hat = g^2
+    for n in names:
+        p, g = before[n], grads[n]
+        if name == "adamw":  # decoupled decay
+            expect = p * (1 - lr * wd) - lr * g / (g.abs() + eps)
+        elif name == "adam":  # L2 decay folded into the gradient
+            g = g + wd * p
+            expect = p - lr * g / (g.abs() + eps)
+        else:  # nesterov's first step: buf = g, update g + momentum * buf
+            expect = p - lr * (1 + momentum) * (g + wd * p)
+        torch.testing.assert_close(mod.state_dict()[n], expect, rtol=1e-4, atol=1e-5, msg=n)
+
+
+# ---------------------------------------------------------------- progress bar
+class FakeStderr(_pyio.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.fixture
+def plain_terminal(monkeypatch):
+    """A terminal environment that rich reads the same way everywhere."""
+    for var in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS", "JUPYTER_LINES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+BAR = "━"
+
+
+@pytest.mark.parametrize("progress,tty,drawn", [
+    ("auto", False, "none"),  # e.g. output piped to a file: no bar
+    ("off", True, "none"),
+    ("on", False, "final"),  # forced on a non-terminal: one final line, no live redraws
+    ("auto", True, "live"),  # a terminal: the bar redraws, with one task per epoch
+])
+def test_progress_bar(data, monkeypatch, capsys, caplog, plain_terminal, progress, tty, drawn):
+    train, val = data
+    caplog.set_level(logging.DEBUG, logger="mmkd")
+    capsys.readouterr()
+    err = FakeStderr(tty)
+    monkeypatch.setattr(sys, "stderr", err)
+    res = trainer("r", max_epochs=2, progress=progress).fit(make_module(), train, val)  # cwd is tmp_path
+    text = err.getvalue()
+    out = capsys.readouterr()
+    assert BAR not in out.out + out.err  # the bar goes to sys.stderr only
+    final = f"r  val/acc={res.history[-1]['val/acc']:.4f}"
+    if drawn == "none":
+        assert text == ""
+    elif drawn == "final":
+        assert "\x1b" not in text and text.count("\n") == 1, repr(text)
+        assert text.startswith(final) and BAR in text and " 2/2 " in text, repr(text)
+        assert "epoch 1" not in text
+    else:
+        assert "\x1b[" in text and BAR in text, repr(text)
+        assert "  epoch 1 " in text and "  epoch 2 " in text and f"0/{len(train) // 32}" in text, repr(text)
+        assert final in text and "2/2" in text, repr(text)
+    # the per-epoch log lines are INFO without a bar and DEBUG (out of the way) under one
+    epoch_logs = [r for r in caplog.records if r.name == "mmkd" and " epoch " in r.getMessage()]
+    assert len(epoch_logs) == 2
+    assert {r.levelno for r in epoch_logs} == {logging.DEBUG if drawn != "none" else logging.INFO}
+
+
+# ---------------------------------------------------------------- torch.compile
+@pytest.mark.slow  # compiling forward and backward takes ~20 s on one core with a cold inductor cache
+def test_compile_gives_the_same_losses(tmp_path, monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    train, val = make_data(32, 0, "train"), make_data(32, 1, "val")
+    real_compile = torch.compile
+    compiled = []
+
+    def recording_compile(model, *args, **kwargs):
+        compiled.append(model)
+        return real_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+
+    def fit(name, compile_):
+        torch.manual_seed(0)  # the same initial weights in both runs
+        mod = make_module(model=nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C)))
+        res = trainer(tmp_path / name, max_epochs=1, batch_size=8, compile=compile_).fit(mod, train, val)
+        return mod, res
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        eager_mod, eager = fit("eager", False)
+        assert compiled == [] and not counters["stats"]["unique_graphs"]
+        comp_mod, comp = fit("compiled", True)
+        assert len(compiled) == 1 and isinstance(compiled[0], Distiller)
+        assert counters["stats"]["unique_graphs"] >= 1  # dynamo really captured a graph
+    finally:
+        torch._dynamo.reset()
+    for key in ("train/loss", "train/ce", "val/loss", "val/acc"):
+        assert comp.history[0][key] == pytest.approx(eager.history[0][key], abs=1e-5), key
+    for k, v in clone_state(eager_mod).items():
+        torch.testing.assert_close(clone_state(comp_mod)[k], v, rtol=1e-5, atol=1e-6)

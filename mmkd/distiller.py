@@ -82,6 +82,8 @@ class Distiller(nn.Module):
     def __init__(self, student: Net, teachers: Sequence[Teacher], terms: Sequence[Term],
                  router: nn.Module | None = None, label_key: str = "label"):
         super().__init__()
+        if not terms:
+            raise ValueError("a Distiller needs at least one loss term (Term('ce') to train on labels)")
         if teachers and router is None:
             raise ValueError("a Distiller with teachers needs a router (ConstantRouter for plain KD)")
         if not teachers and any(t.reads_teacher for t in terms):
@@ -110,7 +112,8 @@ class Distiller(nn.Module):
         if aux:  # the router's own losses (e.g. load balancing), set during its forward; taken once
             losses.update({f"router/{k}": v for k, v in aux.items()})
             aux.clear()
-        losses["loss"] = sum(losses.values())
+        terms = list(losses.values())
+        losses["loss"] = sum(terms[1:], terms[0])
         return losses
 
     def _term(self, term: Term, s: Output, outs: list[Output], w: Tensor | None, target: Tensor | None,
@@ -124,14 +127,14 @@ class Distiller(nn.Module):
             kwargs["batch"] = batch
         if not term.reads_teacher:
             return term.fn(s_in, None, target, **kwargs)
-        total = s_in.new_zeros(())
+        parts = []
         for i, t in enumerate(outs):
             t_in = pick(t, term.teacher).float()
             if term.per_sample:
-                total = total + (w[:, i] * term.fn(s_in, t_in, target, reduction="none", **kwargs)).mean()
+                parts.append((w[:, i] * term.fn(s_in, t_in, target, reduction="none", **kwargs)).mean())
             else:
-                total = total + w[:, i].mean() * term.fn(s_in, t_in, target, **kwargs)
-        return total
+                parts.append(w[:, i].mean() * term.fn(s_in, t_in, target, **kwargs))
+        return sum(parts[1:], parts[0])
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:

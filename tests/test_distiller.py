@@ -153,6 +153,8 @@ def test_distiller_errors():
         Distiller(passthrough("s"), [passthrough("t1", Teacher)], [Term("kd")])
     with pytest.raises(ValueError, match="kd"):
         Distiller(passthrough("s"), [], [Term("ce"), Term("kd")])
+    with pytest.raises(ValueError, match="at least one loss term"):
+        Distiller(passthrough("s"), [], [])
 
 
 # ---------------------------------------------------------------- routers

@@ -114,13 +114,20 @@ def test_stage3_router_learns_from_kl_in_soft_mode_and_from_balance_only_in_hard
     assert router.gate.weight.grad.abs().sum() > 0
 
 
-def test_routing_report_counts_top_k_picks_per_class_and_writes_a_png(tmp_path):
-    d, router, _ = routed("hard")
+def toy_report(mode: str, tmp_path) -> tuple[dict, dict, torch.Tensor]:
+    """The routing report of a ``mode`` router over 4 teachers on 30 toy items; the items and the gate
+    probabilities."""
+    d, router, _ = routed(mode)
     data = toy_data(30)
     report = routing_report(router, d.student, list(d.teachers), ["a", "b", "c", "d"], data, ["c0", "c1", "c2"],
                             tmp_path)
     batch = data[list(range(30))]
-    picks = top_k_mask(router.gate(d.student(batch).logits).softmax(1), 2).float()
+    return report, batch, router.gate(d.student(batch).logits).softmax(1)
+
+
+def test_routing_report_counts_top_k_picks_per_class_and_writes_a_png(tmp_path):
+    report, batch, p = toy_report("hard", tmp_path)
+    picks = top_k_mask(p, 2).float()
     want = torch.stack([picks[batch["label"] == c].sum(0) for c in range(3)])
     torch.testing.assert_close(torch.tensor(report["counts"]), want)
     torch.testing.assert_close(torch.tensor(report["fraction"]), want / 10)
@@ -130,12 +137,7 @@ def test_routing_report_counts_top_k_picks_per_class_and_writes_a_png(tmp_path):
 
 
 def test_routing_report_of_a_soft_router_gives_mean_weights_per_class(tmp_path):
-    d, router, _ = routed("soft")
-    data = toy_data(30)
-    report = routing_report(router, d.student, list(d.teachers), ["a", "b", "c", "d"], data, ["c0", "c1", "c2"],
-                            tmp_path)
-    batch = data[list(range(30))]
-    p = router.gate(d.student(batch).logits).softmax(1)
+    report, batch, p = toy_report("soft", tmp_path)
     want = torch.stack([p[batch["label"] == c].mean(0) for c in range(3)])
     assert report["mode"] == "soft"
     torch.testing.assert_close(torch.tensor(report["mean_weight"]), want)

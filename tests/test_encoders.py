@@ -352,3 +352,20 @@ def test_teacher_with_zero_epochs_is_used_as_built(tmp_path):
     fresh = MODELS["clip"](num_classes=10, in_shape=(1, 8, 8), **TINY_CLIP)
     acc = Trainer(device="cpu").evaluate(Distiller(Net(fresh, ["image"]), [], [Term("ce")]), digits().test)["acc"]
     assert results["teachers"]["clip"]["test_acc"] == pytest.approx(acc)
+
+
+def test_run_gives_models_that_take_class_names_the_data_sets():
+    from omegaconf import OmegaConf
+
+    @MODELS.register("test_named_head")
+    def named_head(num_classes, in_shape, class_names=None):
+        head = torch.nn.Linear(4, num_classes)
+        head.names = class_names
+        return head
+
+    meta = {"shapes": {"image": [4]}, "num_classes": 2, "class_names": ["cat", "dog"]}
+    mc = OmegaConf.structured(ModelConfig(name="test_named_head", inputs=["image"]))
+    assert build_model(mc, meta, "student").names == ["cat", "dog"]
+    mc.args = {"class_names": ["a", "b"]}  # the config's own names win
+    assert build_model(mc, meta, "student").names == ["a", "b"]
+    assert build_model(OmegaConf.structured(ModelConfig(name="mlp", inputs=["image"])), meta, "student")  # takes none

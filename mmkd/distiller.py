@@ -107,7 +107,10 @@ class Distiller(nn.Module):
         target = batch[self.label_key] if self.label_key in batch else None
         outs = [t(batch) for t in self.teachers]
         w = self.router(s, outs, batch).float() if outs else None
-        losses = {term.name: term.weight * self._term(term, s, outs, w, target, batch) for term in self.terms}
+        losses = {}
+        for term in self.terms:
+            value = self._term(term, s, outs, w, target, batch)
+            losses[term.name] = value if term.weight == 1 else term.weight * value
         aux = getattr(self.router, "aux_losses", None) if outs else None
         if aux:  # the router's own losses (e.g. load balancing), set during its forward; taken once
             losses.update({f"router/{k}": v for k, v in aux.items()})

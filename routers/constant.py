@@ -28,13 +28,13 @@ class ConstantRouter(Router):
             raise ValueError(f"router weights must be non-negative with a positive sum, got {list(weights)}")
         if self.weights is not None and num_teachers is not None and len(self.weights) != num_teachers:
             raise ValueError(f"{len(self.weights)} router weights for {num_teachers} teachers; give one per teacher")
+        self._w: Tensor | None = None  # the normalised weights on the device last used
 
     def forward(self, student: Output, teachers: Sequence[Output], batch: Batch) -> Tensor:
-        n, b = len(teachers), student.logits.shape[0]
-        if self.weights is None:
-            w = torch.full((n,), 1.0 / n)
-        elif len(self.weights) != n:
+        n, b, device = len(teachers), student.logits.shape[0], student.logits.device
+        if self.weights is not None and len(self.weights) != n:
             raise ValueError(f"router has {len(self.weights)} weights but there are {n} teachers")
-        else:
-            w = self.weights / self.weights.sum()
-        return w.to(student.logits.device).expand(b, n)
+        if self._w is None or len(self._w) != n or self._w.device != device:
+            w = torch.full((n,), 1.0 / n) if self.weights is None else self.weights / self.weights.sum()
+            self._w = w.to(device)
+        return self._w.expand(b, n)

@@ -174,10 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "input=FEATURES [output=preds.csv] [batch_size=N] [format=onnx|pt2]").add_argument(
         "options", nargs="*")
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler()  # for this call only: a second main() in one process adds no duplicate
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger("mmkd").addHandler(handler)
-    logging.getLogger("mmkd").setLevel(os.environ.get("MMKD_LOG", "INFO"))
+    logger = logging.getLogger("mmkd")
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("MMKD_LOG", "INFO"))
     from mmkd.data import DataError
     from mmkd.registry import UnknownName
 
@@ -192,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UnknownName, DataError) as e:
         print(f"mmkd: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        logger.removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -197,3 +197,11 @@ def test_teacher_checkpoint_from_an_earlier_run_directory(quickstart_run, tmp_pa
     assert "val_acc" not in results["teachers"]["cnn"]  # loaded, not trained again
     code, _, err = run_cli(capsys, "run", f"teachers.cnn.checkpoint={tmp_path}", *FAST)
     assert code == 2 and "has no teachers/cnn/best.pt" in err
+
+
+def test_main_leaves_no_log_handler_behind(capsys):
+    import logging
+
+    before = list(logging.getLogger("mmkd").handlers)
+    assert main(["list"]) == 0 and main(["run", "trainer.nope=1"]) == 2
+    assert logging.getLogger("mmkd").handlers == before  # no duplicate log lines from a second call

@@ -5,6 +5,7 @@ import csv
 import io as _pyio
 import logging
 import math
+import re
 import sys
 
 import pytest
@@ -263,12 +264,24 @@ def test_ties_on_a_minimised_loss(tmp_path, data, monkeypatch, ties, stop, best)
     assert last["done"] and last["bad_epochs"] == 3 and last["best_epoch"] == best
 
 
-def test_unknown_monitor_and_mode_fail(tmp_path, data):
+def test_unknown_monitor_fails(tmp_path, data):
     train, val = data
     with pytest.raises(KeyError, match="val/f1"):
         trainer(tmp_path, max_epochs=1, monitor="val/f1").fit(make_module(), train, val)
-    with pytest.raises(ValueError, match="mode"):
-        trainer(tmp_path, max_epochs=1, mode="best").fit(make_module(), train, val)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("mode", "best", "trainer.mode='best'; choose from: max, min"),
+    ("scheduler", "linear", "trainer.scheduler='linear'; choose from: cosine, step, none"),
+    ("optimizer", "lamb", "trainer.optimizer='lamb'; choose from: adamw, adam, sgd"),
+    ("ties", "middle", "trainer.ties='middle'; choose from: first, last"),
+    ("device", "gpu", "trainer.device='gpu'; choose from: auto, cpu, cuda, cuda:N"),
+    ("batch_size", 0, "trainer.batch_size=0; it must be at least 1"),
+    ("grad_clip", -1.0, "trainer.grad_clip=-1.0; it must be positive"),
+])
+def test_unusable_settings_fail_when_the_trainer_is_built(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trainer(tmp_path, max_epochs=1, **{key: value})
 
 
 # ---------------------------------------------------------------- non-finite loss
@@ -514,14 +527,6 @@ def test_lr_schedule_step_by_step(tmp_path, optimizer_steps, scheduler, warmup_e
     logged = [row["lr"] for row in res.history]
     after = [expected_lr(scheduler, warmup_epochs, (e + 1) * SPE, step_epochs) for e in range(EPOCHS)]
     assert logged == pytest.approx(after, rel=1e-12, abs=1e-15)
-
-
-def test_unknown_scheduler_and_optimizer_fail(tmp_path, data):
-    train, val = data
-    with pytest.raises(ValueError, match="scheduler"):
-        trainer(tmp_path, max_epochs=1, scheduler="linear").fit(make_module(), train, val)
-    with pytest.raises(ValueError, match="optimizer"):
-        trainer(tmp_path, max_epochs=1, optimizer="lamb").fit(make_module(), train, val)
 
 
 # ---------------------------------------------------------------- optimizers

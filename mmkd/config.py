@@ -164,8 +164,10 @@ def import_modules(names: Sequence[str]) -> None:
 
 
 def check_names(cfg: DictConfig) -> None:
-    """Import ``cfg.imports``, then raise :class:`ConfigError` (naming the config key) for any
-    unregistered name or malformed loss-argument schedule."""
+    """Import ``cfg.imports``, then raise :class:`ConfigError` (naming the config key and the fix)
+    for anything that would fail later: an unregistered name, a loss argument the loss does not take
+    or of the wrong kind (a malformed schedule, a word for a number), a loss term reading features
+    its model does not list, an unusable trainer setting, an unknown export format."""
     import_modules(cfg.imports)
     checks = [("pipeline", PIPELINES, cfg.pipeline), ("data.name", DATASETS, cfg.data.name),
               ("student.name", MODELS, cfg.student.name),

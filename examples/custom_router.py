@@ -24,15 +24,19 @@ class TeacherEntropyRouter(Router):
 def main(run_dir="runs/custom_router", epochs=300, teacher_epochs=40):
     """Two teachers (CNN, MLP) on digits, distilled into a small MLP through the router above."""
     data, shape = digits(), (1, 8, 8)
-    fit = lambda m, name, n: Trainer(run_dir=f"{run_dir}/{name}", max_epochs=n, lr=3e-3).fit(m, data.train, data.val)  # noqa: E731
+
+    def fit(module, name, max_epochs):
+        trainer = Trainer(run_dir=f"{run_dir}/{name}", max_epochs=max_epochs, lr=3e-3)
+        trainer.fit(module, data.train, data.val)
+        return trainer
+
     teachers = [CNN(10, shape, channels=(32, 64, 128), dropout=0.1), MLP(10, shape, hidden=(256, 256), dropout=0.1)]
     for i, model in enumerate(teachers):
         fit(Distiller(Net(model, ["image"]), [], [Term("ce")]), f"teachers/{i}", teacher_epochs)
     cached = [cache_teacher(Teacher(model, ["image"]), data.train, f"{run_dir}/cache") for model in teachers]
     kd = Distiller(Net(MLP(10, shape, hidden=(64,), dropout=0.1), ["image"]), cached,
                    [Term("ce"), Term("kd", args={"temperature": 4.0})], TeacherEntropyRouter())
-    fit(kd, "student", epochs)
-    return Trainer(run_dir=f"{run_dir}/student").evaluate(kd, data.test)
+    return fit(kd, "student", epochs).evaluate(kd, data.test)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,8 @@ from mmkd import Distiller, Net, Teacher, Term, Trainer, cache_teacher
 from mmkd.cli import compose
 from mmkd.config import TermConfig
 from mmkd.net import num_params
-from mmkd.registry import DATASETS
 from mmkd.routers import ConstantRouter
-from mmkd.run import build_model, build_terms, trainer_config
+from mmkd.run import build_model, build_terms, load_data, trainer_config
 from mmkd.trainer import seed_everything
 
 TASKS = {"avdigits": ("image", "conv"), "agnews": ("text", "token")}  # student modality, projector
@@ -63,8 +62,7 @@ def main() -> None:
         for task in args.tasks:
             t0 = time.perf_counter()
             cfg = compose([f"experiment=trg_{task}", *args.overrides])
-            data = DATASETS[cfg.data.name](root=cfg.data_root, **cfg.data.args)
-            meta = data.meta()
+            data, meta = load_data(cfg)
             (name, tc), = cfg.teachers.items()
             seed_everything(0)
             model = build_model(tc, meta, f"teachers.{name}")

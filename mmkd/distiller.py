@@ -115,8 +115,8 @@ class Distiller(nn.Module):
         if aux:  # the router's own losses (e.g. load balancing), set during its forward; taken once
             losses.update({f"router/{k}": v for k, v in aux.items()})
             aux.clear()
-        terms = list(losses.values())
-        losses["loss"] = sum(terms[1:], terms[0])
+        values = list(losses.values())
+        losses["loss"] = sum(values[1:], values[0])
         return losses
 
     def _term(self, term: Term, s: Output, outs: list[Output], w: Tensor | None, target: Tensor | None,

@@ -62,9 +62,6 @@ class TrainerConfig:
     tensorboard: bool = True
     finite_check_every: int = 1  # check the loss for NaN/inf every N steps
 
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
 
 CHOICES = {"optimizer": ("adamw", "adam", "sgd"), "scheduler": ("cosine", "step", "none"), "mode": ("max", "min"),
            "ties": ("first", "last"), "precision": ("auto", "bf16", "fp32"), "progress": ("auto", "on", "off")}
@@ -76,14 +73,14 @@ def check_config(c: Any) -> None:
     """Raise ``ValueError`` naming ``trainer.<key>`` and the valid values for an unusable setting of
     ``c`` (a :class:`TrainerConfig` or its config node); called before anything is trained."""
     for key, valid in CHOICES.items():
-        if c[key] not in valid:
-            raise ValueError(f"trainer.{key}={c[key]!r}; choose from: {', '.join(valid)}")
+        if getattr(c, key) not in valid:
+            raise ValueError(f"trainer.{key}={getattr(c, key)!r}; choose from: {', '.join(valid)}")
     for key, low in AT_LEAST.items():
-        if c[key] is not None and c[key] < low:
-            raise ValueError(f"trainer.{key}={c[key]!r}; it must be at least {low}")
+        if getattr(c, key) is not None and getattr(c, key) < low:
+            raise ValueError(f"trainer.{key}={getattr(c, key)!r}; it must be at least {low}")
     for key in ("lr", "grad_clip"):
-        if c[key] is not None and not c[key] > 0:
-            raise ValueError(f"trainer.{key}={c[key]!r}; it must be positive")
+        if getattr(c, key) is not None and not getattr(c, key) > 0:
+            raise ValueError(f"trainer.{key}={getattr(c, key)!r}; it must be positive")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"trainer.device={c.device!r}; choose from: auto, cpu, cuda, cuda:N")
     if c.device.startswith("cuda") and not torch.cuda.is_available():
@@ -210,7 +207,6 @@ class Trainer:
     def fit(self, module: nn.Module, train: Dataset, val: Dataset) -> FitResult:
         """Train ``module`` on ``train``; at the end, ``module`` holds the best epoch's weights."""
         c = self.cfg
-        check_config(c)
         module.to(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:

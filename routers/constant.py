@@ -22,19 +22,17 @@ class ConstantRouter(Router):
 
     def __init__(self, weights: Sequence[float] | None = None, num_teachers: int | None = None):
         super().__init__()
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        if self.weights is not None and (self.weights.ndim != 1 or (self.weights < 0).any()
-                                         or self.weights.sum() <= 0):
+        w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        if w is not None and (w.ndim != 1 or (w < 0).any() or w.sum() <= 0):
             raise ValueError(f"router weights must be non-negative with a positive sum, got {list(weights)}")
-        if self.weights is not None and num_teachers is not None and len(self.weights) != num_teachers:
-            raise ValueError(f"{len(self.weights)} router weights for {num_teachers} teachers; give one per teacher")
-        self._w: Tensor | None = None  # the normalised weights on the device last used
+        if w is not None and num_teachers is not None and len(w) != num_teachers:
+            raise ValueError(f"{len(w)} router weights for {num_teachers} teachers; give one per teacher")
+        self.register_buffer("normalised", None if w is None else w / w.sum(), persistent=False)
 
     def forward(self, student: Output, teachers: Sequence[Output], batch: Batch) -> Tensor:
-        n, b, device = len(teachers), student.logits.shape[0], student.logits.device
-        if self.weights is not None and len(self.weights) != n:
-            raise ValueError(f"router has {len(self.weights)} weights but there are {n} teachers")
-        if self._w is None or len(self._w) != n or self._w.device != device:
-            w = torch.full((n,), 1.0 / n) if self.weights is None else self.weights / self.weights.sum()
-            self._w = w.to(device)
-        return self._w.expand(b, n)
+        n, b = len(teachers), student.logits.shape[0]
+        if self.normalised is None:
+            return student.logits.new_full((b, n), 1.0 / n, dtype=torch.float32)
+        if len(self.normalised) != n:
+            raise ValueError(f"router has {len(self.normalised)} weights but there are {n} teachers")
+        return self.normalised.to(student.logits.device).expand(b, n)

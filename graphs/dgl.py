@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from mmkd.config import ConfigError
 from mmkd.data import DataSplits
 from mmkd.graphs.data import Graph, GraphError, check_graph
-from mmkd.graphs.datasets import graph_splits
-from mmkd.graphs.models import widths
+from mmkd.graphs.datasets import GRAPH_RANGES, graph_splits
+from mmkd.graphs.models import GNN_RANGES, widths
 from mmkd.registry import DATASETS, MODELS
 
 
@@ -72,7 +72,7 @@ def to_dgl(graph: Graph) -> Any:
     return g
 
 
-@DATASETS.register("dgl")
+@DATASETS.register("dgl", ranges=GRAPH_RANGES)
 def dgl_splits(root: str, path: str, feat: str = "feat", label: str = "label", **kwargs) -> DataSplits:
     """The first graph of a file written by ``dgl.save_graphs`` (``path``, relative to the data root
     unless absolute), converted by :func:`from_dgl` with node data ``feat`` and ``label``; ``kwargs`` go
@@ -89,7 +89,7 @@ def dgl_splits(root: str, path: str, feat: str = "feat", label: str = "label", *
     return graph_splits(g, **kwargs)
 
 
-@MODELS.register("dgl_gcn")
+@MODELS.register("dgl_gcn", ranges=GNN_RANGES)
 class DGLGCN(nn.Module):
     """GCN (Kipf and Welling, ICLR 2017) on DGL's ``GraphConv``: per layer
     ``H' = D^-1/2 (A + I) D^-1/2 H W + b``, ReLU and dropout between layers.

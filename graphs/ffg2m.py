@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmkd.checks import TEMPERATURE
 from mmkd.losses import register_loss
 
 
@@ -35,7 +36,7 @@ def edges_without_loops(batch) -> Tensor:
     return edge_index[:, edge_index[0] != edge_index[1]]
 
 
-@register_loss("ffg2m_lfd", teacher=True, per_sample=False, batch=True)
+@register_loss("ffg2m_lfd", teacher=True, per_sample=False, batch=True, ranges={"temperature": TEMPERATURE})
 def ffg2m_lfd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, *,
               temperature: float = 1.0, batch=None) -> Tensor:
     """Low-frequency distillation: mean over edges ``j -> i`` plus one self-loop per node of
@@ -47,7 +48,7 @@ def ffg2m_lfd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | N
     return _kl_rows(log_t[src], log_s[dst]).mean()
 
 
-@register_loss("ffg2m_hfd", teacher=True, per_sample=False, batch=True)
+@register_loss("ffg2m_hfd", teacher=True, per_sample=False, batch=True, ranges={"temperature": TEMPERATURE})
 def ffg2m_hfd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, *,
               tau: float = 1.0, batch=None) -> Tensor:
     """High-frequency distillation: mean over edges ``j -> i`` (no self-loops) of

@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmkd.checks import TEMPERATURE
 from mmkd.losses import reduce, register_loss
 
 
-@register_loss("glnn", teacher=True, per_sample=True, batch=True)
+@register_loss("glnn", teacher=True, per_sample=True, batch=True, ranges={"temperature": TEMPERATURE})
 def glnn(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, *,
          temperature: float = 1.0, batch=None, reduction: str = "mean") -> Tensor:
     """``T^2 * KL(softmax(z_T/T) || softmax(z_S/T))`` averaged over the batch's seed nodes

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import APPNP as APPNPProp
 from torch_geometric.nn import GATConv, GCNConv, SAGEConv
 
+from mmkd.checks import COUNT, FRACTION, PROBABILITY
 from mmkd.registry import MODELS
 
 
@@ -52,7 +53,10 @@ def widths(in_shape, hidden: int, num_classes: int, layers: int) -> list[int]:
     return [in_features(in_shape), *[hidden] * (layers - 1), num_classes]
 
 
-@MODELS.register("gcn")
+GNN_RANGES = {"hidden": COUNT, "layers": COUNT, "dropout": PROBABILITY}  # what every GNN here accepts
+
+
+@MODELS.register("gcn", ranges=GNN_RANGES)
 class GCN(MessagePassingNet):
     """Kipf and Welling, "Semi-Supervised Classification with Graph Convolutional Networks", ICLR 2017:
     ``H' = D^-1/2 (A + I) D^-1/2 H W`` per layer (symmetric normalisation with self-loops)."""
@@ -62,7 +66,7 @@ class GCN(MessagePassingNet):
         super().__init__([GCNConv(a, b) for a, b in zip(w, w[1:])], dropout)
 
 
-@MODELS.register("sage")
+@MODELS.register("sage", ranges=GNN_RANGES)
 class SAGE(MessagePassingNet):
     """GraphSAGE (Hamilton, Ying and Leskovec, NeurIPS 2017): ``h_i' = W1 h_i + W2 agg_{j in N(i)} h_j``
     with ``aggr`` (mean by default)."""
@@ -73,7 +77,7 @@ class SAGE(MessagePassingNet):
         super().__init__([SAGEConv(a, b, aggr=aggr) for a, b in zip(w, w[1:])], dropout)
 
 
-@MODELS.register("gat")
+@MODELS.register("gat", ranges={**GNN_RANGES, "heads": COUNT, "attn_dropout": PROBABILITY})
 class GAT(MessagePassingNet):
     """Graph attention (Velickovic et al., ICLR 2018): hidden layers of ``heads`` attention heads of
     width ``hidden // heads`` (concatenated, ELU), one averaged head on the output layer."""
@@ -91,7 +95,7 @@ class GAT(MessagePassingNet):
         return F.elu(x)
 
 
-@MODELS.register("appnp")
+@MODELS.register("appnp", ranges={**GNN_RANGES, "k": COUNT, "alpha": FRACTION})
 class APPNP(nn.Module):
     """Klicpera, Bojchevski and Guennemann, "Predict then Propagate", ICLR 2019: an MLP predicts
     ``H = f(X)``, then ``K`` steps of personalised PageRank ``Z <- (1 - alpha) A_hat Z + alpha H``."""

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from importlib import util
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from mmkd.adapters import ADAPTERS
+from mmkd.checks import NON_NEGATIVE_INT, POSITIVE, SEED, check_args
 from mmkd.registry import DATASETS, LOSSES, MODELS, PIPELINES, ROUTERS
 from mmkd.schedules import Schedule
 from mmkd.trainer import TrainerConfig, check_config
@@ -75,6 +77,12 @@ class RouterConfig:
     args: Dict[str, Any] = field(default_factory=dict)
 
 
+# the trainer group of a run config: TrainerConfig without its seed (the run's ``seed`` is the one seed)
+TrainerSection = make_dataclass("TrainerSection", [(f.name, get_type_hints(TrainerConfig)[f.name], field(default=f.default))
+                                                   for f in fields(TrainerConfig) if f.name != "seed"])
+TrainerSection.__doc__ = "How a run trains: :class:`~mmkd.trainer.TrainerConfig` without ``seed`` (the run's ``seed`` is used)."
+
+
 @dataclass
 class RunConfig:
     """One ``mmkd run``: data, teachers, a student, a router, loss terms and the trainer."""
@@ -98,14 +106,17 @@ class RunConfig:
     student: ModelConfig = field(default_factory=lambda: ModelConfig(name="mlp"))
     router: RouterConfig = field(default_factory=RouterConfig)
     losses: Dict[str, Any] = field(default_factory=lambda: {"ce": {}})
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+
+
+FREE_FORM = ("teachers", "losses", "method", "data.args", "student.args", "router.args")
 
 
 def _schema() -> DictConfig:
     """The RunConfig schema; sections whose entries are free-form (model and loss arguments) or
     typed later by :func:`typed_sections` accept new keys from the command line without ``+``."""
     node = OmegaConf.structured(RunConfig)
-    for path in ("teachers", "losses", "method", "data.args", "student.args", "router.args"):
+    for path in FREE_FORM:
         OmegaConf.set_struct(OmegaConf.select(node, path), False)
     return node
 
@@ -135,8 +146,10 @@ def typed_sections(cfg: DictConfig) -> DictConfig:
     for section, schema in (("teachers", TeacherConfig), ("losses", TermConfig)):
         typed = {}
         for name, entry in cfg[section].items():
+            if entry is None:
+                raise ConfigError(f"{section}.{name}: null; to drop it, delete it with ~{section}.{name}")
             try:
-                typed[name] = OmegaConf.merge(OmegaConf.structured(schema), entry if entry is not None else {})
+                typed[name] = OmegaConf.merge(OmegaConf.structured(schema), entry)
             except OmegaConfBaseException as e:
                 key = f"{section}.{name}.{e.full_key}" if getattr(e, "full_key", None) else f"{section}.{name}"
                 if "not in" in str(e):
@@ -177,7 +190,23 @@ def check_names(cfg: DictConfig) -> None:
     for key, registry, name in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown {registry.kind} {name!r}; choose from: {', '.join(registry.names())}")
+    for where, mc in [("student", cfg.student), *((f"teachers.{k}", t) for k, t in cfg.teachers.items())]:
+        owner_args(f"{where}.args", MODELS, mc.name, mc.args)
+    owner_args("data.args", DATASETS, cfg.data.name, cfg.data.args)
+    owner_args("router.args", ROUTERS, cfg.router.name, cfg.router.args)
+    for k, t in cfg.teachers.items():
+        if t.epochs is not None and not NON_NEGATIVE_INT.contains(t.epochs):
+            raise ConfigError(f"teachers.{k}.epochs={t.epochs!r}; give a whole number of epochs >= 0 "
+                              "(0: use the model as built, without training)")
+        if t.lr is not None and not POSITIVE.contains(t.lr):
+            raise ConfigError(f"teachers.{k}.lr={t.lr!r}; it must be a positive finite number")
+    if not SEED.contains(cfg.seed):
+        raise ConfigError(f"seed={cfg.seed!r}; it must be {SEED}")
     for k, t in cfg.losses.items():
+        negative = LOSSES.meta(t.loss or k).get("negative_weight", False)
+        if not math.isfinite(t.weight) or (t.weight < 0 and not negative):
+            raise ConfigError(f"losses.{k}.weight={t.weight!r}; it must be a finite number >= 0 "
+                              f"(loss {t.loss or k!r} has no meaning with a negative weight)")
         if t.adapter is not None and t.adapter not in ADAPTERS:
             raise ConfigError(f"losses.{k}.adapter: unknown adapter {t.adapter!r}; choose from: {', '.join(ADAPTERS)}")
         for side in ("student", "teacher"):
@@ -208,6 +237,17 @@ def check_names(cfg: DictConfig) -> None:
 MONITORS = ("val/acc", "val/loss", "train/loss")
 
 
+def owner_args(where: str, registry: Any, name: str, args: Any) -> None:
+    """``args`` of the registered ``name`` against the ranges its registration declares
+    (:mod:`mmkd.checks`); any number must be finite."""
+    if OmegaConf.is_config(args):
+        args = OmegaConf.to_container(args)
+    try:
+        check_args(where, registry.meta(name).get("ranges", {}), args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_loss_args(term: str, loss: str, args: Any) -> None:
     """``losses.<term>.args`` must name keyword arguments of the loss, with numbers (or schedules)
     where the loss's default is a number."""
@@ -228,6 +268,7 @@ def check_loss_args(term: str, loss: str, args: Any) -> None:
         number = isinstance(default, (int, float)) and not isinstance(default, bool)
         if number and (isinstance(v, bool) or not isinstance(v, (int, float, Schedule))):
             raise ConfigError(f"{key}: expected a number, got {v!r}")
+        owner_args(f"losses.{term}.args", LOSSES, loss, {a: v})
 
 
 class ConfigError(ValueError):

@@ -10,10 +10,11 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from mmkd.checks import COUNT, FRACTION, PROBABILITY, Each
 from mmkd.registry import MODELS
 
 
-@MODELS.register("mlp")
+@MODELS.register("mlp", ranges={"hidden": Each(COUNT), "dropout": PROBABILITY, "bn_momentum": FRACTION})
 class MLP(nn.Module):
     """Flatten, then ``Linear -> ReLU -> Dropout`` per hidden layer, then a linear classifier.
 
@@ -38,7 +39,7 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
-@MODELS.register("cnn")
+@MODELS.register("cnn", ranges={"channels": Each(COUNT), "dropout": PROBABILITY})
 class CNN(nn.Module):
     """``Conv3x3 -> BatchNorm -> ReLU`` blocks (the second and later ones stride 2), global average
     pooling, dropout, and a linear classifier. Input ``[batch, channels, height, width]``."""

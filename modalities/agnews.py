@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mmkd.checks import COUNT, SEED, Range
 from mmkd.data import DataError, DataSplits, TensorDictDataset, stratified_split
 from mmkd.registry import DATASETS
 
@@ -40,7 +41,8 @@ def read_tsv(path: str | os.PathLike) -> tuple[list[str], torch.Tensor]:
     return texts, torch.tensor(labels)
 
 
-@DATASETS.register("agnews")
+@DATASETS.register("agnews", ranges={"max_length": COUNT, "val_fraction": Range(0, 1, low_open=True, high_open=True),
+                                  "split_seed": SEED, "limit": COUNT})
 def agnews(root: str | os.PathLike = "data", tokenizer: str = "minilm", max_length: int = 128,
            val_fraction: float = 0.1, split_seed: int = 0, limit: int | None = None) -> DataSplits:
     """AG News: 9,000 / 1,001 / 7,600 train/val/test sentences in 4 classes.

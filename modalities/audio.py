@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 from torchaudio import transforms
 
+from mmkd.checks import COUNT, NON_NEGATIVE_INT, PROBABILITY, Each
 from mmkd.models import CNN
 from mmkd.registry import MODELS
 
@@ -53,7 +54,9 @@ class SpecAugment(nn.Module):
         return x
 
 
-@MODELS.register("audio_cnn")
+@MODELS.register("audio_cnn", ranges={"channels": Each(COUNT), "dropout": PROBABILITY, "sample_rate": COUNT, "n_fft": COUNT,
+                                      "hop_length": COUNT, "n_mels": COUNT, "freq_mask": NON_NEGATIVE_INT,
+                                      "time_mask": NON_NEGATIVE_INT, "num_masks": NON_NEGATIVE_INT})
 class AudioCNN(nn.Module):
     """``frontend`` (log-mel) -> ``norm`` (BatchNorm over the one input channel) -> ``specaug`` ->
     ``features`` (``Conv3x3-BN-ReLU`` blocks, as the core's ``cnn``) -> ``pool`` -> ``head``.

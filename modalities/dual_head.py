@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from mmkd.checks import FRACTION, POSITIVE, SEED, Range
 from mmkd.data import DataSplits, TensorDictDataset, loader
 from mmkd.registry import DATASETS, MODELS
 
@@ -111,7 +112,7 @@ class DualHead(nn.Module):
         return combine(z_ce, z_kd, self.alpha, self.beta)
 
 
-@MODELS.register("dual_head")
+@MODELS.register("dual_head", ranges={"alpha": FRACTION, "beta": POSITIVE})
 def dual_head(num_classes: int, in_shape: Any, backbone: Mapping[str, Any], inference: str = "combine",
               align: bool = False, alpha: float = 0.5, beta: float = 1.0) -> DualHead:
     """A :class:`DualHead` on a registered model whose linear classifier (``head`` or ``fc``) is removed.
@@ -183,7 +184,7 @@ def keep_labels(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
     return out
 
 
-@DATASETS.register("semi")
+@DATASETS.register("semi", ranges={"fraction": Range(0, 1, low_open=True), "seed": SEED})
 def semi(root: str, name: str, args: Optional[Mapping[str, Any]] = None, fraction: float = 0.1,
          seed: int = 0) -> DataSplits:
     """The registered data set ``name`` (with ``args``) whose training labels are cut to a stratified

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from mmkd.checks import COUNT, PROBABILITY, Each
 from mmkd.registry import MODELS
 
 
@@ -26,7 +27,7 @@ def strip_head(model: nn.Module, where: str) -> int:
                      "fusion needs encoders that end in one")
 
 
-@MODELS.register("fusion")
+@MODELS.register("fusion", ranges={"hidden": Each(COUNT), "dropout": PROBABILITY})
 class Fusion(nn.Module):
     """Late fusion of per-modality encoders.
 

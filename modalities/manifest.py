@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmkd.checks import COUNT, POSITIVE, SEED, Range
 from mmkd.config import ConfigError
 from mmkd.data import DataError, DataSplits, TensorDictDataset, stratified_split
 from mmkd.registry import DATASETS
@@ -101,7 +102,8 @@ def class_names(labels: list[str]) -> list[str]:
     return names
 
 
-@DATASETS.register("manifest")
+@DATASETS.register("manifest", ranges={"val_fraction": Range(0, 1, low_open=True, high_open=True), "split_seed": SEED,
+                                    "sample_rate": COUNT, "seconds": POSITIVE, "n_mels": COUNT, "n_fft": COUNT, "hop": COUNT})
 def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = None, label: str = "label",
              train: str | None = None, val: str | None = None, test: str | None = None,
              csv: str | None = None, split_column: str = "split", val_fraction: float = 0.1,

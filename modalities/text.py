@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
+from mmkd.checks import COUNT, PROBABILITY
 from mmkd.data import DataError
 from mmkd.registry import MODELS
 
@@ -114,7 +115,8 @@ def _length(in_shape: Sequence[int] | Mapping[str, Sequence[int]]) -> int:
     return shape[-1]
 
 
-@MODELS.register("text_transformer")
+@MODELS.register("text_transformer", ranges={"vocab_size": COUNT, "hidden": COUNT, "layers": COUNT, "heads": COUNT,
+                                            "intermediate": COUNT, "max_positions": COUNT, "dropout": PROBABILITY})
 def text_transformer(num_classes: int, in_shape: Sequence[int] | Mapping[str, Sequence[int]],
                      vocab_size: int = 30522, hidden: int = 128, layers: int = 2, heads: int = 2,
                      intermediate: Optional[int] = None, max_positions: int = 512,
@@ -136,7 +138,7 @@ def text_transformer(num_classes: int, in_shape: Sequence[int] | Mapping[str, Se
     return TextClassifier(BertModel(config, add_pooling_layer=False), num_classes, dropout)
 
 
-@MODELS.register("text_minilm")
+@MODELS.register("text_minilm", ranges={"dropout": PROBABILITY})
 def text_minilm(num_classes: int, in_shape: Sequence[int] | Mapping[str, Sequence[int]],
                 path: str = MINILM, freeze: bool = False, dropout: float = 0.1) -> TextClassifier:
     """all-MiniLM-L6-v2 (6 layers, width 384, 22.7M parameters) with its trained weights, mean

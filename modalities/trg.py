@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmkd.checks import COUNT, NON_NEGATIVE_INT, POSITIVE, TEMPERATURE
 from mmkd.losses import reduce, register_loss
 
 
@@ -119,7 +120,8 @@ def knn_graph(tokens: Tensor, k: int, sigma: float = 1.0) -> tuple[Tensor, Tenso
     return torch.exp(-d / (2 * sigma)) * mask, mask
 
 
-@register_loss("trg_local", teacher=True, per_sample=True, batch=True)
+@register_loss("trg_local", teacher=True, per_sample=True, batch=True,
+               ranges={"k": COUNT, "sigma": POSITIVE, "num_tokens": COUNT, "skip": NON_NEGATIVE_INT})
 def trg_local(student_feats, teacher_feats, target=None, *, k: int = 4, sigma: float = 1.0,
               num_tokens: int | None = 16, normalize: bool = True, skip: int = 0, mask: str | None = None,
               batch=None, reduction: str = "mean"):
@@ -140,7 +142,8 @@ def trg_local(student_feats, teacher_feats, target=None, *, k: int = 4, sigma: f
     return reduce((log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=(1, 2)), reduction)
 
 
-@register_loss("trg_global", teacher=True, per_sample=True, batch=True)
+@register_loss("trg_global", teacher=True, per_sample=True, batch=True,
+               ranges={"temperature": TEMPERATURE, "num_tokens": COUNT, "skip": NON_NEGATIVE_INT})
 def trg_global(student_feats, teacher_feats, target=None, *,
                temperature: Union[float, Tensor] = 0.1, num_tokens: int | None = 16,
                skip: int = 0, mask: str | None = None, batch=None, reduction: str = "mean"):
@@ -163,7 +166,8 @@ def trg_global(student_feats, teacher_feats, target=None, *,
     return reduce(nce.view(b, n).mean(dim=1), reduction)
 
 
-@register_loss("trg_context", teacher=True, per_sample=True, batch=True)
+@register_loss("trg_context", teacher=True, per_sample=True, batch=True,
+               ranges={"num_tokens": COUNT, "skip": NON_NEGATIVE_INT})
 def trg_context(student_feats, teacher_feats, target=None, *, num_tokens: int | None = 16, skip: int = 0,
                 mask: str | None = None, batch=None, reduction: str = "mean"):
     """TRG contextual loss ``mean_ij (M^S_ij - M^T_ij)^2`` with ``M = softmax_j(F F^T / sqrt(D))``

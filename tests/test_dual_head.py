@@ -36,7 +36,9 @@ def test_bkl_zero_at_teacher_and_matches_loops():
         want.append(temp**2 * total)
     assert torch.allclose(bkl(s, t, temperature=temp, reduction="none"), torch.tensor(want, dtype=torch.float64))
     assert torch.isclose(bkl(s, t, temperature=temp), torch.tensor(sum(want) / 3, dtype=torch.float64))
-    assert LOSSES.meta("bkl") == {"teacher": True, "per_sample": True, "batch": False}
+    meta = LOSSES.meta("bkl")
+    assert {k: meta[k] for k in ("teacher", "per_sample", "batch")} == {"teacher": True, "per_sample": True, "batch": False}
+    assert not meta["ranges"]["temperature"].contains(0) and meta["ranges"]["temperature"].contains(2.0)
 
 
 def test_bkl_gradcheck_and_large_gaps():

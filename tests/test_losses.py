@@ -143,7 +143,7 @@ HPARAMS = [
 def test_registry_meta():
     for name, fn in ALL.items():
         assert LOSSES[name] is fn
-        assert LOSSES.meta(name) == {"teacher": name != "ce", "per_sample": name in PER_SAMPLE, "batch": False}
+        assert {"teacher": name != "ce", "per_sample": name in PER_SAMPLE, "batch": False}.items() <= LOSSES.meta(name).items()
 
 
 @pytest.mark.parametrize("b,c", [(1, 2), (1, 7), (5, 2), (5, 7)])

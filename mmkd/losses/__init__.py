@@ -14,22 +14,27 @@ mixture core weight each teacher per instance; batch-level losses (registered wi
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from mmkd.registry import LOSSES
 
 
-def register_loss(name: str, *, teacher: bool = True, per_sample: bool = True, batch: bool = False) -> Callable:
+def register_loss(name: str, *, teacher: bool = True, per_sample: bool = True, batch: bool = False,
+                  ranges: Mapping[str, Any] | None = None, negative_weight: bool = False) -> Callable:
     """Register a loss function under ``name``.
 
     ``teacher``: whether the loss reads teacher logits (False for label-only losses such as CE).
     ``per_sample``: whether it supports ``reduction="none"`` (one value per instance).
     ``batch``: whether it also needs the batch (e.g. a graph's ``edge_index``); it then receives
     it as the keyword argument ``batch``.
+    ``ranges``: what each argument accepts (:mod:`mmkd.checks`), checked before anything trains.
+    ``negative_weight``: whether a negative term weight is meaningful (a reward rather than a cost);
+    by default a term's weight must be non-negative.
     """
-    return LOSSES.register(name, teacher=teacher, per_sample=per_sample, batch=batch)
+    return LOSSES.register(name, teacher=teacher, per_sample=per_sample, batch=batch, ranges=dict(ranges or {}),
+                           negative_weight=negative_weight)
 
 
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -13,10 +13,11 @@ import math
 
 import torch.nn.functional as F
 
+from mmkd.checks import TEMPERATURE
 from mmkd.losses import reduce, register_loss
 
 
-@register_loss("bkl", teacher=True, per_sample=True)
+@register_loss("bkl", teacher=True, per_sample=True, ranges={"temperature": TEMPERATURE})
 def bkl(student_logits, teacher_logits, target=None, *, temperature=4.0, reduction="mean"):
     """``T^2 * sum_c KL(Bern(0.5) || Bern(sigmoid((s_c - t_c) / T)))`` per instance (the mean over
     instances gives the paper's ``T^2 / N`` sum); ``log q`` and ``log(1 - q)`` are log-sigmoids, so

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from mmkd.checks import FRACTION
 from mmkd.losses import reduce, register_loss
 
 
-@register_loss("ce", teacher=False, per_sample=True)
+@register_loss("ce", teacher=False, per_sample=True, ranges={"label_smoothing": FRACTION})
 def ce(student_logits, teacher_logits=None, target=None, *, label_smoothing=0.0, reduction="mean"):
     """Cross-entropy ``-sum_c q_c log softmax(z)_c`` with ``q = (1-eps) onehot(y) + eps/C``.
 

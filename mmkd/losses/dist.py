@@ -12,10 +12,12 @@ NeurIPS 2022.
 """
 from __future__ import annotations
 
+from mmkd.checks import NON_NEGATIVE, POSITIVE, TEMPERATURE
 from mmkd.losses import register_loss
 
 
-@register_loss("dist", teacher=True, per_sample=False)
+@register_loss("dist", teacher=True, per_sample=False,
+               ranges={"beta": NON_NEGATIVE, "gamma": NON_NEGATIVE, "tau": TEMPERATURE, "eps": POSITIVE})
 def dist(student_logits, teacher_logits, target=None, *, beta=1.0, gamma=1.0, tau=1.0, eps=1e-8):
     """``tau^2 (beta (1 - mean_i rho(rows)) + gamma (1 - mean_j rho(columns)))`` (scalar).
 

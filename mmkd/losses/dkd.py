@@ -15,10 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mmkd.checks import NON_NEGATIVE, TEMPERATURE
 from mmkd.losses import reduce, register_loss
 
 
-@register_loss("dkd", teacher=True, per_sample=True)
+@register_loss("dkd", teacher=True, per_sample=True,
+               ranges={"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "temperature": TEMPERATURE})
 def dkd(student_logits, teacher_logits, target, *, alpha=1.0, beta=8.0, temperature=4.0,
         reduction="mean"):
     """``T^2 (alpha * KL(b^t || b^s) + beta * KL(p_hat^t || p_hat^s))`` per instance.

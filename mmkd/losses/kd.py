@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from mmkd.checks import TEMPERATURE
 from mmkd.losses import reduce, register_loss
 
 
-@register_loss("kd", teacher=True, per_sample=True)
+@register_loss("kd", teacher=True, per_sample=True, ranges={"temperature": TEMPERATURE})
 def kd(student_logits, teacher_logits, target=None, *, temperature=4.0, reduction="mean"):
     """``T^2 * sum_c p^t_c (log p^t_c - log p^s_c)`` with ``p = softmax(z / T)``.
 

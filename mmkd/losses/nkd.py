@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mmkd.checks import NON_NEGATIVE, TEMPERATURE
 from mmkd.losses import reduce, register_loss
 
 
-@register_loss("nkd", teacher=True, per_sample=True)
+@register_loss("nkd", teacher=True, per_sample=True, ranges={"temperature": TEMPERATURE, "gamma": NON_NEGATIVE})
 def nkd(student_logits, teacher_logits, target, *, temperature=1.0, gamma=1.5, reduction="mean"):
     """``-t_y log s_y - gamma T^2 sum_{i != y} N(t)_i log N(s)_i`` per instance (t_y detached).
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from mmkd.checks import TEMPERATURE
 from mmkd.losses import reduce, register_loss
 
 
-@register_loss("pld", teacher=True, per_sample=True)
+@register_loss("pld", teacher=True, per_sample=True, ranges={"tau": TEMPERATURE})
 def pld(student_logits, teacher_logits, target, *, tau=1.0, reduction="mean"):
     """``sum_k w_k (-s_{pi_k} + logsumexp_{l >= k} s_{pi_l})`` per instance.
 

@@ -22,10 +22,12 @@ import math
 
 import torch
 
+from mmkd.checks import COUNT, POSITIVE, TEMPERATURE
 from mmkd.losses import register_loss
 
 
-@register_loss("sinkd", teacher=True, per_sample=False)
+@register_loss("sinkd", teacher=True, per_sample=False,
+               ranges={"temperature": TEMPERATURE, "epsilon": POSITIVE, "iterations": COUNT})
 def sinkd(student_logits, teacher_logits, target=None, *, temperature=2.0, epsilon=0.1,
           iterations=20):
     """``<P, C>`` with C_ij = |softmax(s_i/T) - softmax(t_j/T)|_1 and P the Sinkhorn plan (scalar).

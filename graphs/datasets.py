@@ -23,12 +23,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmkd.checks import COUNT, SEED, Range
 from mmkd.config import ConfigError
 from mmkd.data import DataSplits
 from mmkd.preprocess import row_normalize
 from mmkd.registry import DATASETS
 from mmkd.graphs import splits as S
-from mmkd.graphs.data import Graph, planetoid, read_npz
+from mmkd.graphs.data import Graph, check_masks, planetoid, read_npz
 from mmkd.graphs.sampling import CSC, sample
 
 
@@ -143,7 +144,10 @@ def graph_splits(g: Graph, split: str = "public", setting: str = "transductive",
         batching: ``full`` (one item: the whole graph) or ``neighbor`` (sampled neighbourhoods of
             ``num_neighbors`` per hop for training; ``eval_neighbors`` for val/test, default all).
     """
+    if setting == "inductive" and not 0 < held_out < 1:  # a config value: checked before the graph's split
+        raise ConfigError(f"data.args.held_out={held_out}: the held-out fraction of test nodes must be in (0, 1)")
     if split == "public":
+        check_masks(g.masks, g.num_nodes, g.name)  # shipped masks must not overlap (npz files are checked on read)
         parts = S.public(g)
     elif split == "glnn":
         parts = S.per_class(g, train_per_class, val_per_class, split_seed)
@@ -181,6 +185,10 @@ def graph_splits(g: Graph, split: str = "public", setting: str = "transductive",
                       preprocessing={"x": [{"op": "row_normalize"}]} if normalize else {})
 
 
+GRAPH_RANGES = {"split_seed": SEED, "held_out": Range(0, 1, low_open=True, high_open=True), "train_per_class": COUNT,
+                "val_per_class": COUNT}  # graph_splits' numeric arguments, for every graph data set
+
+
 def check_args(kwargs: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` naming any ``data.args`` key that :func:`graph_splits` does not take."""
     valid = [p for p in inspect.signature(graph_splits).parameters if p != "g"]
@@ -189,7 +197,7 @@ def check_args(kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"data.args: unknown argument {unknown[0]!r}; choose from: {', '.join(valid)}")
 
 
-@DATASETS.register("planetoid")
+@DATASETS.register("planetoid", ranges=GRAPH_RANGES)
 def planetoid_splits(root: str, name: str = "cora", **kwargs) -> DataSplits:
     """A Planetoid citation graph (Cora, CiteSeer, PubMed) read from ``<root>/planetoid/<Name>/raw``;
     ``kwargs`` go to :func:`graph_splits` (split, setting, batching, ...)."""
@@ -203,14 +211,14 @@ def _named(name: str):
         return planetoid_splits(root, name, **kwargs)
 
     factory.__doc__ = f"Planetoid {name} (see ``planetoid``)."
-    return DATASETS.register(name)(factory)
+    return DATASETS.register(name, ranges=GRAPH_RANGES)(factory)
 
 
 for _name in ("cora", "citeseer", "pubmed"):
     _named(_name)
 
 
-@DATASETS.register("npz")
+@DATASETS.register("npz", ranges=GRAPH_RANGES)
 def npz_splits(root: str, path: str, undirected: bool = True, **kwargs) -> DataSplits:
     """A graph from an ``.npz`` file (see :func:`graphs.data.read_npz`); ``path`` is relative to the
     data root unless absolute; ``kwargs`` go to :func:`graph_splits` (default split: ``glnn``)."""

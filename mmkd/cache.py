@@ -3,10 +3,13 @@
 The outputs are stored on disk under a key made of a hash of the teacher (weights, input keys,
 feature paths) and the data set's fingerprint, so later epochs and later runs reuse them and the
 student's epochs run no teacher forward; any change to the teacher's weights changes the key.
+Each entry ``<key>.pt`` has an index ``<key>.json`` with its size and SHA-256 (``mmkd.io.save_checked``):
+an entry that is damaged, or has no index, is rebuilt with a warning, never loaded blindly.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +20,19 @@ from torch.utils.data import Dataset
 from mmkd import io
 from mmkd.data import loader
 from mmkd.net import Batch, Output, Teacher
+
+log = logging.getLogger("mmkd")
+
+
+def _fits(stored, teacher: Teacher, n: int) -> bool:
+    """Whether a loaded cache entry has the layout this module writes: ``n`` rows of logits and of
+    every feature path of ``teacher``."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("logits"), Tensor):
+        return False
+    features = stored.get("features")
+    return (stored["logits"].ndim == 2 and len(stored["logits"]) == n and isinstance(features, dict)
+            and set(features) == set(teacher.feature_paths)
+            and all(isinstance(f, Tensor) and len(f) == n for f in features.values()))
 
 
 def teacher_hash(teacher: Teacher) -> str:
@@ -65,9 +81,12 @@ def cache_teacher(teacher: Teacher, dataset: Dataset, root: str | os.PathLike,
                          "with a fingerprint; its teacher outputs cannot be cached")
     key = hashlib.sha256(f"{teacher_hash(teacher)}|{dataset.fingerprint}".encode()).hexdigest()[:24]
     path = Path(root) / f"{key}.pt"
-    if path.exists():
-        stored = torch.load(path, map_location="cpu")
-        return CachedTeacher(teacher, stored["logits"], stored["features"], path)
+    stored = io.load_checked(path, log)  # None on a miss, and (with a warning) on a damaged entry
+    if stored is not None:
+        if _fits(stored, teacher, len(dataset)):
+            return CachedTeacher(teacher, stored["logits"], stored["features"], path)
+        log.warning("%s: cache entry does not hold this teacher's outputs on %d items; rebuilding it",
+                    path, len(dataset))
     device = torch.device(device)
     teacher.to(device).eval()
     logits, features = [], {p: [] for p in teacher.feature_paths}
@@ -77,5 +96,5 @@ def cache_teacher(teacher: Teacher, dataset: Dataset, root: str | os.PathLike,
         for p, f in out.features.items():
             features[p].append(f.float().cpu())
     stored = {"logits": torch.cat(logits), "features": {p: torch.cat(f) for p, f in features.items()}}
-    io.save(stored, path)
+    io.save_checked(stored, path)  # atomic, then its size and SHA-256 in <key>.json
     return CachedTeacher(teacher, stored["logits"], stored["features"], path)

@@ -78,9 +78,12 @@ def check_config(c: Any) -> None:
     for key, low in AT_LEAST.items():
         if getattr(c, key) is not None and getattr(c, key) < low:
             raise ValueError(f"trainer.{key}={getattr(c, key)!r}; it must be at least {low}")
-    for key in ("lr", "grad_clip"):
-        if getattr(c, key) is not None and not getattr(c, key) > 0:
-            raise ValueError(f"trainer.{key}={getattr(c, key)!r}; it must be positive")
+    for key in ("lr", "grad_clip", "gamma"):
+        if getattr(c, key) is not None and not 0 < getattr(c, key) < math.inf:
+            raise ValueError(f"trainer.{key}={getattr(c, key)!r}; it must be a positive finite number")
+    for key in ("warmup_epochs", "weight_decay", "momentum"):
+        if not math.isfinite(getattr(c, key)):
+            raise ValueError(f"trainer.{key}={getattr(c, key)!r}; give a finite number")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"trainer.device={c.device!r}; choose from: auto, cpu, cuda, cuda:N")
     if c.device.startswith("cuda") and not torch.cuda.is_available():
@@ -120,18 +123,28 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, ints, floats and strings only, so that ``last.pt`` loads with
+    ``torch.load(weights_only=True)`` (``np.random.get_state()`` holds a numpy array, which it refuses)."""
+    version, mt, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss},
+             "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`_rng_state` returned (exactly: the same draws follow)."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["bit_generator"], npy["key"].cpu().numpy().astype(np.uint32), int(npy["pos"]),
+                         int(npy["has_gauss"]), float(npy["cached_gaussian"])))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class Trainer:
@@ -143,11 +156,12 @@ class Trainer:
     those of an uninterrupted run with the same seed. Launched with ``torchrun`` it trains with DDP:
     a ``DistributedSampler`` shards the data and only rank 0 writes files. Before each training step
     it calls ``module.set_progress(fraction_of_training_done)`` when the module has that method (the
-    :class:`~mmkd.distiller.Distiller` evaluates scheduled loss arguments at it).
+    :class:`~mmkd.distiller.Distiller` evaluates scheduled loss arguments at it). A non-finite loss
+    stops training with :class:`NonFiniteLoss`, one line naming ``stage`` (default: ``run_dir``).
     """
 
     def __init__(self, config: TrainerConfig | None = None, run_dir: str | os.PathLike = "run",
-                 resume: bool = False, **overrides: Any):
+                 resume: bool = False, stage: str | None = None, **overrides: Any):
         self.cfg = config or TrainerConfig()
         for k, v in overrides.items():
             if not hasattr(self.cfg, k):
@@ -155,6 +169,7 @@ class Trainer:
             setattr(self.cfg, k, v)
         check_config(self.cfg)
         self.run_dir = Path(run_dir)
+        self.stage = stage or str(self.run_dir)  # names the run's stage in errors (teachers/cnn, student, ...)
         self.resume = resume
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = self._device()
@@ -223,7 +238,7 @@ class Trainer:
         last = self.run_dir / "last.pt"
         seed_everything(c.seed, c.deterministic)  # on resume too (deterministic kernels); RNG restored below
         if self.resume and last.exists():
-            state = torch.load(last, map_location=self.device, weights_only=False)
+            state = io.load(last, "the training state", "delete it to train that stage again")
             module.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -259,9 +274,7 @@ class Trainer:
                         losses = step_fn(batch)
                     loss = losses["loss"]
                     if step % c.finite_check_every == 0 and not torch.isfinite(loss):
-                        bad_terms = {k: float(v.detach()) for k, v in losses.items()}
-                        raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {step}: {bad_terms}; "
-                                            f"lower trainer.lr or set trainer.grad_clip")
+                        raise NonFiniteLoss(self._diverged(losses, batch, epoch, step, module))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if c.grad_clip:
@@ -318,9 +331,28 @@ class Trainer:
                 writer.close()
         if self.world > 1:
             dist.barrier()
-        best_state = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=False)
+        best_state = io.load(self.run_dir / "best.pt", "the best epoch's weights",
+                             "delete it and last.pt to train that stage again")
         module.load_state_dict(best_state["model"])
         return FitResult(best_epoch, best, best_state["metrics"], history)
+
+    def _diverged(self, losses: dict[str, Tensor], batch: Batch, epoch: int, step: int, module: nn.Module) -> str:
+        """One line for a non-finite loss: the stage, epoch and step, the non-finite terms, and advice
+        that fits the cause (bad inputs, weights gone non-finite, a loss that is non-finite from the
+        start, or divergence during training)."""
+        terms = {k: float(v.detach()) for k, v in losses.items() if k != "loss" and not torch.isfinite(v).all()}
+        where = (f"{self.stage}: non-finite loss at epoch {epoch + 1}, step {step + 1} "
+                 f"({', '.join(f'{k}={v}' for k, v in terms.items()) or 'loss=' + str(float(losses['loss']))})")
+        inputs = [k for k, v in (batch.items() if isinstance(batch, dict) else [])
+                  if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if inputs:
+            return f"{where}; the batch's {', '.join(inputs)} hold NaN or infinite values: clean the input data"
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
+            return f"{where}; the weights are no longer finite: lower trainer.lr or set trainer.grad_clip"
+        if epoch == 0 and step == 0:
+            return (f"{where}; it is non-finite from the first step, so the learning rate is not the cause: "
+                    "check the arguments of those loss terms (a temperature near 0 divides by zero)")
+        return f"{where}; training diverged: lower trainer.lr or set trainer.grad_clip"
 
     def _mean(self, total: Tensor, n: int) -> float:
         if self.world > 1:

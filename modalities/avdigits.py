@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmkd.checks import COUNT, POSITIVE, SEED
 from mmkd import io
 from mmkd.config import ConfigError
 from mmkd.data import DataError, DataSplits, TensorDictDataset
@@ -111,27 +112,28 @@ def file_stats(folder: Path, files: list[str]) -> list[list]:
 
 def cached(kind: str, params: dict, files: list[list], compute: Callable[[], Tensor], cache_dir: Path) -> Tensor:
     """``compute()``, cached on disk in ``cache_dir/avdigits-<kind>-<key>.pt`` where the key hashes
-    ``kind``, ``params`` and ``files`` (see :func:`file_stats`); written atomically, so a file there
-    is always complete, and one that cannot be read (damaged by something else) is rebuilt. A build
+    ``kind``, ``params`` and ``files`` (see :func:`file_stats`); written atomically with its size and
+    SHA-256 beside it (``mmkd.io.save_checked``), so a file there is always complete, and one that is
+    damaged (by something else), has no index or cannot be read is rebuilt with a warning. A build
     logs how long it took."""
     key = hashlib.sha256(json.dumps([kind, params, files]).encode()).hexdigest()[:24]
     path = cache_dir / f"avdigits-{kind}-{key}.pt"
-    if path.exists():
-        try:
-            stored = torch.load(path, map_location="cpu")
-            if stored["params"] == params and stored["files"] == files:
-                return stored["data"]
-        except Exception as e:
-            log.warning("%s: unreadable cache file (%s); rebuilding it", path, e)
+    stored = io.load_checked(path, log)  # None on a miss, and (with a warning) on a damaged entry
+    if stored is not None:
+        if (isinstance(stored, dict) and stored.get("params") == params and stored.get("files") == files
+                and isinstance(stored.get("data"), Tensor)):
+            return stored["data"]
+        log.warning("%s: cache file holds other data than its name says; rebuilding it", path)
     start = time.perf_counter()
     data = compute()
     log.info("avdigits: built the %s cache of %d recordings in %.1f s: %s", kind, len(files),
              time.perf_counter() - start, path)
-    io.save({"params": params, "files": files, "data": data}, path)
+    io.save_checked({"params": params, "files": files, "data": data}, path)
     return data
 
 
-@DATASETS.register("avdigits")
+@DATASETS.register("avdigits", ranges={"seed": SEED, "sample_rate": COUNT, "seconds": POSITIVE, "n_mels": COUNT,
+                                    "n_fft": COUNT, "hop": COUNT, "limit_per_class": COUNT})
 def avdigits(root: str | os.PathLike = "data", seed: int = 0, sample_rate: int = 8000, seconds: float = 1.0,
              n_mels: int = 40, n_fft: int = 200, hop: int = 80, waveform: bool = False,
              limit_per_class: int | None = None, cache_dir: str | os.PathLike | None = None,

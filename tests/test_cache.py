@@ -78,7 +78,8 @@ def test_second_call_reuses_the_file_without_teacher_forward(tmp_path, monkeypat
     assert second.path == first.path and second.path.stat().st_mtime_ns == mtime
     assert torch.equal(second.logits, first.logits)
     assert torch.equal(second.features["1"], first.features["1"])
-    assert list(tmp_path.iterdir()) == [first.path]  # one file, no temporaries
+    # the entry and its checksum index, no temporaries
+    assert sorted(tmp_path.iterdir()) == sorted([first.path, mmkd.io.index_path(first.path)])
 
 
 def test_changing_one_teacher_weight_invalidates(tmp_path):

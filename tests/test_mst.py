@@ -183,9 +183,9 @@ def test_three_stages_chain_through_mmkd_run_on_tiny_avdigits(tmp_path, capsys):
                  "method.epochs=2", "method.dim=8", "method.heads=2", *common]) == 0
     assert main(["run", "experiment=mst_image_stage3", f"run_dir={s3}", f"method.stage2={s2}", *common]) == 0
     # stage 2 keeps each mask's best-validation state: the one in its trainer's best.pt
-    masks = torch.load(s2 / "masks.pt", weights_only=False)
+    masks = torch.load(s2 / "masks.pt", weights_only=True)
     for name, state in zip(masks["names"], masks["masks"]):
-        best = torch.load(s2 / "masks" / name / "best.pt", weights_only=False)["model"]
+        best = torch.load(s2 / "masks" / name / "best.pt", weights_only=True)["model"]
         prefix = "teacher.model.masknet."
         assert set(state) == {k.removeprefix(prefix) for k in best if k.startswith(prefix)}, name
         for k, v in state.items():

@@ -2,11 +2,13 @@
 logging, gradient clipping, evaluation, device and precision selection, learning-rate schedules,
 optimizers, the progress bar and torch.compile, on tiny models and random data."""
 import csv
+import errno
 import io as _pyio
 import logging
 import math
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,7 +69,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, data, monk
     train, val = data
     full_mod = make_module()
     full = trainer(tmp_path / "full").fit(full_mod, train, val)
-    full_last = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    full_last = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
 
     # interrupted run: dies right after epoch 2's checkpoint was written
     real_log = Trainer._log
@@ -81,7 +83,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, data, monk
     with pytest.raises(Crash):
         trainer(tmp_path / "cut").fit(make_module(), train, val)
     monkeypatch.undo()
-    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and not state["done"] and len(state["history"]) == 2
 
     # resume on a freshly built module (different init, different global RNG)
@@ -93,7 +95,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, data, monk
 
     assert sum(steps) == 2 * len(train)  # only epochs 3 and 4 were trained again
     assert_same_state(clone_state(fresh), clone_state(full_mod))  # best weights after fit
-    cut_last = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    cut_last = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert_same_state(cut_last["model"], full_last["model"])  # weights after the final epoch
     assert strip_time(res.history) == strip_time(full.history)
     assert len(res.history) == 4
@@ -133,28 +135,28 @@ def test_resumed_run_keeps_deterministic_algorithms(tmp_path, data, restore_dete
 
 # ---------------------------------------------------------------- atomic checkpoints
 def test_checkpoint_is_never_half_written(tmp_path, data, monkeypatch):
+    """The disk fills up half-way through writing epoch 2's last.pt: a one-line NoSpace error names
+    the folder, and epoch 1's last.pt is intact."""
     train, val = data
-    real_save = torch.save
+    real_write = Path.write_bytes
     partial = []
 
-    def failing_save(obj, f, *a, **kw):
-        if isinstance(obj, dict) and "optimizer" in obj and obj["epoch"] == 1:  # last.pt of epoch 2
-            buf = _pyio.BytesIO()
-            real_save(obj, buf, *a, **kw)
-            data_ = buf.getvalue()
-            with open(f, "wb") as fh:
-                fh.write(data_[: len(data_) // 2])
-            partial.append(str(f))
-            raise OSError("No space left on device")
-        return real_save(obj, f, *a, **kw)
+    def failing_write(self, data_):
+        if self.name.startswith(".last.") and len(partial) == 0 and (tmp_path / "last.pt").exists():
+            with open(self, "wb") as fh:
+                fh.write(bytes(data_)[: len(data_) // 2])
+            partial.append(str(self))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data_)
 
-    monkeypatch.setattr(mmkd.io.torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
+    with pytest.raises(mmkd.io.NoSpace, match=f"^no space left on {tmp_path} \\(writing last.pt: ") as e:
         trainer(tmp_path, max_epochs=3).fit(make_module(), train, val)
     monkeypatch.undo()
+    assert "\n" not in str(e.value)
 
     assert len(partial) == 1  # the failure really happened mid-write of a file
-    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["epoch"] == 0 and len(state["history"]) == 1  # still epoch 1, intact
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["best.pt", "last.pt", "metrics.csv"], names  # no temporary files left
@@ -185,8 +187,8 @@ def test_early_stop_when_lr_zero(tmp_path, data, monkeypatch):
     res = trainer(tmp_path, max_epochs=20, patience=2).fit(mod, train, val)
     assert len(res.history) == 3  # best at epoch 1, then 2 epochs without improvement
     assert res.best_epoch == 1
-    assert torch.load(tmp_path / "best.pt", weights_only=False)["epoch"] == 1
-    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["done"] and last["bad_epochs"] == 2
     assert_same_state(clone_state(mod), before)
 
@@ -211,7 +213,7 @@ def test_early_stop_on_chosen_metric(tmp_path, data, monkeypatch, monitor, mode,
 
     assert len(res.history) == stop
     assert res.best_epoch == best and res.best_score == values[best - 1]
-    saved = torch.load(tmp_path / "best.pt", weights_only=False)
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
     assert saved["epoch"] == best and saved["metrics"][monitor] == values[best - 1]
     assert_same_state(saved["model"], snapshots[best - 1])
     assert_same_state(clone_state(mod), snapshots[best - 1])  # module holds the best weights
@@ -256,11 +258,11 @@ def test_ties_on_a_minimised_loss(tmp_path, data, monkeypatch, ties, stop, best)
                   ties=ties).fit(mod, train, val)
     assert len(res.history) == stop
     assert res.best_epoch == best and res.best_score == 1.2
-    saved = torch.load(tmp_path / "best.pt", weights_only=False)
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
     assert saved["epoch"] == best
     assert_same_state(clone_state(mod), snapshots[best - 1])
     assert not torch.equal(snapshots[2]["student.model.0.weight"], snapshots[4]["student.model.0.weight"])
-    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["done"] and last["bad_epochs"] == 3 and last["best_epoch"] == best
 
 
@@ -277,7 +279,7 @@ def test_unknown_monitor_fails(tmp_path, data):
     ("ties", "middle", "trainer.ties='middle'; choose from: first, last"),
     ("device", "gpu", "trainer.device='gpu'; choose from: auto, cpu, cuda, cuda:N"),
     ("batch_size", 0, "trainer.batch_size=0; it must be at least 1"),
-    ("grad_clip", -1.0, "trainer.grad_clip=-1.0; it must be positive"),
+    ("grad_clip", -1.0, "trainer.grad_clip=-1.0; it must be a positive finite number"),
 ])
 def test_unusable_settings_fail_when_the_trainer_is_built(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -303,15 +305,35 @@ class Poison(nn.Module):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_loss_raises_with_epoch_and_step(tmp_path, data, value):
-    train, val = data  # 192 samples / 32 = 6 steps per epoch; call 8 = epoch 2, step 1
+    train, val = data  # 192 samples / 32 = 6 steps per epoch; call 8 = epoch 2, its second step
     torch.manual_seed(0)
     poison = Poison(nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C)), at=8, value=value)
     mod = make_module(model=poison)
-    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 1\b"):
-        trainer(tmp_path).fit(mod, train, val)
+    with pytest.raises(NonFiniteLoss, match=r"^teachers/x: non-finite loss at epoch 2, step 2 \(ce=(nan|inf)\); "
+                                            r"training diverged: lower trainer.lr or set trainer.grad_clip$"):
+        trainer(tmp_path, stage="teachers/x").fit(mod, train, val)
     assert poison.calls == 8  # stopped at once, no further steps
     assert all(torch.isfinite(p).all() for p in mod.parameters())  # the bad step was not applied
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 0
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
+
+
+def test_non_finite_from_the_first_step_blames_the_loss_not_the_learning_rate(tmp_path, data):
+    train, val = data
+    torch.manual_seed(0)
+    mod = make_module(model=Poison(nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C)), at=1,
+                                   value=float("nan")))
+    with pytest.raises(NonFiniteLoss, match=r"^student: non-finite loss at epoch 1, step 1 \(ce=nan\); it is "
+                                            r"non-finite from the first step, so the learning rate is not the cause"):
+        trainer(tmp_path, stage="student").fit(mod, train, val)
+
+
+def test_non_finite_inputs_are_named(tmp_path, data):
+    train, val = data
+    x = train.tensors["x"].clone()
+    x[40, 3] = float("nan")  # in the second batch of the first epoch (order shuffled: any batch)
+    bad = TensorDictDataset("nan", x=x, label=train.tensors["label"])
+    with pytest.raises(NonFiniteLoss, match=r"the batch's x hold NaN or infinite values: clean the input data$"):
+        trainer(tmp_path).fit(make_module(), bad, val)
 
 
 # ---------------------------------------------------------------- logging

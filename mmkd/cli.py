@@ -5,8 +5,12 @@
     mmkd export run_dir=DIR [format=onnx|pt2]
     mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|pt2]
 
-Bad input (an unknown key, a wrong type, an unknown name, a missing file) prints one line naming
-the key and the valid choices, and exits with code 2.
+Errors are one line on stderr, and the exit code tells them apart:
+
+    2  bad input (an unknown key, a wrong type or range, an unknown name, a missing or damaged file,
+       a run directory in use, no space left on the disk): nothing was trained on it
+    3  the loss became NaN or infinite (the line names the stage, epoch, step and terms)
+    4  the run finished and saved its results, but exporting the student failed
 """
 from __future__ import annotations
 
@@ -19,11 +23,14 @@ from typing import Sequence
 
 from mmkd.config import ConfigError, config_dir, experiments
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_EXPORT = 2, 3, 4
 
 
 def compose(overrides: Sequence[str]):
-    """The run config for ``overrides``, composed and validated; raises :class:`ConfigError`."""
+    """The run config for ``overrides``, composed and validated; raises :class:`ConfigError`.
+
+    With ``resume=true`` it is the config stored in the run directory: an override that would
+    change it is refused (:data:`RESUME_SAFE` lists the keys that may differ)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -31,15 +38,127 @@ def compose(overrides: Sequence[str]):
 
     from mmkd.config import check_names, typed_sections
 
+    parsed = parse_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain(e, overrides)) from None
+    for o in parsed:  # `teachers={}` merges into the experiment's teachers: it removes nothing
+        key = o.key_or_group
+        if not o.is_delete() and o.value() == {} and OmegaConf.select(cfg, key):
+            entries = list(OmegaConf.select(cfg, key))
+            raise ConfigError(f"{key}={{}}: an override merges into the experiment's {key} ({', '.join(entries)}) "
+                              f"and removes nothing; delete entries with {' '.join(f'~{key}.{e}' for e in entries)}")
+    if cfg.resume:
+        cfg = resumed(cfg, parsed)
     typed_sections(cfg)
     check_names(cfg)
     return cfg
+
+
+# keys a resumed run may change: they cannot change its results
+RESUME_SAFE = ("resume", "run_dir", "trainer.progress", "trainer.num_workers", "trainer.tensorboard", "export",
+               "trainer.device")
+
+
+def resumed(cfg, parsed: list) -> "DictConfig":
+    """The config stored in ``cfg.run_dir`` with the :data:`RESUME_SAFE` overrides applied; any other
+    override that differs from the stored value is refused, naming every such key."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf, open_dict
+
+    from mmkd.config import _schema
+
+    path = Path(cfg.run_dir or "") / "config.yaml"
+    if not cfg.run_dir or not path.is_file():
+        raise ConfigError(f"resume=true: {cfg.run_dir!r} holds no run (no config.yaml); set run_dir to the "
+                          "directory of the run to continue")
+    stored = OmegaConf.merge(_schema(), OmegaConf.load(path))
+    differ = []
+    for o in parsed:
+        key = o.key_or_group
+        new, old = OmegaConf.select(cfg, key), OmegaConf.select(stored, key, default=None)
+        if key in RESUME_SAFE or _same(new, old) and not o.is_delete():
+            continue
+        differ.append(f"{key}={_show(new) if not o.is_delete() else '(deleted)'} (the run has {_show(old)})")
+    device = {k: _device(c.trainer.device) for k, c in (("new", cfg), ("old", stored))}
+    if any(o.key_or_group == "trainer.device" for o in parsed) and device["new"] != device["old"]:
+        differ.append(f"trainer.device={cfg.trainer.device} ({device['new']}; the run trained on {device['old']})")
+    if differ:
+        raise ConfigError(f"resume=true continues the run as it was started; these overrides would change it: "
+                          f"{'; '.join(differ)}. Drop them, or start a new run (another run_dir)")
+    with open_dict(stored):
+        for key in ["resume", *(o.key_or_group for o in parsed if o.key_or_group in RESUME_SAFE)]:
+            OmegaConf.update(stored, key, OmegaConf.select(cfg, key), merge=False)
+    return stored
+
+
+def _same(a, b) -> bool:
+    from omegaconf import OmegaConf
+
+    plain = (lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
+    return plain(a) == plain(b)
+
+
+def _show(v) -> str:
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
+
+
+def _device(name: str) -> str:
+    """The device ``trainer.device`` resolves to here (``auto``: CUDA when present)."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name.replace("cuda:0", "cuda")
+
+
+def parse_overrides(overrides: Sequence[str]) -> list:
+    """Hydra's parse of ``overrides``, checked for what composing would accept silently or explain
+    badly: two experiments, a schema section deleted, a ``+key`` that is no config key, a
+    non-ASCII value without quotes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from mmkd.config import FREE_FORM
+
+    parser, parsed, seen = OverridesParser.create(), [], {}
+    for line in overrides:
+        try:
+            o, = parser.parse_overrides([line])
+        except HydraException:
+            if not line.isascii():
+                key, _, value = line.partition("=")
+                raise ConfigError(f"{line!r}: values with non-ASCII characters must be quoted: "
+                                  f"{key}=\"{value}\" (in a shell: '{key}=\"{value}\"')") from None
+            raise ConfigError(f"cannot parse the override {line!r}; write it as key=value") from None
+        key = o.key_or_group
+        free = any(key.startswith(f + ".") for f in FREE_FORM)
+        if o.is_delete() and not free:
+            raise ConfigError(f"~{key}: only entries of {', '.join(FREE_FORM)} can be deleted; "
+                              f"set {key}'s values instead")
+        if (o.is_add() or o.is_force_add()) and not free and not _schema_has(key):
+            parent = key.rpartition(".")[0]
+            raise ConfigError(f"+{key}: unknown config key; valid keys{' under ' + parent if parent else ''}: "
+                              f"{', '.join(_schema_keys(parent))}")
+        if key in seen and key == "experiment":  # a value given twice: the last wins; a config group: refused
+            raise ConfigError(f"{key}: given twice ({seen[key]!r} and {line!r}); give it once")
+        seen[key] = line
+        parsed.append(o)
+    return parsed
+
+
+def _schema_has(key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    from mmkd.config import RunConfig
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(OmegaConf.structured(RunConfig), parent) if parent else OmegaConf.structured(RunConfig)
+    return OmegaConf.is_dict(node) and leaf in node
 
 
 def _explain(e: Exception, overrides: Sequence[str]) -> str:
@@ -69,17 +188,22 @@ def _schema_keys(path: str) -> list[str]:
     """The keys of the typed config section at ``path`` ("" for the top level)."""
     from omegaconf import OmegaConf
 
-    from mmkd.config import RunConfig
+    from mmkd.config import _schema
 
-    schema = OmegaConf.structured(RunConfig)
-    return list((OmegaConf.select(schema, path) if path else schema).keys())
+    schema = _schema()
+    node = OmegaConf.select(schema, path) if path else schema
+    return list(node.keys()) if OmegaConf.is_dict(node) else []
 
 
 def cmd_run(overrides: Sequence[str]) -> int:
-    from mmkd.run import run
+    from mmkd.run import ExportFailed, run
 
     cfg = compose(overrides)
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except ExportFailed as e:
+        print_results(e.results)  # the run itself finished
+        raise
     print_results(results)
     return 0
 
@@ -119,7 +243,7 @@ def cmd_list() -> int:
 
 
 def cmd_export(args: Sequence[str]) -> int:
-    from mmkd.run import export_student
+    from mmkd.export import export_student
 
     opts = {"format": "onnx"}
     for arg in args:
@@ -149,15 +273,17 @@ def _options(args: Sequence[str], valid: Sequence[str], required: Sequence[str],
 
 
 def cmd_predict(args: Sequence[str]) -> int:
-    from mmkd.deploy import predict, write_predictions
+    from mmkd.deploy import check_output, predict, write_predictions
 
-    usage = "mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|pt2]"
+    usage = ("mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt|.npz [output=preds.csv] [batch_size=N] "
+             "[format=onnx|pt2]")
     opts = _options(args, ("run_dir", "input", "output", "batch_size", "format"), ("run_dir", "input"), usage)
     batch_size = opts.get("batch_size", "4096")
     if not batch_size.isdigit() or int(batch_size) < 1:
         raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    output = check_output(opts.get("output", "preds.csv"))  # before the model runs
     pred = predict(opts["run_dir"], opts["input"], int(batch_size), opts.get("format"))
-    path = write_predictions(pred, opts.get("output", "preds.csv"))
+    path = write_predictions(pred, output)
     print(f"{len(pred.class_ids)} predictions -> {path}")
     return 0
 
@@ -180,7 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("MMKD_LOG", "INFO"))
     from mmkd.data import DataError
+    from mmkd.io import NoSpace
     from mmkd.registry import UnknownName
+    from mmkd.run import ExportFailed
+    from mmkd.trainer import NonFiniteLoss
 
     try:
         if args.command == "run":
@@ -190,9 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "predict":
             return cmd_predict(args.options)
         return cmd_export(args.options)
-    except (ConfigError, UnknownName, DataError) as e:
+    except (ConfigError, UnknownName, DataError, NoSpace, NonFiniteLoss, ExportFailed) as e:
         print(f"mmkd: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return {NonFiniteLoss: EXIT_DIVERGED, ExportFailed: EXIT_EXPORT}.get(type(e), EXIT_BAD_INPUT)
     finally:
         logger.removeHandler(handler)
 

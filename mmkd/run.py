@@ -27,9 +27,10 @@ from mmkd.config import EXPORT_FORMATS, ConfigError, ModelConfig, import_modules
 from mmkd.data import DataSplits, loader
 from mmkd.adapters import make_adapter
 from mmkd.distiller import Distiller, Term, pick
-from mmkd.export import export_onnx, export_program
+from mmkd.export import export_onnx, export_program, export_student  # noqa: F401  (export_student: mmkd.run's API too)
 from mmkd.net import Net, Teacher, num_params
 from mmkd.registry import DATASETS, MODELS, PIPELINES, ROUTERS
+from mmkd.rundir import check_writable, claim
 from mmkd.trainer import FitResult, Trainer, TrainerConfig, seed_everything
 
 log = logging.getLogger("mmkd")
@@ -105,7 +106,12 @@ def load_weights(model: nn.Module, path: str, where: str, teacher: str | None = 
         path = stage
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: no such file {path!r}; give a state dict, a run's best.pt or a run directory")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    fix = f"give {where} a state dict saved with torch.save(model.state_dict(), path), or a run's best.pt"
+    state = io.load(path, f"the weights for {where}", fix)  # weights_only: a checkpoint cannot run code
+    if not isinstance(state, dict):
+        from mmkd.data import DataError
+
+        raise DataError(f"{path}: holds a {type(state).__name__}, not a state dict; {fix}")
     if "model" in state:
         state = {k.removeprefix("student.model."): v for k, v in state["model"].items()
                  if k.startswith("student.model.")}
@@ -134,7 +140,7 @@ def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir
     and its ``acc`` (the calibrated model's validation accuracy), if given, replaces ``val/acc``.
     """
     log.info("stage %s", name)
-    trainer = Trainer(trainer_config(cfg, epochs, lr), run_dir / name, resume=cfg.resume)
+    trainer = Trainer(trainer_config(cfg, epochs, lr), run_dir / name, resume=cfg.resume, stage=name)
     result = trainer.fit(module, data.train, data.val)
     net = getattr(module, "student", None)
     calibrate = getattr(getattr(net, "model", None), "calibrate", None)
@@ -198,23 +204,74 @@ def default_run_dir(cfg: DictConfig) -> str:
     return os.path.join(cfg.out_dir, cfg.experiment, datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
+class ExportFailed(RuntimeError):
+    """The run finished and its ``results`` are saved, but exporting the student failed."""
+
+    def __init__(self, message: str, results: dict[str, Any]):
+        super().__init__(message)
+        self.results = results
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the experiment described by ``cfg`` through its pipeline (``cfg.pipeline``, registered in
-    :data:`~mmkd.registry.PIPELINES`; default ``distill``); return (and save) its results."""
-    return PIPELINES[cfg.get("pipeline") or "distill"](cfg)
+    :data:`~mmkd.registry.PIPELINES`; default ``distill``); return (and save) its results.
+
+    The run directory (``cfg.run_dir``, set here to a new dated folder when empty) is held
+    exclusively for the run (:func:`mmkd.rundir.claim`); with ``resume`` it must hold a run.
+    """
+    if not cfg.run_dir:
+        cfg.run_dir = default_run_dir(cfg)
+    if cfg.resume and not (Path(cfg.run_dir) / "config.yaml").is_file():
+        raise ConfigError(f"resume=true: {cfg.run_dir!r} holds no run; set run_dir to an existing run directory")
+    check_writable(cfg.run_dir, "run_dir")
+    check_writable(cache_path(cfg), "cache_dir")
+    with claim(cfg.run_dir, resume=cfg.resume):
+        return PIPELINES[cfg.get("pipeline") or "distill"](cfg)
+
+
+def cache_path(cfg: DictConfig) -> Path:
+    """The teacher-output cache folder: ``cache_dir``, by default ``<out_dir>/cache``."""
+    return Path(cfg.cache_dir or os.path.join(cfg.out_dir, "cache"))
+
+
+def start(cfg: DictConfig, meta: dict) -> Path:
+    """The run directory, once the config has been checked: ``config.yaml`` and ``data.json`` are
+    written there (a resumed run keeps the ones it started with)."""
+    run_dir = Path(cfg.run_dir)
+    if not cfg.resume:
+        io.write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
+        io.write_json(meta, run_dir / "data.json")
+    return run_dir
+
+
+def finish(cfg: DictConfig, run_dir: Path, results: dict[str, Any], t_start: float, export: bool = True) -> dict:
+    """Write ``results.json`` and ``curves.png``, then export the student (``cfg.export``) and record
+    the files in ``results.json``. A failed export keeps the results and raises :class:`ExportFailed`."""
+    results["export"] = []
+    results["time_s"] = time.perf_counter() - t_start
+    io.write_json(results, run_dir / "results.json")
+    plot_curves(run_dir)
+    if not (export and cfg.export):
+        return results
+    try:
+        results["export"] = [str(p) for p in export_student(run_dir, cfg.export)]
+    except Exception as e:  # the run's results are saved: report the export in one line
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        results["export_error"] = f"{type(e).__name__}: {text}"
+        io.write_json(results, run_dir / "results.json")
+        log.debug("export failed", exc_info=True)
+        raise ExportFailed(f"export failed ({results['export_error']}); the run's results are in "
+                           f"{run_dir / 'results.json'}; retry with: mmkd export run_dir={run_dir}", results) from e
+    io.write_json(results, run_dir / "results.json")
+    return results
 
 
 @PIPELINES.register("distill")
 def distill(cfg: DictConfig) -> dict[str, Any]:
     """The default pipeline: train or load the teachers, distil the student, train the baseline."""
     t_start = time.perf_counter()
-    run_dir = Path(cfg.run_dir or default_run_dir(cfg))
-    if cfg.resume and not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"resume=true: {str(run_dir)!r} holds no run; set run_dir to an existing run directory")
-    cache_dir = Path(cfg.cache_dir or os.path.join(cfg.out_dir, "cache"))
+    cache_dir = cache_path(cfg)
     data, meta = load_data(cfg)
-    io.write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
-    io.write_json(meta, run_dir / "data.json")
     ce = [Term("ce")]
     device = Trainer(trainer_config(cfg)).device
 
@@ -229,6 +286,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     student = build_model(cfg.student, meta, "student")
     init = copy.deepcopy(student.state_dict())
     router = build_router(cfg, meta, student, data, len(cfg.teachers)) if cfg.teachers else None
+    run_dir = start(cfg, meta)
 
     results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir)}
     teachers = []
@@ -261,44 +319,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
 
     add_latencies(results, data, {"student": (student, cfg.student.inputs),
                                   **{n: (m, cfg.teachers[n].inputs) for n, m in teacher_models.items()}})
-    results["export"] = [str(p) for p in export_student(run_dir, cfg.export)]
-    results["time_s"] = time.perf_counter() - t_start
-    io.write_json(results, run_dir / "results.json")
-    plot_curves(run_dir)
-    return results
-
-
-def export_student(run_dir: str | os.PathLike, formats: list[str]) -> list[Path]:
-    """Export the student of a finished run to ``<run_dir>/export/``: ``student.onnx`` (``onnx``)
-    and/or ``student.pt2`` (``pt2``, alias ``torchscript``: a ``torch.export`` program), plus ``meta.json``: the
-    input shapes, the class names and the data set's feature preprocessing (what ``mmkd predict``
-    applies to raw inputs)."""
-    run_dir = Path(run_dir)
-    for needed in ("config.yaml", "data.json", "student.pt"):
-        if not (run_dir / needed).exists():
-            raise ConfigError(f"run_dir: {str(run_dir)!r} has no {needed}; give the directory of a finished run")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    import_modules(cfg.get("imports", []))
-    meta = OmegaConf.to_container(OmegaConf.load(run_dir / "data.json"))
-    student = build_model(cfg.student, meta, "student")
-    student.load_state_dict(torch.load(run_dir / "student.pt", map_location="cpu"))
-    student.eval()
-    keys = list(cfg.student.inputs)
-    example = [torch.rand(2, *meta["shapes"][k]) for k in keys]
-    out = run_dir / "export"
-    paths = []
-    for fmt in formats:
-        if fmt == "onnx":
-            paths.append(export_onnx(student, example, out / "student.onnx", keys))
-        elif fmt in ("pt2", "torchscript"):  # torch.jit is deprecated: TorchScript's successor, torch.export
-            paths.append(export_program(student, example, out / "student.pt2"))
-        else:
-            raise ConfigError(f"format: unknown export format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")
-    preprocessing = meta.get("preprocessing") or {}
-    io.write_json({"inputs": {k: meta["shapes"][k] for k in keys}, "class_names": meta["class_names"],
-                   "num_classes": meta["num_classes"], "model": cfg.student.name,
-                   "preprocessing": {k: preprocessing[k] for k in keys if k in preprocessing}}, out / "meta.json")
-    return paths
+    return finish(cfg, run_dir, results, t_start)
 
 
 def plot_curves(run_dir: Path) -> None:

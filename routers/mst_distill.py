@@ -51,8 +51,9 @@ from mmkd.registry import PIPELINES
 from mmkd.routers.cotraining import CoTraining
 from mmkd.routers.gating import top_k_mask
 from mmkd.routers.masknet import specialized_teachers
-from mmkd.run import (add_latencies, build_model, build_router, build_terms, default_run_dir, export_student, fit,
-                      load_data, load_weights, plot_curves, trainer_config)
+from mmkd import run
+from mmkd.run import (add_latencies, build_model, build_router, build_terms, fit, load_data, load_weights,
+                      trainer_config)
 from mmkd.trainer import Trainer, seed_everything
 
 STAGE1 = {"temperature": 4.0, "kd_weight": 1.0}
@@ -102,12 +103,8 @@ def previous(cfg: DictConfig, path: str, key: str, pipeline: str, needs: Sequenc
 
 def start(cfg: DictConfig) -> tuple[Path, DataSplits, dict, Path]:
     """Run directory, data, data description and cache directory; writes config.yaml and data.json."""
-    run_dir = Path(cfg.run_dir or default_run_dir(cfg))
-    cache_dir = Path(cfg.cache_dir or Path(cfg.out_dir) / "cache")
     data, meta = load_data(cfg)
-    io.write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
-    io.write_json(meta, run_dir / "data.json")
-    return run_dir, data, meta, cache_dir
+    return run.start(cfg, meta), data, meta, run.cache_path(cfg)
 
 
 def accuracy(cfg: DictConfig, model: nn.Module, keys: Sequence[str], dataset: Dataset) -> float:
@@ -117,14 +114,10 @@ def accuracy(cfg: DictConfig, model: nn.Module, keys: Sequence[str], dataset: Da
 
 def finish(cfg: DictConfig, run_dir: Path, data: DataSplits, results: dict, models: Mapping[str, tuple],
            t_start: float, export: bool) -> dict:
-    """Add latencies (``models``: row name -> (model, keys); ``"student"`` for the student), the
-    export and the time to ``results``; write results.json and curves.png."""
+    """Add latencies (``models``: row name -> (model, keys); ``"student"`` for the student) to
+    ``results``, then save them and export the student (:func:`mmkd.run.finish`)."""
     add_latencies(results, data, models)
-    results["export"] = [str(p) for p in export_student(run_dir, cfg.export)] if export else []
-    results["time_s"] = time.perf_counter() - t_start
-    io.write_json(results, run_dir / "results.json")
-    plot_curves(run_dir)
-    return results
+    return run.finish(cfg, run_dir, results, t_start, export)
 
 
 @PIPELINES.register("mst_stage1")
@@ -346,7 +339,8 @@ def stage3(cfg: DictConfig) -> dict[str, Any]:
     check_teachers(cfg, prev1, f"method.stage2={stage2_dir}")
     run_dir, data, meta, cache_dir = start(cfg)
     teachers, stage1_student = load_stage1(stage1_dir, prev1, meta)
-    masks = torch.load(Path(stage2_dir) / "masks.pt", map_location="cpu", weights_only=False)
+    masks = io.load(Path(stage2_dir) / "masks.pt", "the MaskNet states of stage 2",
+                    f"rerun stage 2 (the run of method.stage2={stage2_dir}) to write it again")
     names, spec = build_specialized(teachers, masks["layers"], data, masks["dim"], masks["heads"])
     if masks["names"] != names:
         raise ConfigError(f"method.stage2={stage2_dir}: its masks {masks['names']} do not match the teachers' layers "

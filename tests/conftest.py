@@ -1,9 +1,25 @@
 """Shared test setup: one intra-op thread (the CI machine is small and shared) and a private
-working directory per test, so nothing a test writes can leak into another test or the repo."""
+working directory per test, so nothing a test writes can leak into another test or the repo.
+
+Tests on the real data sets skip, naming ``MMKD_DATA``, where no data root is set; with
+``MMKD_REQUIRE_DATA=1`` (what ``.ci/run`` sets) such a skip is a failure, so CI runs every one."""
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("MMKD_REQUIRE_DATA") == "1":
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if "MMKD_DATA" in reason:
+            report.outcome = "failed"
+            report.longrepr = f"MMKD_REQUIRE_DATA=1 but the test skipped: {reason}"
 
 
 @pytest.fixture(autouse=True)

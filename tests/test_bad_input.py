@@ -1,0 +1,232 @@
+"""Bad input, table-driven: every case exits with code 2, prints exactly one line on stderr, and
+leaves nothing in the run directory (or anywhere under ``out_dir``). Numeric config values are
+checked against their declared ranges with hypothesis."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mmkd.cli import compose, main
+from mmkd.config import ConfigError
+
+FAST = ["trainer.max_epochs=1", "teachers.cnn.epochs=1", "trainer.tensorboard=false", "trainer.progress=off",
+        "baseline=false", "export=[]"]
+
+CASES = [
+    # names, keys and types
+    ("foo=1", "foo: unknown config key; valid keys: experiment, seed"),
+    ("trainer.foo=1", "trainer.foo: unknown config key; valid keys under trainer: max_epochs"),
+    ("+foo=1", "+foo: unknown config key; valid keys: experiment, seed"),
+    ("+trainer.foo=1", "+trainer.foo: unknown config key; valid keys under trainer: max_epochs"),
+    ("teachers.cnn.foo=1", "teachers.cnn.foo: unknown config key; valid keys under teachers.cnn: name"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs: expected integer, got 'abc'"),
+    ("trainer.lr=fast", "trainer.lr: expected float, got 'fast'"),
+    ("trainer.batch_size=1e20", "trainer.batch_size: expected integer, got '1e+20'"),
+    ("trainer.seed=3", "trainer.seed: unknown config key; valid keys under trainer: max_epochs"),
+    ("experiment=nope", "experiment: unknown experiment 'nope'; choose from: "),
+    ("experiment=g2m_glnn experiment=quickstart", "experiment: given twice ('experiment=g2m_glnn' and "),
+    ("losses.kd.loss=kdd", "losses.kd.loss: unknown loss 'kdd'; choose from: "),
+    ("student.name=zzz", "student.name: unknown model 'zzz'; choose from: "),
+    ("teachers.cnn.name=zzz", "teachers.cnn.name: unknown model 'zzz'; choose from:"),
+    ("data.name=zzz", "data.name: unknown dataset 'zzz'; choose from: "),
+    ("router.name=zzz", "router.name: unknown router 'zzz'; choose from:"),
+    ("export=[pdf]", "export: unknown format 'pdf'; choose from: onnx, pt2, torchscript"),
+    ("student.args.bogus=1", "student.args: MLP.__init__() got an unexpected keyword argument 'bogus'"),
+    ("student.inputs=[audio]", "student.inputs: ['audio'] are not all inputs of the data set; choose from: image"),
+    ("teachers.cnn.checkpoint=missing.pt", "teachers.cnn.checkpoint: no such file 'missing.pt'"),
+    ("data.args.bogus=1", "data.args: got an unexpected keyword argument 'bogus' (data set 'digits' takes: "),
+    # structure of the overrides
+    ("teachers.cnn=null", "teachers.cnn: null; to drop it, delete it with ~teachers.cnn"),
+    ("~trainer", "~trainer: only entries of teachers, losses, method, data.args, student.args, router.args can be"),
+    ("~teachers", "~teachers: only entries of teachers, losses"),
+    ("teachers={}", "teachers={}: an override merges into the experiment's teachers (cnn) and removes nothing; "
+                    "delete entries with ~teachers.cnn"),
+    ("losses={}", "losses={}: an override merges into the experiment's losses (ce, kd) and removes nothing"),
+    ("data_root=/tmp/donn\u00e9es", "'data_root=/tmp/donn\u00e9es': values with non-ASCII characters must be quoted: "
+                                    "data_root=\"/tmp/donn\u00e9es\""),
+    ("trainer.max_epochs=", "trainer.max_epochs: expected integer"),
+    # the trainer's settings
+    ("trainer.optimizer=foo", "trainer.optimizer='foo'; choose from: adamw, adam, sgd"),
+    ("trainer.scheduler=x", "trainer.scheduler='x'; choose from: cosine, step, none"),
+    ("trainer.mode=x", "trainer.mode='x'; choose from: max, min"),
+    ("trainer.precision=fp16", "trainer.precision='fp16'; choose from: auto, bf16, fp32"),
+    ("trainer.progress=foo", "trainer.progress='foo'; choose from: auto, on, off"),
+    ("trainer.device=gpu", "trainer.device='gpu'; choose from: auto, cpu, cuda, cuda:N"),
+    ("trainer.batch_size=0", "trainer.batch_size=0; it must be at least 1"),
+    ("trainer.lr=0", "trainer.lr=0.0; it must be a positive finite number"),
+    ("trainer.lr=inf", "trainer.lr=inf; it must be a positive finite number"),
+    ("trainer.gamma=-1", "trainer.gamma=-1.0; it must be a positive finite number"),
+    ("trainer.weight_decay=nan", "trainer.weight_decay=nan; give a finite number"),
+    ("trainer.monitor=val/zz", "trainer.monitor='val/zz'; choose from: val/acc, val/loss, train/loss"),
+    ("seed=99999999999999999999999", "seed=99999999999999999999999; it must be an integer in [0, 9223372036854775807]"),
+    ("seed=-1", "seed=-1; it must be an integer in [0, "),
+    # what the owners of values declare
+    ("student.args.hidden=[-5]", "student.args.hidden=[-5]; each element must be an integer >= 1"),
+    ("student.args.dropout=1.5", "student.args.dropout=1.5; it must be a number in [0, 1)"),
+    ("teachers.cnn.args.channels=[]", "teachers.cnn.args.channels=[]; give a non-empty list, each an integer >= 1"),
+    ("teachers.cnn.args.dropout=-0.1", "teachers.cnn.args.dropout=-0.1; it must be a number in [0, 1)"),
+    ("teachers.cnn.epochs=-1", "teachers.cnn.epochs=-1; give a whole number of epochs >= 0"),
+    ("teachers.cnn.lr=-1", "teachers.cnn.lr=-1.0; it must be a positive finite number"),
+    ("data.args.fractions=[1,0,0]", "data.args.fractions=[1, 0, 0]; each element must be a number in (0, 1]"),
+    ("data.args.fractions=[0.5,0.2,0.2]", "data.args.fractions=[0.5, 0.2, 0.2]; the fractions must sum to 1"),
+    ("data.args.split_seed=1.5", "data.args.split_seed=1.5; it must be an integer in [0, "),
+    ("losses.ce.args.label_smoothing=2", "losses.ce.args.label_smoothing=2; it must be a number in [0, 1]"),
+    ("losses.kd.args.temperature=-1", "losses.kd.args.temperature=-1; it must be a number >= 0.01"),
+    ("losses.kd.args.temperature=1e-9", "losses.kd.args.temperature=1e-09; it must be a number >= 0.01"),
+    ("losses.kd.args.temperature={schedule:linear,start:4,end:0}",
+     "losses.kd.args.temperature={schedule: linear, start: 4, end: 0}; it must be a number >= 0.01"),
+    ("losses.kd.weight=-1", "losses.kd.weight=-1.0; it must be a finite number >= 0"),
+    ("losses.kd.weight=inf", "losses.kd.weight=inf; it must be a finite number >= 0"),
+    ("losses.kd.args.temperatur=2", "losses.kd.args.temperatur: loss 'kd' has no argument 'temperatur'; it takes: temperature"),
+    ("losses.kd.args.temperature=abc", "losses.kd.args.temperature: expected a number, got 'abc'"),
+    ("losses.kd.weight=abc", "losses.kd.weight: expected float, got 'abc'"),
+    ("losses.kd.colour=red", "losses.kd.colour: unknown config key; valid keys under losses.kd: loss, weight"),
+    ("losses.kd.adapter=warp", "losses.kd.adapter: unknown adapter 'warp'; choose from: linear, conv, token"),
+    ("losses.extra.loss=nope", "losses.extra.loss: unknown loss 'nope'"),
+    ("losses.kd.args.temperature={schedule:step,start:4,end:1}",
+     "losses.kd.args.temperature: schedule: unknown kind 'step'; choose from: cosine, linear"),
+    ("losses.kd.student=feat", "losses.kd.student: 'feat'; give logits or features.<module path>"),
+    ("losses.kd.student=features.body", "losses.kd.student: 'body' is not among student.features []; list it there"),
+    ("teachers.cnn.features=[body]", "teachers.cnn.features: cnn has no sub-module 'body'; its modules: features, "),
+    ("router.args.weights=[1,2]", "router.args: 2 router weights for 1 teachers; give one per teacher"),
+    ("router.args.weights=[nan]", "router.args.weights=[nan]; give finite numbers"),
+    # resume
+    ("resume=true", "resume=true: "),
+]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+@pytest.mark.parametrize("override, expected", CASES)
+def test_refused_in_one_line_with_exit_code_2_and_nothing_written(capsys, tmp_path, override, expected):
+    out = tmp_path / "runs"
+    code, stdout, err = run_cli(capsys, "run", *FAST, *override.split(), f"out_dir={out}")
+    assert code == 2, err
+    assert err.startswith("mmkd: error: " + expected), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert stdout == ""
+    assert files(out) == set(), f"{override} left {files(out)}"
+    if expected.endswith(("choose from: ", "choose from:")):  # a registry's names are listed, the core's among them
+        choices = err.strip().split("choose from: ")[1].split(", ")
+        assert {"mlp", "digits", "kd", "constant", "quickstart", "onnx", "image"} & set(choices)
+
+
+@pytest.mark.parametrize("make, key, expected", [
+    (lambda d: (d / "f").write_text("x"), "run_dir=f", "run_dir='f' is a file; give a directory"),
+    (lambda d: (d / "f").write_text("x"), "run_dir=f/run", "run_dir='f/run' lies under the file 'f'; give a directory"),
+    (lambda d: (d / "f").write_text("x"), "cache_dir=f", "cache_dir='f' is a file; give a directory"),
+    (lambda d: (d / "w.pt").write_text("not a checkpoint\n"), "teachers.cnn.checkpoint=w.pt",
+     "w.pt: cannot read"),
+])
+def test_paths_and_files(capsys, tmp_path, make, key, expected):
+    make(tmp_path)
+    before = files(tmp_path)
+    code, _, err = run_cli(capsys, "run", *FAST, f"out_dir={tmp_path / 'runs'}", "run_dir=r", key)
+    assert code == 2 and err.startswith("mmkd: error: " + expected), err
+    assert err.count("\n") == 1
+    assert files(tmp_path) == before
+
+
+def test_unwritable_run_dir(capsys, tmp_path, monkeypatch):
+    """A directory the process may not write in (as root, chmod does not stop writes: the probe's
+    failure is simulated at the OS call) is refused before anything is written."""
+    import mmkd.rundir as rundir
+
+    real_open = os.open
+
+    def deny(path, flags, *args):
+        if ".mmkd-probe-" in str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(rundir.os, "open", deny)
+    code, _, err = run_cli(capsys, "run", *FAST, f"run_dir={tmp_path / 'r'}")
+    assert code == 2 and err.startswith(f"mmkd: error: run_dir='{tmp_path / 'r'}': cannot write in "), err
+    assert "(Permission denied); give a writable directory" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_error_inside_the_pipeline_leaves_no_run_directory(capsys, tmp_path):
+    """Model arguments a factory itself rejects are found after the run directory is claimed: the
+    directories the claim created are removed again."""
+    code, _, err = run_cli(capsys, "run", *FAST, "student.args.bogus=1", f"run_dir={tmp_path / 'a' / 'b'}")
+    assert code == 2 and err.count("\n") == 1, err
+    assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------- numeric values against their ranges
+BASE = ["trainer.max_epochs=1"]
+
+
+def accepted(*overrides: str) -> bool:
+    try:
+        compose([*BASE, *overrides])
+    except ConfigError as e:
+        assert "\n" not in str(e)
+        return False
+    return True
+
+
+numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-10**6, 10**6))
+fast = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@fast
+@given(numbers)
+def test_lr(v):
+    assert accepted(f"trainer.lr={v!r}") == (math.isfinite(v) and v > 0)
+
+
+@fast
+@given(numbers)
+def test_gamma(v):
+    assert accepted(f"trainer.gamma={v!r}") == (math.isfinite(v) and v > 0)
+
+
+@fast
+@given(numbers)
+def test_kd_temperature(v):
+    assert accepted(f"losses.kd.args.temperature={v!r}") == (math.isfinite(v) and v >= 0.01)
+
+
+@fast
+@given(numbers)
+def test_term_weight(v):
+    assert accepted(f"losses.kd.weight={v!r}") == (math.isfinite(v) and v >= 0)
+
+
+@fast
+@given(numbers)
+def test_dropout(v):
+    assert accepted(f"student.args.dropout={v!r}") == (math.isfinite(v) and 0 <= v < 1)
+
+
+@fast
+@given(st.lists(st.integers(-4, 300), max_size=3))
+def test_hidden_widths(widths):
+    assert accepted(f"student.args.hidden={widths}") == (len(widths) > 0 and min(widths) >= 1)
+
+
+@fast
+@given(st.integers(-2**70, 2**70))
+def test_seed(v):
+    assert accepted(f"seed={v}") == (0 <= v < 2**63)
+
+
+@fast
+@given(st.integers(-3, 3), st.integers(-3, 3))
+def test_batch_size_and_epochs(b, e):
+    assert accepted(f"trainer.batch_size={b}", f"trainer.max_epochs={e}") == (b >= 1 and e >= 1)

@@ -3,7 +3,7 @@
     mmkd run [experiment=NAME] [key=value ...]     run an experiment (Hydra overrides)
     mmkd list                                       registered losses, routers, models, data sets, pipelines, experiments
     mmkd export run_dir=DIR [format=onnx|pt2]
-    mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt [output=preds.csv] [batch_size=N] [format=onnx|pt2]
+    mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt|.npz [output=preds.csv] [batch_size=N] [format=onnx|pt2]
 
 Errors are one line on stderr, and the exit code tells them apart:
 
@@ -63,7 +63,7 @@ RESUME_SAFE = ("resume", "run_dir", "trainer.progress", "trainer.num_workers", "
                "trainer.device")
 
 
-def resumed(cfg, parsed: list) -> "DictConfig":
+def resumed(cfg, parsed: list):
     """The config stored in ``cfg.run_dir`` with the :data:`RESUME_SAFE` overrides applied; any other
     override that differs from the stored value is refused, naming every such key."""
     from pathlib import Path

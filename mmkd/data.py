@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mmkd.checks import SEED, Fractions
 from mmkd.registry import DATASETS
 
 
@@ -83,10 +84,62 @@ class DataSplits:
     preprocessing: dict[str, list[dict]] = field(default_factory=dict)
 
     def meta(self) -> dict:
-        """JSON-serialisable description (saved in every run directory, read by export)."""
+        """JSON-serialisable description (saved in every run directory, read by export).
+
+        ``inputs`` gives, per input key, the dtype of its values and their range on a sample of the
+        training split (:func:`input_stats`): what export needs to build valid example inputs
+        (integer token ids below the vocabulary size, 0/1 masks, floats).
+        """
         return {"num_classes": self.num_classes, "shapes": {k: list(v) for k, v in self.shapes.items()},
                 "class_names": self.class_names, "label_key": self.label_key,
-                "preprocessing": self.preprocessing}
+                "preprocessing": self.preprocessing, "inputs": input_stats(self.train, list(self.shapes))}
+
+
+INPUT_SAMPLE = 512  # items of the training split (evenly spaced) that input_stats reads
+
+
+def input_stats(dataset: Dataset, keys: Sequence[str], n: int = INPUT_SAMPLE) -> dict[str, dict]:
+    """``{key: {"dtype": "int64", "min": 0, "max": 30521}}`` for each of ``keys`` found in up to ``n``
+    evenly spaced items of ``dataset`` (a whole graph for a full-graph data set).
+
+    Every value seen lies in ``[min, max]``, so integer ranges are valid model inputs (ids below the
+    vocabulary size); ``min``/``max`` of floats are over their finite values (``None`` if there are
+    none). The random number generators are left as they were (a sampled data set draws from them).
+    """
+    import random
+
+    import numpy as np
+
+    size = len(dataset)
+    if not size or not keys:
+        return {}
+    idx = torch.linspace(0, size - 1, min(size, n), dtype=torch.float64).round().long().unique().tolist()
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            items = dataset.__getitems__(idx) if hasattr(dataset, "__getitems__") else [dataset[i] for i in idx]
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    if not isinstance(items, list):  # one gathered batch (TensorDictDataset, a full graph), not a list of items
+        items = [items]
+    stats = {}
+    for k in keys:
+        values = [item.get(k) if isinstance(item, dict) else getattr(item, k, None) for item in items]  # or PyG Data
+        values = [v for v in values if isinstance(v, Tensor)]
+        if not values:
+            continue
+        dtype = values[0].dtype
+        flat = torch.cat([v.detach().reshape(-1).cpu() for v in values])
+        if dtype.is_floating_point or dtype.is_complex:
+            flat = (flat.real if dtype.is_complex else flat).double()  # exact for every float type
+            flat = flat[torch.isfinite(flat)]
+            lo, hi = (flat.min().item(), flat.max().item()) if len(flat) else (None, None)
+        else:
+            flat = flat.long()
+            lo, hi = (int(flat.min()), int(flat.max())) if len(flat) else (0, 0)
+        stats[k] = {"dtype": str(dtype).removeprefix("torch."), "min": lo, "max": hi}
+    return stats
 
 
 def _collate(items: list | dict) -> dict[str, Tensor]:
@@ -140,7 +193,7 @@ def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> l
     return [torch.cat(p).sort().values for p in parts]
 
 
-@DATASETS.register("digits")
+@DATASETS.register("digits", ranges={"split_seed": SEED, "fractions": Fractions()})
 def digits(root: str | None = None, split_seed: int = 0,
            fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> DataSplits:
     """scikit-learn's digits: 1,797 real 8x8 grey-scale images of the digits 0-9 (UCI optdigits),

@@ -23,11 +23,11 @@ from torch import nn
 
 from mmkd import io
 from mmkd.cache import cache_teacher
-from mmkd.config import EXPORT_FORMATS, ConfigError, ModelConfig, import_modules
+from mmkd.config import ConfigError, ModelConfig
 from mmkd.data import DataSplits, loader
 from mmkd.adapters import make_adapter
 from mmkd.distiller import Distiller, Term, pick
-from mmkd.export import export_onnx, export_program, export_student  # noqa: F401  (export_student: mmkd.run's API too)
+from mmkd.export import export_student
 from mmkd.net import Net, Teacher, num_params
 from mmkd.registry import DATASETS, MODELS, PIPELINES, ROUTERS
 from mmkd.rundir import check_writable, claim

@@ -93,6 +93,10 @@ def test_export_meta_has_preprocessing_and_class_names(run_dir):
     assert meta["preprocessing"] == {"x": [{"op": "row_normalize"}]}
     assert meta["class_names"] == json.loads((run_dir / "data.json").read_text())["class_names"]
     assert len(meta["class_names"]) == meta["num_classes"] == 7
+    assert meta["dtypes"] == {"x": "float32"}
+    inputs = json.loads((run_dir / "data.json").read_text())["inputs"]  # dtypes and ranges of the whole graph
+    assert inputs == {"x": {"dtype": "float32", "min": 0.0, "max": 1.0},
+                      "edge_index": {"dtype": "int64", "min": 0, "max": 2707}}
 
 
 def test_onnx_and_program_equal_pytorch(run_dir, cora):
@@ -174,6 +178,21 @@ def test_predict_errors_are_one_line_with_exit_code_2(run_dir, capsys, args, exp
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("mmkd: error: " + expected), err
     assert err.count("\n") == 1 and not Path("preds.csv").exists()
+
+
+def test_nan_features_and_a_bad_output_are_refused_before_predicting(run_dir, cora, capsys, tmp_path):
+    x = cora[0][:50].numpy().copy()
+    x[[7, 30], 5] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    code = main(["predict", f"run_dir={run_dir}", f"input={tmp_path / 'nan.npy'}", f"output={tmp_path / 'p.csv'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mmkd: error: input: 2 of 50 rows of 'x' hold NaN or infinite values "
+                                        "(rows 7, 30, counting from 0)") and err.count("\n") == 1
+    np.save(tmp_path / "ok.npy", cora[0][:50].numpy())
+    code = main(["predict", f"run_dir={run_dir}", f"input={tmp_path / 'ok.npy'}", f"output={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"mmkd: error: output: {str(tmp_path)!r} is a directory") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy", "ok.npy"]
 
 
 def test_predict_needs_an_export(run_dir, tmp_path):

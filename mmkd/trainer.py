@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from mmkd import io
-from mmkd.data import EpochSampler, loader
+from mmkd.data import DataError, EpochSampler, loader
 from mmkd.net import Batch
 
 log = logging.getLogger("mmkd")
@@ -384,6 +384,9 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(totals)
         correct, loss, n = totals.tolist()
+        if n == 0:
+            raise DataError(f"data set {getattr(dataset, 'name', type(dataset).__name__)!r} has no labelled item "
+                            "to evaluate on (label >= 0); give every split at least one")
         return {"acc": correct / n, "loss": loss / n}
 
     # ------------------------------------------------------------------ logging

@@ -682,3 +682,12 @@ def test_compile_gives_the_same_losses(tmp_path, monkeypatch):
         assert comp.history[0][key] == pytest.approx(eager.history[0][key], abs=1e-5), key
     for k, v in clone_state(eager_mod).items():
         torch.testing.assert_close(clone_state(comp_mod)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluating_on_no_labelled_item_is_a_data_error(data):
+    train, _ = data
+    unlabelled = TensorDictDataset("unlabelled", x=train.tensors["x"][:5], label=torch.full((5,), -1))
+    from mmkd.data import DataError
+
+    with pytest.raises(DataError, match="^data set 'unlabelled' has no labelled item to evaluate on"):
+        Trainer(device="cpu").evaluate(make_module(), unlabelled)

@@ -17,17 +17,15 @@ import logging
 import os
 import tempfile
 import time
-from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from common import fmt, mean_std, write
 from mmkd import Distiller, Net, Teacher, Term, Trainer, cache_teacher
+from mmkd.build import build_model, trainer_config
 from mmkd.cli import compose
-from mmkd.registry import DATASETS, MODELS
+from mmkd.registry import DATASETS
 from mmkd.routers import ConstantRouter
-from mmkd.run import build_model, trainer_config
 from mmkd.trainer import seed_everything
 
 

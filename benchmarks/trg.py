@@ -26,11 +26,11 @@ from omegaconf import OmegaConf
 
 from common import RESULTS, fmt, mean_std, write
 from mmkd import Distiller, Net, Teacher, Term, Trainer, cache_teacher
+from mmkd.build import build_model, build_terms, load_data, trainer_config
 from mmkd.cli import compose
 from mmkd.config import TermConfig
 from mmkd.net import num_params
 from mmkd.routers import ConstantRouter
-from mmkd.run import build_model, build_terms, load_data, trainer_config
 from mmkd.trainer import seed_everything
 
 TASKS = {"avdigits": ("image", "conv"), "agnews": ("text", "token")}  # student modality, projector

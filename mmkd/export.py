@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mmkd import io
+from mmkd.build import build_model
 from mmkd.config import EXPORT_FORMATS, ConfigError, import_modules
 
 EXAMPLE_BATCH = 2  # rows of the example inputs an export traces with (the batch dimension stays dynamic)
@@ -149,7 +150,6 @@ def export_student(run_dir: str | os.PathLike, formats: Sequence[str]) -> list[P
     """
     from omegaconf import OmegaConf
 
-    from mmkd.run import build_model
 
     run_dir = Path(run_dir)
     for needed in ("config.yaml", "data.json", "student.pt"):

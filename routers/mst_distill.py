@@ -52,8 +52,9 @@ from mmkd.routers.cotraining import CoTraining
 from mmkd.routers.gating import top_k_mask
 from mmkd.routers.masknet import specialized_teachers
 from mmkd import run
-from mmkd.run import (add_latencies, build_model, build_router, build_terms, fit, load_data, load_weights,
-                      trainer_config)
+from mmkd.build import build_model, build_router, build_terms, load_data, load_weights, trainer_config
+from mmkd.report import add_latencies
+from mmkd.run import fit
 from mmkd.trainer import Trainer, seed_everything
 
 STAGE1 = {"temperature": 4.0, "kd_weight": 1.0}

@@ -16,7 +16,7 @@ from mmkd.config import ModelConfig
 from mmkd.models import CNN
 from mmkd.registry import MODELS
 from mmkd.routers import ConstantRouter
-from mmkd.run import build_model
+from mmkd.build import build_model
 from mmkd.modalities.audio import AudioCNN
 from mmkd.modalities.image import ResNet18
 from mmkd.modalities.text import tokenize

@@ -19,7 +19,7 @@ from mmkd.data import DataSplits, TensorDictDataset
 from mmkd.deploy import check_output, predict, write_predictions
 from mmkd.export import example_inputs, export_onnx, export_student
 from mmkd.registry import MODELS
-from mmkd.run import build_model
+from mmkd.build import build_model
 
 VOCAB, TOKENS = 100, 8
 TINY_BERT = {"hidden": 16, "layers": 1, "heads": 2, "vocab_size": VOCAB, "max_positions": 16}

@@ -28,7 +28,7 @@ def test_unknown_pipeline_is_a_one_line_error(capsys):
 
 
 def test_latency_times_repeats_passes_or_at_least_three_once_over_budget():
-    from mmkd.run import latency_ms
+    from mmkd.report import latency_ms
 
     class Count(torch.nn.Module):
         calls = 0

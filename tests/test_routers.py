@@ -202,7 +202,7 @@ def test_distiller_adds_any_router_losses(batch):
 def test_run_gives_router_factories_the_sizes_they_ask_for():
     from mmkd.cli import compose
     from mmkd.data import digits
-    from mmkd.run import build_model, build_router
+    from mmkd.build import build_model, build_router
 
     data = digits()
     meta = data.meta()

@@ -26,7 +26,7 @@ from mmkd.data import DataError, loader
 from mmkd.graphs import GraphError, check_graph, graph_splits, read_npz
 from mmkd.graphs.data import planetoid
 from mmkd.modalities import avdigits as av
-from mmkd.run import load_weights
+from mmkd.build import load_weights
 from mmkd.trainer import _rng_state, _set_rng_state
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from mmkd.checks import COUNT, SEED, Range
 from mmkd.config import ConfigError
-from mmkd.data import DataSplits
+from mmkd.data import DataSplits, hash_tensors
 from mmkd.preprocess import row_normalize
 from mmkd.registry import DATASETS
 from mmkd.graphs import splits as S
@@ -35,10 +35,7 @@ from mmkd.graphs.sampling import CSC, sample
 
 def _hash(name: str, tensors: dict[str, Tensor], extra: str = "") -> str:
     h = hashlib.sha256(f"{name}|{extra}".encode())
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_tensors(h, tensors)
     return h.hexdigest()
 
 

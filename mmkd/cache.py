@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mmkd import io
-from mmkd.data import loader
+from mmkd.data import hash_tensors, loader
 from mmkd.net import Batch, Output, Teacher
 
 log = logging.getLogger("mmkd")
@@ -40,10 +40,7 @@ def teacher_hash(teacher: Teacher) -> str:
     another activation), input keys, feature paths and every tensor of its state."""
     h = hashlib.sha256(f"{type(teacher.model).__qualname__}|{teacher.model!r}|{teacher.keys}|"
                        f"{teacher.feature_paths}".encode())
-    for name, t in sorted(teacher.model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_tensors(h, teacher.model.state_dict())
     return h.hexdigest()
 
 

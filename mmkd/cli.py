@@ -1,7 +1,9 @@
 """The ``mmkd`` command line.
 
     mmkd run [experiment=NAME] [key=value ...]     run an experiment (Hydra overrides)
-    mmkd list                                       registered losses, routers, models, data sets, pipelines, experiments
+    mmkd list [module=PREFIX] [modules=true]        registered losses, routers, models, data sets, pipelines, experiments;
+                                                    module: only names defined in PREFIX or below it (e.g. mmkd.graphs);
+                                                    modules=true: each name as "name (module)"
     mmkd export run_dir=DIR [format=onnx|pt2]
     mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt|.npz [output=preds.csv] [batch_size=N] [format=onnx|pt2]
 
@@ -232,13 +234,27 @@ def print_results(results: dict) -> None:
     console.print(f"exported: {', '.join(results['export']) or 'nothing'}  ({results['time_s']:.1f} s)")
 
 
-def cmd_list() -> int:
+def cmd_list(args: Sequence[str]) -> int:
     from mmkd.registry import DATASETS, LOSSES, MODELS, PIPELINES, ROUTERS
 
-    for title, names in (("losses", LOSSES.names()), ("routers", ROUTERS.names()), ("models", MODELS.names()),
-                         ("datasets", DATASETS.names()), ("pipelines", PIPELINES.names()),
-                         ("experiments", experiments())):
-        print(f"{title}: {', '.join(names)}")
+    opts = _options(args, ("module", "modules"), (), "mmkd list [module=PREFIX] [modules=true]")
+    show = opts.get("modules", "false")
+    if show not in ("true", "false"):
+        raise ConfigError(f"modules: expected true or false, got {show!r}")
+    prefix = opts.get("module")
+    registries = {"losses": LOSSES, "routers": ROUTERS, "models": MODELS, "datasets": DATASETS, "pipelines": PIPELINES}
+    lines = []
+    for title, reg in registries.items():
+        names = [n for n in reg.names() if prefix is None or f"{reg.module(n)}.".startswith(f"{prefix}.")]
+        if names or prefix is None:  # a filtered listing leaves out the kinds it empties
+            lines.append(f"{title}: {', '.join(f'{n} ({reg.module(n)})' if show == 'true' else n for n in names)}")
+    if prefix is None:  # experiments are config files, defined in no module
+        lines.append(f"experiments: {', '.join(experiments())}")
+    elif not lines:
+        prefixes = sorted({".".join(r.module(n).split(".")[:2]) for r in registries.values() for n in r.names()})
+        raise ConfigError(f"module={prefix}: no registered name is defined in it or below it; "
+                          f"choose from: {', '.join(prefixes)}")
+    print("\n".join(lines))
     return 0
 
 
@@ -293,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run an experiment: mmkd run [experiment=NAME] [key=value ...]").add_argument(
         "overrides", nargs="*")
-    sub.add_parser("list", help="registered losses, routers, models, data sets and experiments")
+    sub.add_parser("list", help="registered losses, routers, models, data sets and experiments: mmkd list "
+                   "[module=PREFIX] [modules=true]").add_argument("options", nargs="*")
     sub.add_parser("export", help="export a run's student: mmkd export run_dir=DIR format=onnx|pt2").add_argument(
         "options", nargs="*")
     sub.add_parser("predict", help="classify raw features with a run's exported student: mmkd predict run_dir=DIR "
@@ -315,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args.overrides)
         if args.command == "list":
-            return cmd_list()
+            return cmd_list(args.options)
         if args.command == "predict":
             return cmd_predict(args.options)
         return cmd_export(args.options)

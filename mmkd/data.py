@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +23,16 @@ class DataError(ValueError):
     The message names the file (or data root) and what to do; ``mmkd`` prints it on one line and
     exits with code 2.
     """
+
+
+def hash_tensors(h, tensors: Mapping[str, Tensor]) -> None:
+    """Feed ``tensors`` into the hash object ``h`` (``hashlib.sha256()``), in name order: for each,
+    ``name:dtype:shape`` and then its raw bytes. Data set fingerprints and teacher hashes (the keys of
+    caches on disk) are made with it, so what it feeds must never change."""
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 class TensorDictDataset(Dataset):
@@ -61,10 +71,7 @@ class TensorDictDataset(Dataset):
         """A hash of the name and the contents: the data set's identity for the teacher cache."""
         if self._fingerprint is None:
             h = hashlib.sha256(self.name.encode())
-            for k in sorted(self.tensors):
-                t = self.tensors[k].detach().cpu().contiguous()
-                h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            hash_tensors(h, self.tensors)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

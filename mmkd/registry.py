@@ -46,15 +46,18 @@ class Registry:
         self.kind = kind
         self._items: dict[str, Any] = {}
         self._meta: dict[str, dict[str, Any]] = {}
+        self._modules: dict[str, str] = {}
 
     def register(self, name: str, **meta: Any) -> Callable[[Any], Any]:
-        """Decorator registering an object under ``name``; ``meta`` is kept beside it."""
+        """Decorator registering an object under ``name``; ``meta`` and the object's ``__module__``
+        are kept beside it."""
 
         def deco(obj: Any) -> Any:
             if name in self._items and self._items[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = obj
             self._meta[name] = meta
+            self._modules[name] = obj.__module__
             return obj
 
         return deco
@@ -72,6 +75,11 @@ class Registry:
         """The keyword arguments given to :meth:`register` for ``name``."""
         self[name]
         return self._meta[name]
+
+    def module(self, name: str) -> str:
+        """The module that defines the object registered under ``name``, e.g. ``"mmkd.losses.kd"``."""
+        self[name]
+        return self._modules[name]
 
     def names(self) -> list[str]:
         """All registered names, plug-ins included, sorted."""

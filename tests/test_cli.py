@@ -39,6 +39,33 @@ def test_list(capsys):
     assert "quickstart" in lines["experiments"].split(", ")
 
 
+def test_registries_record_the_defining_module():
+    from mmkd.registry import LOSSES, MODELS
+
+    assert LOSSES.module("kd") == "mmkd.losses.kd"
+    assert MODELS.module("gcn") == "mmkd.graphs.models"
+
+
+def test_list_by_module(capsys):
+    code, out, _ = run_cli(capsys, "list", "module=mmkd.graphs")
+    assert code == 0
+    lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert "gcn" in lines["models"].split(", ") and "experiments" not in lines
+    assert "kd" not in lines.get("losses", "").split(", ") and "glnn" in lines["losses"].split(", ")
+    code, out, _ = run_cli(capsys, "list", "modules=true", "module=mmkd.losses.kd")
+    assert code == 0 and out == "losses: kd (mmkd.losses.kd)\n"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["colour=red"], "'colour=red': unknown option; valid keys: module, modules"),
+    (["modules=yes"], "modules: expected true or false, got 'yes'"),
+    (["module=mmkd.graph"], "module=mmkd.graph: no registered name is defined in it or below it; choose from: "),
+])
+def test_list_errors(capsys, args, expected):
+    code, out, err = run_cli(capsys, "list", *args)
+    assert code == 2 and out == "" and err.startswith("mmkd: error: " + expected) and err.count("\n") == 1
+
+
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     """One-epoch quickstart run through the CLI."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,12 +16,24 @@ from torch import nn
 
 from mmkd import io
 from mmkd.adapters import make_adapter
-from mmkd.config import ConfigError, ModelConfig
+from mmkd.config import ConfigError, ModelConfig, owner_args
 from mmkd.data import DataSplits, loader
 from mmkd.distiller import Term, pick
 from mmkd.net import Net
 from mmkd.registry import DATASETS, MODELS, ROUTERS
 from mmkd.trainer import TrainerConfig
+
+
+def create_model(name: str, num_classes: int, in_shape: Any, where: str = "model", **args: Any) -> nn.Module:
+    """The registered model ``name`` (timm's ``create_model``), for ``num_classes`` outputs and items of
+    ``in_shape``; every model a run builds, models inside other models (``fusion``'s encoders,
+    ``dual_head``'s backbone) included, is made here. Its ``args`` are checked against the ranges its
+    registration declares; an argument it refuses is a :class:`ConfigError` naming ``<where>.args``."""
+    owner_args(f"{where}.args", MODELS, name, args)
+    try:
+        return MODELS[name](num_classes=num_classes, in_shape=in_shape, **args)
+    except (TypeError, ValueError) as e:  # a factory's own refusal of its arguments
+        raise ConfigError(f"{where}.args: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def build_model(mc: ModelConfig, meta: dict, where: str) -> nn.Module:
@@ -34,10 +47,7 @@ def build_model(mc: ModelConfig, meta: dict, where: str) -> nn.Module:
     args = dict(mc.args)
     if "class_names" in inspect.signature(MODELS[mc.name]).parameters and meta.get("class_names"):
         args.setdefault("class_names", meta["class_names"])  # e.g. a zero-shot head's prompts
-    try:
-        model = MODELS[mc.name](num_classes=meta["num_classes"], in_shape=in_shape, **args)
-    except TypeError as e:
-        raise ConfigError(f"{where}.args: {e}") from None
+    model = create_model(mc.name, meta["num_classes"], in_shape, where, **args)
     modules = [n for n, _ in model.named_modules() if n]
     for path in mc.features:
         if path not in modules:

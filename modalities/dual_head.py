@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from mmkd.build import create_model
 from mmkd.checks import FRACTION, POSITIVE, SEED, Range
 from mmkd.data import DataSplits, TensorDictDataset, loader
 from mmkd.registry import DATASETS, MODELS
@@ -127,7 +128,7 @@ def dual_head(num_classes: int, in_shape: Any, backbone: Mapping[str, Any], infe
         backbone = OmegaConf.to_container(backbone, resolve=True)
     if "name" not in backbone or set(backbone) - {"name", "args"}:
         raise ValueError(f"dual_head.backbone: expected {{name, args}}, got keys {sorted(backbone)}")
-    model = MODELS[backbone["name"]](num_classes=num_classes, in_shape=in_shape, **(backbone.get("args") or {}))
+    model = create_model(backbone["name"], num_classes, in_shape, "dual_head.backbone", **(backbone.get("args") or {}))
     width = strip_head(model, "dual_head.backbone")
     return DualHead(model, width, num_classes, inference, align, alpha, beta)
 

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from mmkd.build import create_model
 from mmkd.checks import COUNT, PROBABILITY, Each
 from mmkd.registry import MODELS
 
@@ -68,7 +69,7 @@ class Fusion(nn.Module):
                 raise ValueError(f"{where}.inputs: {missing} are not among the model's inputs "
                                  f"{list(self.keys)}; add them to `inputs`")
             shape = in_shape[keys[0]] if len(keys) == 1 else {k: in_shape[k] for k in keys}
-            encoder = MODELS[spec["name"]](num_classes=num_classes, in_shape=shape, **(spec.get("args") or {}))
+            encoder = create_model(spec["name"], num_classes, shape, where, **(spec.get("args") or {}))
             width += strip_head(encoder, where)
             self.encoders[name], self.inputs[name] = encoder, keys
         layers: list[nn.Module] = []

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -230,3 +231,34 @@ def test_seed(v):
 @given(st.integers(-3, 3), st.integers(-3, 3))
 def test_batch_size_and_epochs(b, e):
     assert accepted(f"trainer.batch_size={b}", f"trainer.max_epochs={e}") == (b >= 1 and e >= 1)
+
+
+# ---------------------------------------------------------------- models inside models
+@pytest.mark.parametrize("name, where, args, expected", [
+    ("fusion", "student", {"encoders": {"image": {"name": "cnn", "args": {"channels": []}}}},
+     "student.args: fusion.encoders.image.args.channels=[]; give a non-empty list, each an integer >= 1"),
+    ("dual_head", "student", {"backbone": {"name": "mlp", "args": {"dropout": 2}}},
+     "student.args: dual_head.backbone.args.dropout=2; it must be a number in [0, 1)"),
+    ("gat", "teachers.gnn", {"hidden": 65, "heads": 8}, "teachers.gnn.args: gat: hidden (65) must be a multiple of heads (8)"),
+    ("mlp", "student", {"hidden": [4], "colour": 1}, "student.args: MLP.__init__() got an unexpected keyword argument"),
+])
+def test_create_model_checks_nested_and_factory_arguments(name, where, args, expected):
+    """Every model a run builds goes through create_model, so the encoders of a fusion model and the
+    backbone of a dual-head model are range-checked too, and a factory's own refusal is one line."""
+    from mmkd.build import create_model
+
+    shape = {"image": (1, 8, 8)} if name == "fusion" else (1, 8, 8)
+    with pytest.raises(ConfigError) as e:
+        create_model(name, 10, shape, where, **args)
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
+
+
+def test_create_model_builds_what_the_factory_builds():
+    from mmkd.build import create_model
+    from mmkd.models import MLP
+
+    torch.manual_seed(0)
+    a = create_model("mlp", 3, (4,), hidden=[5])
+    torch.manual_seed(0)
+    b = MLP(num_classes=3, in_shape=(4,), hidden=[5])
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

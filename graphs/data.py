@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mmkd.config import ConfigError
 from mmkd.data import DataError
+from mmkd.io import first_line
 
 PLANETOID = {"cora": "Cora", "citeseer": "CiteSeer", "pubmed": "PubMed"}
 PLANETOID_FILES = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
@@ -166,11 +167,6 @@ _READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zli
 _REWRITE = "write it again with np.savez (see graphs/data.py::read_npz for the layouts)"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
-
-
 def _array(z: Any, key: str, where: str) -> np.ndarray:
     """``z[key]`` read without pickle; an object array (which only pickle can read) or a damaged
     entry is a one-line :class:`GraphError`."""
@@ -182,9 +178,9 @@ def _array(z: Any, key: str, where: str) -> np.ndarray:
                    else f"store {key} as a plain numeric array")
             raise GraphError(f"{where}: {key} is an object array, which only pickle can read (unpickling an "
                              f"untrusted file can run code), so it is refused; {fix}") from None
-        raise GraphError(f"{where}: cannot read {key} ({_first_line(e)}); {_REWRITE}") from None
+        raise GraphError(f"{where}: cannot read {key} ({first_line(e)}); {_REWRITE}") from None
     except _READ_ERRORS as e:
-        raise GraphError(f"{where}: cannot read {key} ({_first_line(e)}); {_REWRITE}") from None
+        raise GraphError(f"{where}: cannot read {key} ({first_line(e)}); {_REWRITE}") from None
 
 
 def _ints(a: np.ndarray, key: str, where: str) -> np.ndarray:
@@ -246,7 +242,7 @@ def _csr(z: Any, prefix: str, where: str) -> Any:
         m.check_format(full_check=True)  # indices in range, indptr non-decreasing
         return m
     except ValueError as e:
-        raise GraphError(f"{where}: the {prefix}_* pieces are not a valid CSR matrix ({_first_line(e)}); "
+        raise GraphError(f"{where}: the {prefix}_* pieces are not a valid CSR matrix ({first_line(e)}); "
                          f"store matrix.data, .indices, .indptr and .shape of one scipy.sparse.csr_matrix") from None
 
 
@@ -264,7 +260,7 @@ def _open_npz(path: Path) -> Any:
     try:
         z = np.load(path, allow_pickle=False)
     except _READ_ERRORS as e:
-        raise GraphError(f"{path}: cannot read it as an .npz archive ({_first_line(e)}); {_REWRITE}") from None
+        raise GraphError(f"{path}: cannot read it as an .npz archive ({first_line(e)}); {_REWRITE}") from None
     if not hasattr(z, "files"):
         raise GraphError(f"{path}: holds a single array (.npy), not an .npz archive of named arrays; {_REWRITE}")
     if not z.files:

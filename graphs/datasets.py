@@ -141,8 +141,6 @@ def graph_splits(g: Graph, split: str = "public", setting: str = "transductive",
         batching: ``full`` (one item: the whole graph) or ``neighbor`` (sampled neighbourhoods of
             ``num_neighbors`` per hop for training; ``eval_neighbors`` for val/test, default all).
     """
-    if setting == "inductive" and not 0 < held_out < 1:  # a config value: checked before the graph's split
-        raise ConfigError(f"data.args.held_out={held_out}: the held-out fraction of test nodes must be in (0, 1)")
     if split == "public":
         check_masks(g.masks, g.num_nodes, g.name)  # shipped masks must not overlap (npz files are checked on read)
         parts = S.public(g)

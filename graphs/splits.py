@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mmkd.config import ConfigError
 from mmkd.graphs.data import Graph, GraphError
 
 
@@ -68,7 +69,7 @@ def per_class(g: Graph, train_per_class: int = 20, val_per_class: int = 30, seed
 def hold_out(split: Split, fraction: float = 0.2, seed: int = 0) -> Split:
     """The inductive version of ``split``: a random ``fraction`` of its test nodes becomes ``held_out``."""
     if not 0 < fraction < 1:
-        raise GraphError(f"data.args.held_out={fraction}: the held-out fraction of test nodes must be in (0, 1)")
+        raise ConfigError(f"data.args.held_out={fraction}: the held-out fraction of test nodes must be in (0, 1)")
     gen = torch.Generator().manual_seed(seed)
     perm = split.test[torch.randperm(len(split.test), generator=gen)]
     held = perm[:max(1, round(fraction * len(perm)))].sort().values

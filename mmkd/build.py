@@ -33,7 +33,7 @@ def create_model(name: str, num_classes: int, in_shape: Any, where: str = "model
     try:
         return MODELS[name](num_classes=num_classes, in_shape=in_shape, **args)
     except (TypeError, ValueError) as e:  # a factory's own refusal of its arguments
-        raise ConfigError(f"{where}.args: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ConfigError(f"{where}.args: {io.first_line(e, typed=False)}") from None
 
 
 def build_model(mc: ModelConfig, meta: dict, where: str) -> nn.Module:
@@ -115,7 +115,7 @@ def load_weights(model: nn.Module, path: str, where: str, teacher: str | None = 
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ConfigError(f"{where}: {path!r} does not fit the model: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{where}: {path!r} does not fit the model: {io.first_line(e, typed=False)}") from None
 
 
 def trainer_config(cfg: DictConfig, epochs: int | None = None, lr: float | None = None) -> TrainerConfig:

@@ -289,7 +289,8 @@ def _options(args: Sequence[str], valid: Sequence[str], required: Sequence[str],
 
 
 def cmd_predict(args: Sequence[str]) -> int:
-    from mmkd.deploy import check_output, predict, write_predictions
+    from mmkd.deploy import predict, write_predictions
+    from mmkd.io import check_writable
 
     usage = ("mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt|.npz [output=preds.csv] [batch_size=N] "
              "[format=onnx|pt2]")
@@ -297,7 +298,7 @@ def cmd_predict(args: Sequence[str]) -> int:
     batch_size = opts.get("batch_size", "4096")
     if not batch_size.isdigit() or int(batch_size) < 1:
         raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    output = check_output(opts.get("output", "preds.csv"))  # before the model runs
+    output = check_writable(opts.get("output", "preds.csv"), "output", file=True)  # before the model runs
     pred = predict(opts["run_dir"], opts["input"], int(batch_size), opts.get("format"))
     path = write_predictions(pred, output)
     print(f"{len(pred.class_ids)} predictions -> {path}")

@@ -22,6 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from mmkd.adapters import ADAPTERS
 from mmkd.checks import NON_NEGATIVE_INT, POSITIVE, SEED, check_args
+from mmkd.io import first_line
 from mmkd.registry import DATASETS, LOSSES, MODELS, PIPELINES, ROUTERS
 from mmkd.schedules import Schedule
 from mmkd.trainer import TrainerConfig, check_config
@@ -157,7 +158,7 @@ def typed_sections(cfg: DictConfig) -> DictConfig:
                     raise ConfigError(f"{key}: unknown config key; valid keys under {section}.{name}: {valid}") from None
                 m = re.search(r"Value '([^']*)' .*could not be converted to (\w+)", str(e))
                 raise ConfigError(f"{key}: expected {m.group(2).lower()}, got {m.group(1)!r}" if m
-                                  else f"{key}: {str(e).splitlines()[0]}") from None
+                                  else f"{key}: {first_line(e, typed=False)}") from None
         with open_dict(cfg):
             cfg[section] = typed
     return cfg

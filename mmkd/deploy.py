@@ -15,7 +15,6 @@ import io as _io
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +117,7 @@ def _read(path: Path) -> object:
             return np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(header), dtype=np.float32)
         return torch.load(path, map_location="cpu", weights_only=True)
     except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise ConfigError(f"input: cannot read {str(path)!r}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        raise ConfigError(f"input: cannot read {str(path)!r}: {io.first_line(e, typed=False)}") from None
 
 
 def _numeric(x: object, where: str) -> np.ndarray:
@@ -251,31 +250,6 @@ def predict(path: str | os.PathLike, features: np.ndarray | torch.Tensor | Mappi
     probs = logits.double().softmax(1).numpy()
     names = meta["class_names"] or [str(c) for c in range(meta["num_classes"])]
     return Predictions(probs.argmax(1), names, probs)
-
-
-def check_output(path: str | os.PathLike) -> Path:
-    """``path`` if predictions can be written there, else a one-line :class:`ConfigError` naming
-    ``output``: a directory, a path under a file, or a folder where no file can be created (tried with
-    a temporary file, deleted at once: permission bits alone do not tell, e.g. for root). Writes
-    nothing that stays; missing folders on the way are created only when the predictions are written."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"output: {str(path)!r} is a directory; give a file path, e.g. "
-                          f"output={path / 'preds.csv'}")
-    folder = path.parent
-    try:
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        if not folder.is_dir():
-            raise ConfigError(f"output: cannot write {str(path)!r}: {str(folder)!r} is a file, not a folder; "
-                              "give a path in a writable folder")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mmkd-write-check.", suffix=".tmp")
-    except OSError as e:
-        raise ConfigError(f"output: cannot write {str(path)!r} into {str(folder)!r} "
-                          f"({e.strerror or type(e).__name__}); give a path in a writable folder") from None
-    os.close(fd)
-    os.unlink(tmp)
-    return path
 
 
 def write_predictions(pred: Predictions, path: str | os.PathLike) -> Path:

@@ -183,10 +183,9 @@ def export_student(run_dir: str | os.PathLike, formats: Sequence[str]) -> list[P
         except Exception as e:
             if meta.get("inputs"):
                 raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"run_dir: {str(run_dir / 'data.json')!r} records no input dtypes (written by an "
                               f"older mmkd), so {cfg.student.name} was exported with float example inputs and "
-                              f"failed ({first}); rerun the experiment, or add to data.json "
+                              f"failed ({io.first_line(e, typed=False)}); rerun the experiment, or add to data.json "
                               '"inputs": {"<key>": {"dtype": "int64", "min": 0, "max": <largest id>}, ...}') from e
     preprocessing = meta.get("preprocessing") or {}
     io.write_json({"inputs": {k: meta["shapes"][k] for k in keys},

@@ -60,13 +60,43 @@ def _raise_full(e: OSError, path: Path) -> None:
                       "free some space or set out_dir / cache_dir to another disk") from None
 
 
-def save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically. The bytes are serialised in memory first, so a
-    full disk surfaces as :class:`NoSpace` (torch's own writer reports only ``file write failed``)."""
+def check_writable(path: str | os.PathLike, key: str, file: bool = False) -> Path:
+    """``path`` if it can be written (a folder to be, or with ``file`` a file to be), else a one-line
+    :class:`mmkd.config.ConfigError` naming ``key``: a file where a folder is wanted (or the reverse),
+    a path under a file, or a folder where no file can be created. That last is tried with a temporary
+    file in the nearest existing folder, deleted at once (permission bits do not tell, e.g. for root);
+    nothing is created that stays."""
+    from mmkd.config import ConfigError
+
+    path = Path(path)
+    if path.exists() and path.is_dir() == file:
+        raise ConfigError(f"{key}: {str(path)!r} is a {'directory' if file else 'file'}; give a "
+                          f"{'file path' if file else 'directory'}")
+    folder = path.parent if file else path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: cannot write {str(path)!r}: {str(folder)!r} is a file, not a folder; "
+                          "give a path in a writable folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mmkd-write-check.", suffix=".tmp")
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write {str(path)!r} into {str(folder)!r} "
+                          f"({e.strerror or type(e).__name__}); give a path in a writable folder") from None
+    os.close(fd)
+    os.unlink(tmp)
+    return path
+
+
+def save(obj: Any, path: str | os.PathLike) -> bytes:
+    """``torch.save`` ``obj`` to ``path`` atomically; returns the bytes written. They are serialised
+    in memory first, so a full disk surfaces as :class:`NoSpace` (torch's own writer reports only
+    ``file write failed``)."""
     buf = _io.BytesIO()
     torch.save(obj, buf)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getbuffer())
+    return buf.getvalue()
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:
@@ -81,12 +111,15 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------- safe reading, and checked caches
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (at most 160 characters), or its type's name."""
+def first_line(e: BaseException, typed: bool = True) -> str:
+    """The first line of an exception's message (at most 160 characters), after its type's name
+    (``typed``), for one-line errors; the type's name alone when the message is empty."""
     text = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
     if len(text) > 160:
         text = text[:157] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text}" if typed else text
 
 
 def load(path: str | os.PathLike, what: str, fix: str = "replace it with a file written by torch.save",
@@ -108,12 +141,12 @@ def load(path: str | os.PathLike, what: str, fix: str = "replace it with a file 
     except pickle.UnpicklingError as e:
         reason = ("it holds pickled objects other than tensors and plain containers, which a "
                   "weights-only load refuses because unpickling them can run code"
-                  if "weights only" in str(e).lower() else _first_line(e))
+                  if "weights only" in str(e).lower() else first_line(e))
         raise DataError(f"{path}: cannot read {what} ({reason}); {fix}") from None
     except (MemoryError, RecursionError):
         raise
     except Exception as e:  # RuntimeError (damaged zip), EOFError (empty), KeyError (text), OSError, ...
-        detail = "" if isinstance(e, KeyError) else f" ({_first_line(e)})"  # KeyError: an opcode of a non-pickle
+        detail = "" if isinstance(e, KeyError) else f" ({first_line(e)})"  # KeyError: an opcode of a non-pickle
         raise DataError(f"{path}: cannot read {what}, it is not a complete torch.save file{detail}; {fix}") from None
 
 
@@ -122,46 +155,21 @@ def index_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _digest(path: Path) -> tuple[int, str]:
-    """Size in bytes and SHA-256 of a file, read in chunks."""
+def _digest(data: bytes) -> tuple[int, str]:
+    """Size in bytes and SHA-256 of ``data``."""
     import hashlib
 
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
-
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``folder`` (``flock``; none where ``fcntl`` is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock; then concurrent writers may leave a stale index (a rebuild)
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 def save_checked(obj: Any, path: str | os.PathLike) -> None:
-    """:func:`save` ``obj`` to ``path``, then write its size and SHA-256 to :func:`index_path`.
-
-    Both writes are atomic. The index is computed from the file as it is on disk, under a lock on
-    the folder, so when several processes write the same entry at once the last index written
-    describes the file left there.
-    """
+    """:func:`save` ``obj`` to ``path``, then write the size and SHA-256 of its bytes to
+    :func:`index_path`; both writes are atomic. Writers of one entry store the same bytes (the same
+    outputs serialise alike), so concurrent writers leave a file that matches its index; any mismatch
+    only costs a rebuild (:func:`load_checked`)."""
     path = Path(path)
-    save(obj, path)
-    with _locked(path.parent):
-        size, sha = _digest(path)
-        write_json({"file": path.name, "size": size, "sha256": sha}, index_path(path))
+    size, sha = _digest(save(obj, path))
+    write_json({"file": path.name, "size": size, "sha256": sha}, index_path(path))
 
 
 def load_checked(path: str | os.PathLike, log: Any = None) -> Any | None:
@@ -187,9 +195,9 @@ def load_checked(path: str | os.PathLike, log: Any = None) -> Any | None:
         log.warning("%s: cache file without its index %s; not loading it, rebuilding it", path, index.name)
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("%s: unreadable cache index %s (%s); rebuilding the entry", path, index.name, _first_line(e))
+        log.warning("%s: unreadable cache index %s (%s); rebuilding the entry", path, index.name, first_line(e))
         return None
-    got = _digest(path)
+    got = _digest(path.read_bytes())
     if got != want:
         log.warning("%s: damaged cache file (%d bytes, SHA-256 %s..., but its index %s says %d bytes, %s...); "
                     "rebuilding it", path, got[0], got[1][:12], index.name, want[0], want[1][:12])

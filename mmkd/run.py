@@ -27,7 +27,7 @@ from mmkd.export import export_student
 from mmkd.net import Net, Teacher, num_params
 from mmkd.registry import PIPELINES
 from mmkd.report import add_latencies, plot_curves
-from mmkd.rundir import check_writable, claim
+from mmkd.rundir import claim
 from mmkd.trainer import FitResult, Trainer, seed_everything
 
 log = logging.getLogger("mmkd")
@@ -77,8 +77,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.run_dir = default_run_dir(cfg)
     if cfg.resume and not (Path(cfg.run_dir) / "config.yaml").is_file():
         raise ConfigError(f"resume=true: {cfg.run_dir!r} holds no run; set run_dir to an existing run directory")
-    check_writable(cfg.run_dir, "run_dir")
-    check_writable(cache_path(cfg), "cache_dir")
+    io.check_writable(cfg.run_dir, "run_dir")
+    io.check_writable(cache_path(cfg), "cache_dir")
     with claim(cfg.run_dir, resume=cfg.resume):
         return PIPELINES[cfg.get("pipeline") or "distill"](cfg)
 
@@ -110,8 +110,7 @@ def finish(cfg: DictConfig, run_dir: Path, results: dict[str, Any], t_start: flo
     try:
         results["export"] = [str(p) for p in export_student(run_dir, cfg.export)]
     except Exception as e:  # the run's results are saved: report the export in one line
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        results["export_error"] = f"{type(e).__name__}: {text}"
+        results["export_error"] = io.first_line(e)
         io.write_json(results, run_dir / "results.json")
         log.debug("export failed", exc_info=True)
         raise ExportFailed(f"export failed ({results['export_error']}); the run's results are in "

@@ -25,27 +25,6 @@ class RunDirBusy(ConfigError):
     """Another process holds the run directory."""
 
 
-def check_writable(path: str | os.PathLike, key: str) -> None:
-    """Raise :class:`ConfigError` naming ``key`` if ``path`` (a directory to be, or one that exists)
-    is a file, lies under a file, or cannot be written; writes nothing that stays."""
-    path = Path(path)
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        what = "is a file" if probe == path else f"lies under the file {str(probe)!r}"
-        raise ConfigError(f"{key}={str(path)!r} {what}; give a directory")
-    try:
-        fd = os.open(probe / f".mmkd-probe-{os.getpid()}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except OSError as e:
-        raise ConfigError(f"{key}={str(path)!r}: cannot write in {str(probe)!r} ({e.strerror}); "
-                          "give a writable directory") from None
-    os.close(fd)
-    os.unlink(probe / f".mmkd-probe-{os.getpid()}")
-
-
 def temporaries(run_dir: Path) -> list[Path]:
     """Files that an interrupted atomic write left in ``run_dir`` (``.<stem>.<random>.tmp<suffix>``)."""
     return sorted(p for p in run_dir.rglob(".*.tmp*") if p.is_file() and ".tmp" in p.name)

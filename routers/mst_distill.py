@@ -351,7 +351,7 @@ def stage3(cfg: DictConfig) -> dict[str, Any]:
             t.model.masknet.load_state_dict(state)
         except RuntimeError as e:
             raise ConfigError(f"method.stage2={stage2_dir}: mask {name} does not fit its teacher "
-                              f"({str(e).splitlines()[0]}); rerun stage 2 on its stage-1 run") from None
+                              f"({io.first_line(e, typed=False)}); rerun stage 2 on its stage-1 run") from None
     live = [Teacher(t.model, t.keys, frozen=True) for t in spec]
     device = Trainer(trainer_config(cfg)).device
     cacheable = getattr(data.train, "deterministic", False)

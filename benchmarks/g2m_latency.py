@@ -90,7 +90,7 @@ def random_graph(n: int, degree: float, features: int, seed: int = 0):
 
 def cora():
     """Cora's row-normalised features and its edges, from the data root (``$MMKD_DATA``)."""
-    from mmkd.graphs.data import planetoid
+    from mmkd.graphs.io import planetoid
     from mmkd.preprocess import row_normalize
 
     g = planetoid(Path(os.environ.get("MMKD_DATA", ROOT / "data")) / "planetoid", "cora")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchaudio import transforms
 
 from mmkd.checks import COUNT, NON_NEGATIVE_INT, PROBABILITY, Each
-from mmkd.models import CNN
+from mmkd.models import CNN, Classifier
 from mmkd.registry import MODELS
 
 
@@ -57,12 +57,13 @@ class SpecAugment(nn.Module):
 @MODELS.register("audio_cnn", ranges={"channels": Each(COUNT), "dropout": PROBABILITY, "sample_rate": COUNT, "n_fft": COUNT,
                                       "hop_length": COUNT, "n_mels": COUNT, "freq_mask": NON_NEGATIVE_INT,
                                       "time_mask": NON_NEGATIVE_INT, "num_masks": NON_NEGATIVE_INT})
-class AudioCNN(nn.Module):
+class AudioCNN(Classifier, nn.Module):
     """``frontend`` (log-mel) -> ``norm`` (BatchNorm over the one input channel) -> ``specaug`` ->
     ``features`` (``Conv3x3-BN-ReLU`` blocks, as the core's ``cnn``) -> ``pool`` -> ``head``.
 
     Feature paths: ``frontend`` (the log-mel spectrogram in dB, ``[batch, 1, n_mels, frames]``),
     ``features`` (the last feature map) and ``pool`` (the embedding ``[batch, channels[-1]]``).
+    A :class:`mmkd.models.Classifier` (``num_features`` ``channels[-1]``).
 
     Args:
         num_classes: classifier outputs.
@@ -92,6 +93,7 @@ class AudioCNN(nn.Module):
         self.specaug = SpecAugment(freq_mask, time_mask, num_masks)
         cnn = CNN(num_classes, (1,), channels, dropout)
         self.features, self.pool, self.head = cnn.features, cnn.pool, cnn.head
+        self.num_features = cnn.num_features
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.frontend(x)

@@ -1,7 +1,7 @@
 """Late fusion: one encoder per modality, their embeddings concatenated, an MLP classifier.
 
 ``logits = head([e_1(x_1); ...; e_M(x_M)])`` where each ``e_m`` is a registered model whose linear
-classifier was removed, so it returns its pooled embedding.
+classifier was removed (:func:`mmkd.models.strip_head`), so it returns its pooled embedding.
 """
 from __future__ import annotations
 
@@ -13,28 +13,19 @@ from torch import Tensor, nn
 
 from mmkd.build import create_model
 from mmkd.checks import COUNT, PROBABILITY, Each
+from mmkd.models import Classifier, strip_head
 from mmkd.registry import MODELS
 
 
-def strip_head(model: nn.Module, where: str) -> int:
-    """Replace ``model``'s linear classifier (``head`` or, as in torchvision, ``fc``) by the identity;
-    return the width of the embedding it was fed."""
-    for attr in ("head", "fc"):
-        layer = getattr(model, attr, None)
-        if isinstance(layer, nn.Linear):
-            setattr(model, attr, nn.Identity())
-            return layer.in_features
-    raise ValueError(f"{where}: {type(model).__name__} has no linear `head` or `fc` classifier to remove; "
-                     "fusion needs encoders that end in one")
-
-
 @MODELS.register("fusion", ranges={"hidden": Each(COUNT), "dropout": PROBABILITY})
-class Fusion(nn.Module):
+class Fusion(Classifier, nn.Module):
     """Late fusion of per-modality encoders.
 
     ``forward(*inputs)`` takes the batch entries named in the model config's ``inputs``, in order
     (``in_shape`` maps them to their shapes). Feature paths: ``encoders.<name>`` (each modality's
     embedding) and ``head`` (the logits; ``head.0`` is the first linear layer on the concatenation).
+    A :class:`mmkd.models.Classifier` whose classifier is the head's last linear layer
+    (``num_features``: the last hidden width, or the concatenation's without hidden layers).
 
     Args:
         num_classes: classifier outputs.
@@ -77,6 +68,7 @@ class Fusion(nn.Module):
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
         self.head = nn.Sequential(*layers, nn.Linear(width, num_classes))
+        self.num_features, self.classifier_path = width, f"head.{len(layers)}"
 
     def forward(self, *xs: Tensor) -> Tensor:
         batch = dict(zip(self.keys, xs))

@@ -15,18 +15,20 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from mmkd.data import DataError
+from mmkd.models import Classifier
 from mmkd.registry import MODELS
 
 log = logging.getLogger("mmkd")
 
 
 @MODELS.register("resnet18")
-class ResNet18(ResNet):
+class ResNet18(Classifier, ResNet):
     """torchvision's ResNet-18 for ``[batch, channels, height, width]`` images, ``channels`` 1 or 3.
 
     Feature paths: ``layer1`` ... ``layer4`` (feature maps; ``layer4`` is ``[batch, 512, h, w]``) and
     ``avgpool`` (the pooled embedding, ``[batch, 512]``); ``fc`` is the linear classifier. The module
-    names are torchvision's, so torchvision's state dicts load as they are.
+    names are torchvision's, so torchvision's state dicts load as they are. A
+    :class:`mmkd.models.Classifier` (``num_features`` 512, ``classifier_path`` ``fc``).
 
     Args:
         num_classes: classifier outputs.
@@ -37,6 +39,8 @@ class ResNet18(ResNet):
         weights: path to a local state dict (torchvision's ImageNet ``resnet18-*.pth``, or one saved
             from this model); nothing is downloaded. See :func:`load_resnet_weights`.
     """
+
+    classifier_path = "fc"  # torchvision's name
 
     def __init__(self, num_classes: int, in_shape: Sequence[int], small_input: Optional[bool] = None,
                  weights: Optional[str] = None):
@@ -52,6 +56,7 @@ class ResNet18(ResNet):
             self.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
         self.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = self.fc.in_features
         if weights is not None:
             load_resnet_weights(self, weights)
 

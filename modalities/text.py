@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mmkd.checks import COUNT, PROBABILITY
 from mmkd.data import DataError
+from mmkd.models import Classifier
 from mmkd.registry import MODELS
 
 MINILM = "minilm"
@@ -74,11 +75,13 @@ class MeanPool(nn.Module):
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-class TextClassifier(nn.Module):
+class TextClassifier(Classifier, nn.Module):
     """A Hugging Face encoder, masked mean pooling, dropout and a linear classifier.
 
     ``forward(input_ids, attention_mask=None)``; without a mask, every non-padding token counts.
-    Feature path: ``pool`` (the sentence embedding ``[batch, hidden]``).
+    Feature path: ``pool`` (the sentence embedding ``[batch, hidden]``). A :class:`mmkd.models.Classifier`
+    (``num_features``: the encoder's hidden size; without the classifier, ``forward`` returns the
+    embedding after dropout).
 
     Args:
         encoder: a ``transformers`` model whose output has ``last_hidden_state``.
@@ -96,6 +99,7 @@ class TextClassifier(nn.Module):
         self.pool = MeanPool()
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+        self.num_features = encoder.config.hidden_size
 
     def train(self, mode: bool = True) -> "TextClassifier":
         super().train(mode)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
+from mmkd.models import Classifier
 from mmkd.registry import MODELS
 
 TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
@@ -34,7 +35,7 @@ class ZeroShotHead(nn.Module):
         return self.logit_scale.exp() * F.normalize(f, dim=-1) @ F.normalize(self.weight, dim=-1).T
 
 
-class CLIPClassifier(nn.Module):
+class CLIPClassifier(Classifier, nn.Module):
     """A CLIP image tower and a zero-shot head whose class embeddings come from the text tower.
 
     ``forward(image)`` takes ``[batch, 1 or 3, height, width]`` images in ``[0, 1]``: grey images are
@@ -42,6 +43,8 @@ class CLIPClassifier(nn.Module):
     model's mean and standard deviation. The text tower is used once, here, and not kept.
 
     Feature path: ``visual`` (the image embedding ``[batch, embed_dim]`` before normalisation).
+    A :class:`mmkd.models.Classifier` (``num_features`` ``embed_dim``); ``reset_classifier(k)`` puts a
+    plain linear classifier in place of the zero-shot head.
 
     Args:
         model: an ``open_clip`` CLIP model (``encode_text``, ``visual``, ``logit_scale``).
@@ -66,6 +69,7 @@ class CLIPClassifier(nn.Module):
                                             num_classes_per_batch=None, device=model.logit_scale.device)
         model.train(training)
         self.head = ZeroShotHead(weight.T, model.logit_scale)
+        self.num_features = self.head.weight.shape[1]
 
     def preprocess(self, x: Tensor) -> Tensor:
         """``[batch, 1 or 3, H, W]`` in ``[0, 1]`` -> the image tower's normalised 3-channel input."""

@@ -14,7 +14,7 @@ from torch_geometric.utils import k_hop_subgraph
 
 from mmkd.config import ConfigError
 from mmkd.graphs import FullGraph, GraphError, NeighborGraph, check_graph, from_networkx, graph_splits, read_npz
-from mmkd.graphs.data import planetoid
+from mmkd.graphs.io import planetoid
 from mmkd.graphs.sampling import CSC, sample
 from mmkd.registry import DATASETS
 

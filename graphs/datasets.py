@@ -25,11 +25,12 @@ from torch.utils.data import Dataset
 
 from mmkd.checks import COUNT, SEED, Range
 from mmkd.config import ConfigError
-from mmkd.data import DataSplits, hash_tensors
+from mmkd.data import DataSplits, Fingerprinted, hash_tensors
 from mmkd.preprocess import row_normalize
 from mmkd.registry import DATASETS
 from mmkd.graphs import splits as S
-from mmkd.graphs.data import Graph, check_masks, planetoid, read_npz
+from mmkd.graphs.data import Graph, check_masks
+from mmkd.graphs.io import planetoid, read_npz
 from mmkd.graphs.sampling import CSC, sample
 
 
@@ -39,7 +40,7 @@ def _hash(name: str, tensors: dict[str, Tensor], extra: str = "") -> str:
     return h.hexdigest()
 
 
-class FullGraph(Dataset):
+class FullGraph(Fingerprinted):
     """The whole graph as a data set of one item (full-batch training and evaluation).
 
     Args:
@@ -79,7 +80,7 @@ class FullGraph(Dataset):
         return self._fingerprint
 
 
-class NeighborGraph(Dataset):
+class NeighborGraph(Fingerprinted):
     """Mini-batches of sampled neighbourhoods: item ``i`` is seed node ``seeds[i]``.
 
     Args:
@@ -215,7 +216,7 @@ for _name in ("cora", "citeseer", "pubmed"):
 
 @DATASETS.register("npz", ranges=GRAPH_RANGES)
 def npz_splits(root: str, path: str, undirected: bool = True, **kwargs) -> DataSplits:
-    """A graph from an ``.npz`` file (see :func:`graphs.data.read_npz`); ``path`` is relative to the
+    """A graph from an ``.npz`` file (see :func:`mmkd.graphs.io.read_npz`); ``path`` is relative to the
     data root unless absolute; ``kwargs`` go to :func:`graph_splits` (default split: ``glnn``)."""
     check_args(kwargs)
     kwargs.setdefault("split", "glnn")

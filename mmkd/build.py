@@ -1,8 +1,8 @@
 """Builders: everything a pipeline makes from a run config, by name (timm's ``create_model`` is the
 model). ``build_model`` instantiates a registered model for a data set, ``load_data`` a registered
 data set, ``build_router`` a router sized for the run, ``build_terms`` the loss terms (with their
-adapters), ``load_weights`` a state dict or a run's checkpoint, ``trainer_config`` the trainer
-settings of a run. The ``distill`` pipeline (:mod:`mmkd.run`) and the methods' pipelines use them.
+adapters), ``build_plugins`` the batch transforms, data policies and callbacks a config lists,
+``load_weights`` a state dict or a run's checkpoint, ``trainer_config`` the trainer settings of a run. The ``distill`` pipeline (:mod:`mmkd.run`) and the methods' pipelines use them.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from mmkd import io
 from mmkd.adapters import make_adapter
-from mmkd.config import ConfigError, ModelConfig, owner_args
+from mmkd.config import PLUGINS, ConfigError, ModelConfig, owner_args
 from mmkd.data import DataSplits, loader
 from mmkd.distiller import Term, pick
 from mmkd.net import Net
@@ -87,6 +87,19 @@ def build_router(cfg: DictConfig, meta: dict, student: nn.Module, data: DataSpli
         return factory(**args)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"router.args: {e}") from None
+
+
+def build_plugins(cfg: DictConfig, key: str) -> list:
+    """Instances of the registered objects ``cfg[key]`` lists (``key``: ``transforms``, ``policies`` or
+    ``callbacks``), each ``{name, args}``; a factory's refusal of its arguments names ``<key>[i].args``."""
+    out = []
+    for i, p in enumerate(cfg[key]):
+        args = OmegaConf.to_container(p.args, resolve=True) if OmegaConf.is_config(p.args) else dict(p.args)
+        try:
+            out.append(PLUGINS[key][p.name](**args))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}[{i}].args: {io.first_line(e, typed=False)}") from None
+    return out
 
 
 def load_weights(model: nn.Module, path: str, where: str, teacher: str | None = None) -> None:

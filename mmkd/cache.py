@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mmkd import io
-from mmkd.data import hash_tensors, loader
+from mmkd.data import cacheable, hash_tensors, loader
 from mmkd.net import Batch, Output, Teacher
 
 log = logging.getLogger("mmkd")
@@ -73,9 +73,9 @@ def cache_teacher(teacher: Teacher, dataset: Dataset, root: str | os.PathLike,
     """
     if not teacher.frozen:
         raise ValueError("only a frozen teacher can be cached; a co-trained teacher changes every step")
-    if not getattr(dataset, "deterministic", False) or not hasattr(dataset, "fingerprint"):
-        raise ValueError(f"data set {getattr(dataset, 'name', dataset)!r} is not marked deterministic "
-                         "with a fingerprint; its teacher outputs cannot be cached")
+    if not cacheable(dataset):
+        raise ValueError(f"data set {getattr(dataset, 'name', dataset)!r} is not a deterministic "
+                         "mmkd.data.Fingerprinted data set; its teacher outputs cannot be cached")
     key = hashlib.sha256(f"{teacher_hash(teacher)}|{dataset.fingerprint}".encode()).hexdigest()[:24]
     path = Path(root) / f"{key}.pt"
     stored = io.load_checked(path, log)  # None on a miss, and (with a warning) on a damaged entry

@@ -235,14 +235,15 @@ def print_results(results: dict) -> None:
 
 
 def cmd_list(args: Sequence[str]) -> int:
-    from mmkd.registry import DATASETS, LOSSES, MODELS, PIPELINES, ROUTERS
+    from mmkd.registry import CALLBACKS, DATASETS, LOSSES, METRICS, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
 
     opts = _options(args, ("module", "modules"), (), "mmkd list [module=PREFIX] [modules=true]")
     show = opts.get("modules", "false")
     if show not in ("true", "false"):
         raise ConfigError(f"modules: expected true or false, got {show!r}")
     prefix = opts.get("module")
-    registries = {"losses": LOSSES, "routers": ROUTERS, "models": MODELS, "datasets": DATASETS, "pipelines": PIPELINES}
+    registries = {"losses": LOSSES, "routers": ROUTERS, "models": MODELS, "datasets": DATASETS, "pipelines": PIPELINES,
+                  "transforms": TRANSFORMS, "policies": POLICIES, "callbacks": CALLBACKS, "metrics": METRICS}
     lines = []
     for title, reg in registries.items():
         names = [n for n in reg.names() if prefix is None or f"{reg.module(n)}.".startswith(f"{prefix}.")]

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import dataclasses
 from dataclasses import dataclass, field, fields, make_dataclass
 from importlib import util
 from pathlib import Path
@@ -23,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from mmkd.adapters import ADAPTERS
 from mmkd.checks import NON_NEGATIVE_INT, POSITIVE, SEED, check_args
 from mmkd.io import first_line
-from mmkd.registry import DATASETS, LOSSES, MODELS, PIPELINES, ROUTERS
+from mmkd.registry import CALLBACKS, DATASETS, LOSSES, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
 from mmkd.schedules import Schedule
 from mmkd.trainer import TrainerConfig, check_config
 
@@ -78,9 +79,19 @@ class RouterConfig:
     args: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PluginConfig:
+    """A registered batch transform, data policy or callback and its arguments."""
+
+    name: str = MISSING
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
 # the trainer group of a run config: TrainerConfig without its seed (the run's ``seed`` is the one seed)
-TrainerSection = make_dataclass("TrainerSection", [(f.name, get_type_hints(TrainerConfig)[f.name], field(default=f.default))
-                                                   for f in fields(TrainerConfig) if f.name != "seed"])
+TrainerSection = make_dataclass("TrainerSection", [
+    (f.name, get_type_hints(TrainerConfig)[f.name],
+     field(default=f.default) if f.default_factory is dataclasses.MISSING else field(default_factory=f.default_factory))
+    for f in fields(TrainerConfig) if f.name != "seed"])
 TrainerSection.__doc__ = "How a run trains: :class:`~mmkd.trainer.TrainerConfig` without ``seed`` (the run's ``seed`` is used)."
 
 
@@ -108,6 +119,10 @@ class RunConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     losses: Dict[str, Any] = field(default_factory=lambda: {"ce": {}})
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    # for the student's stage: batch transforms (mmkd.transforms), data policies (mmkd.policies), callbacks
+    transforms: List[PluginConfig] = field(default_factory=list)
+    policies: List[PluginConfig] = field(default_factory=list)
+    callbacks: List[PluginConfig] = field(default_factory=list)
 
 
 FREE_FORM = ("teachers", "losses", "method", "data.args", "student.args", "router.args")
@@ -177,6 +192,9 @@ def import_modules(names: Sequence[str]) -> None:
                               "that holds it") from None
 
 
+PLUGINS = {"transforms": TRANSFORMS, "policies": POLICIES, "callbacks": CALLBACKS}  # config key -> registry
+
+
 def check_names(cfg: DictConfig) -> None:
     """Import ``cfg.imports``, then raise :class:`ConfigError` (naming the config key and the fix)
     for anything that would fail later: an unregistered name, a loss argument the loss does not take
@@ -188,6 +206,8 @@ def check_names(cfg: DictConfig) -> None:
               ("router.name", ROUTERS, cfg.router.name)]
     checks += [(f"teachers.{k}.name", MODELS, t.name) for k, t in cfg.teachers.items()]
     checks += [(f"losses.{k}.loss", LOSSES, t.loss or k) for k, t in cfg.losses.items()]
+    plugins = [(f"{key}[{i}]", registry, p) for key, registry in PLUGINS.items() for i, p in enumerate(cfg[key])]
+    checks += [(f"{where}.name", registry, p.name) for where, registry, p in plugins]
     for key, registry, name in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown {registry.kind} {name!r}; choose from: {', '.join(registry.names())}")
@@ -195,6 +215,8 @@ def check_names(cfg: DictConfig) -> None:
         owner_args(f"{where}.args", MODELS, mc.name, mc.args)
     owner_args("data.args", DATASETS, cfg.data.name, cfg.data.args)
     owner_args("router.args", ROUTERS, cfg.router.name, cfg.router.args)
+    for where, registry, p in plugins:
+        owner_args(f"{where}.args", registry, p.name, p.args)
     for k, t in cfg.teachers.items():
         if t.epochs is not None and not NON_NEGATIVE_INT.contains(t.epochs):
             raise ConfigError(f"teachers.{k}.epochs={t.epochs!r}; give a whole number of epochs >= 0 "
@@ -227,15 +249,13 @@ def check_names(cfg: DictConfig) -> None:
         check_config(cfg.trainer)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.trainer.monitor not in MONITORS:
-        raise ConfigError(f"trainer.monitor={cfg.trainer.monitor!r}; choose from: {', '.join(MONITORS)} "
-                          "(the metrics every stage of a run has)")
+    monitors = [*(f"val/{m}" for m in cfg.trainer.metrics), "train/loss"]
+    if cfg.trainer.monitor not in monitors:
+        raise ConfigError(f"trainer.monitor={cfg.trainer.monitor!r}; choose from: {', '.join(monitors)} "
+                          "(the metrics every stage of a run has; trainer.metrics adds val/<metric>)")
     for fmt in cfg.export:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export: unknown format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")
-
-
-MONITORS = ("val/acc", "val/loss", "train/loss")
 
 
 def owner_args(where: str, registry: Any, name: str, args: Any) -> None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mmkd.checks import SEED, Fractions
+from mmkd.checks import SEED, Fractions, Range
 from mmkd.registry import DATASETS
 
 
@@ -35,7 +35,28 @@ def hash_tensors(h, tensors: Mapping[str, Tensor]) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-class TensorDictDataset(Dataset):
+class Fingerprinted(Dataset):
+    """A data set with an identity the teacher-output cache can key on.
+
+    ``name`` identifies it; :attr:`fingerprint` is a hash of its contents (by :func:`hash_tensors`);
+    ``deterministic`` says whether an item is the same every time it is read (no random augmentation,
+    no sampled neighbourhood): only then may teacher outputs on it be cached (:func:`cacheable`).
+    """
+
+    name: str
+    deterministic: bool = True
+
+    @property
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+
+def cacheable(dataset: Dataset) -> bool:
+    """Whether teacher outputs on ``dataset`` may be cached: a deterministic :class:`Fingerprinted` set."""
+    return isinstance(dataset, Fingerprinted) and dataset.deterministic
+
+
+class TensorDictDataset(Fingerprinted):
     """A data set of named tensors that share their first dimension.
 
     Batches are gathered with one indexing op per key (``__getitems__``), not item by item.
@@ -218,3 +239,32 @@ def digits(root: str | None = None, split_seed: int = 0,
             for name, i in zip(("train", "val", "test"), parts)]
     return DataSplits(*sets, num_classes=10, shapes={"image": (1, 8, 8)},
                       class_names=[str(i) for i in range(10)])
+
+
+def keep_labels(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
+    """A copy of ``labels`` keeping a stratified ``fraction`` of them (per class ``max(1, round(fraction
+    * n_c))``, drawn with ``seed``) and marking the rest ``-1`` (unlabelled), e.g. the 1% / 10% settings."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"keep_labels: fraction={fraction} must be in (0, 1]")
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full_like(labels, -1)
+    for c in labels[labels >= 0].unique():
+        idx = (labels == c).nonzero().flatten()
+        chosen = idx[torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]]
+        out[chosen] = c
+    return out
+
+
+@DATASETS.register("semi", ranges={"fraction": Range(0, 1, low_open=True), "seed": SEED})
+def semi(root: str, name: str, args: Optional[Mapping[str, Any]] = None, fraction: float = 0.1,
+         seed: int = 0) -> DataSplits:
+    """The registered data set ``name`` (with ``args``) whose training labels are cut to a stratified
+    ``fraction`` by :func:`keep_labels`; the rest are -1 (unlabelled). Validation and test are unchanged.
+    The training split must be a ``TensorDictDataset``."""
+    data = DATASETS[name](root=root, **(args or {}))
+    train = data.train
+    if not isinstance(train, TensorDictDataset) or data.label_key not in train.tensors:
+        raise ValueError(f"semi: data set {name!r} has no in-memory training split with {data.label_key!r} labels")
+    tensors = {**train.tensors, data.label_key: keep_labels(train.tensors[data.label_key], fraction, seed)}
+    data.train = TensorDictDataset(f"{train.name}/semi-{fraction}-{seed}", train.deterministic, **tensors)
+    return data

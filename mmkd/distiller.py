@@ -8,6 +8,8 @@ teacher and mixed with those weights:
 
 (for batch-level losses the per-instance weights are averaged over the batch first). Single-teacher
 KD is this with one teacher and a constant router; training on labels alone is this with no teacher.
+In training, :mod:`~mmkd.transforms` (mixing, augmentation, generated sequences) turn the batch into
+the one all of this sees first.
 """
 from __future__ import annotations
 
@@ -17,9 +19,14 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmkd.cache import CachedTeacher
+from mmkd.callbacks import Callback
 from mmkd.net import Batch, Net, Output, Teacher
 from mmkd.registry import LOSSES
-from mmkd.schedules import Schedule
+from mmkd.router import Router
+from mmkd.schedules import Clock, Schedule
+from mmkd.trainer import Module
+from mmkd.transforms import BatchTransform
 
 
 @dataclass
@@ -65,7 +72,7 @@ def pick(out: Output, what: str) -> Tensor:
     return out.features[path]
 
 
-class Distiller(nn.Module):
+class Distiller(Module):
     """Student + teachers + router + loss terms; ``forward(batch)`` returns the named losses.
 
     Args:
@@ -73,14 +80,16 @@ class Distiller(nn.Module):
         teachers: frozen or co-trained :class:`~mmkd.net.Teacher` s (may be cached, may be empty).
         terms: the weighted loss terms.
         router: any module mapping ``(student_output, teacher_outputs, batch)`` to ``[batch, teachers]``
-            weights; required when there are teachers. Losses the router puts in its ``aux_losses``
-            dict during that call are returned as ``"router/<name>"``, added to ``"loss"`` and
-            removed from the dict.
+            weights; required when there are teachers. A :class:`~mmkd.router.Router`'s auxiliary
+            losses (:meth:`~mmkd.router.Router.pop_aux_losses`) are returned as ``"router/<name>"``
+            and added to ``"loss"``.
         label_key: the batch entry holding class labels.
+        transforms: :class:`~mmkd.transforms.BatchTransform` s applied, in order, to each training batch.
     """
 
     def __init__(self, student: Net, teachers: Sequence[Teacher], terms: Sequence[Term],
-                 router: nn.Module | None = None, label_key: str = "label"):
+                 router: nn.Module | None = None, label_key: str = "label",
+                 transforms: Sequence[BatchTransform] = ()):
         super().__init__()
         if not terms:
             raise ValueError("a Distiller needs at least one loss term (Term('ce') to train on labels)")
@@ -94,15 +103,26 @@ class Distiller(nn.Module):
         self.router = router
         self.terms = list(terms)
         self.adapters = nn.ModuleDict({t.name: t.adapter for t in self.terms if t.adapter is not None})
+        moving = [type(t).__name__ for t in transforms if not t.keeps_inputs]
+        if moving and any(isinstance(t, CachedTeacher) for t in teachers):
+            raise ValueError(f"the batch transforms {moving} change the teachers' inputs, which a cached "
+                             "teacher cannot follow; give the live teachers (teacher cache: false)")
+        self.transforms = nn.ModuleList(transforms)
         self.label_key = label_key
         self.register_buffer("progress", torch.zeros(()), persistent=False)
 
     def set_progress(self, done: float) -> None:
-        """Set the fraction of training done (the :class:`~mmkd.trainer.Trainer` calls this before
-        each step); scheduled loss arguments are evaluated at it."""
+        """Set the fraction of training done; scheduled loss arguments are evaluated at it."""
         self.progress.fill_(done)
 
+    def callbacks(self) -> list:
+        """The :class:`~mmkd.schedules.Clock` that sets the progress before each step, and the student
+        model itself when it is a :class:`~mmkd.callbacks.Callback` (e.g. DHO's calibration)."""
+        return [Clock(self), *([self.student.model] if isinstance(self.student.model, Callback) else [])]
+
     def forward(self, batch: Batch) -> dict[str, Tensor]:
+        for transform in self.transforms:
+            batch = transform(batch, self.student, self.teachers)
         s = self.student(batch)
         target = batch[self.label_key] if self.label_key in batch else None
         outs = [t(batch) for t in self.teachers]
@@ -111,10 +131,8 @@ class Distiller(nn.Module):
         for term in self.terms:
             value = self._term(term, s, outs, w, target, batch)
             losses[term.name] = value if term.weight == 1 else term.weight * value
-        aux = getattr(self.router, "aux_losses", None) if outs else None
-        if aux:  # the router's own losses (e.g. load balancing), set during its forward; taken once
-            losses.update({f"router/{k}": v for k, v in aux.items()})
-            aux.clear()
+        if outs and isinstance(self.router, Router):  # its own losses (e.g. load balancing), taken once
+            losses.update({f"router/{k}": v for k, v in self.router.pop_aux_losses().items()})
         values = list(losses.values())
         losses["loss"] = sum(values[1:], values[0])
         return losses

@@ -1,6 +1,7 @@
-"""Name -> object registries for losses, routers, models, data sets and run pipelines.
+"""Name -> object registries for losses, routers, models, data sets, callbacks, metrics, batch
+transforms, data policies and run pipelines.
 
-Packages outside the core (``mmkd.routers``, ``mmkd.graphs``, ``mmkd.modalities`` and third-party
+Packages outside the core (``mmkd.routers``, ``mmkd.graphs``, ``mmkd.modalities``, ``mmkd.methods`` and third-party
 plug-ins) declare themselves under the ``mmkd.plugins`` entry-point group; they are imported the
 first time a lookup misses or a full listing is asked for, so the core never imports them itself.
 """
@@ -57,7 +58,7 @@ class Registry:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = obj
             self._meta[name] = meta
-            self._modules[name] = obj.__module__
+            self._modules[name] = getattr(obj, "__module__", None) or "__main__"  # None: defined by exec
             return obj
 
         return deco
@@ -87,7 +88,7 @@ class Registry:
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.names()
+        return name in self._items or name in self.names()  # plug-ins are loaded only on a miss
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -100,4 +101,8 @@ LOSSES = Registry("loss")
 ROUTERS = Registry("router")
 MODELS = Registry("model")
 DATASETS = Registry("dataset")
+CALLBACKS = Registry("callback")  # trainer hooks (mmkd.callbacks)
+METRICS = Registry("metric")  # evaluation metrics (mmkd.metrics)
+TRANSFORMS = Registry("batch transform")  # batch -> batch before the loss terms (mmkd.transforms)
+POLICIES = Registry("data policy")  # the training set between epochs (mmkd.policies)
 PIPELINES = Registry("pipeline")  # what `mmkd run` does with a config: "distill" (mmkd.run) or a method's stages

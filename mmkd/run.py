@@ -13,15 +13,16 @@ import os
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from mmkd import io
-from mmkd.build import build_model, build_router, build_terms, load_data, load_weights, trainer_config
+from mmkd.build import build_model, build_plugins, build_router, build_terms, load_data, load_weights, trainer_config
 from mmkd.cache import cache_teacher
 from mmkd.config import ConfigError
-from mmkd.data import DataSplits
+from mmkd.callbacks import Callback
+from mmkd.data import DataSplits, cacheable
 from mmkd.distiller import Distiller, Term
 from mmkd.export import export_student
 from mmkd.net import Net, Teacher, num_params
@@ -34,23 +35,13 @@ log = logging.getLogger("mmkd")
 
 
 def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir: Path,
-        epochs: int | None = None, lr: float | None = None) -> tuple[FitResult, dict[str, float]]:
-    """Train ``module`` as stage ``name`` (in ``run_dir/name``) and evaluate it on the test split.
-
-    In between, a student model with a ``calibrate(val_dataset, keys, label_key) -> dict`` method picks
-    its inference settings on the validation split; the dict lands in the metrics as ``calibrated/<key>``
-    and its ``acc`` (the calibrated model's validation accuracy), if given, replaces ``val/acc``.
-    """
+        epochs: int | None = None, lr: float | None = None,
+        callbacks: Sequence[Callback] = ()) -> tuple[FitResult, dict[str, float]]:
+    """Train ``module`` as stage ``name`` (in ``run_dir/name``, with ``callbacks``) and evaluate it on
+    the test split."""
     log.info("stage %s", name)
     trainer = Trainer(trainer_config(cfg, epochs, lr), run_dir / name, resume=cfg.resume, stage=name)
-    result = trainer.fit(module, data.train, data.val)
-    net = getattr(module, "student", None)
-    calibrate = getattr(getattr(net, "model", None), "calibrate", None)
-    if callable(calibrate):  # inference settings the model picks on the validation split (e.g. DHO's alpha, beta)
-        picked = calibrate(data.val, net.keys, getattr(module, "label_key", "label"))
-        log.info("stage %s: calibrated on the validation split: %s", name, picked)
-        result.metrics.update({f"calibrated/{k}": v for k, v in picked.items()})
-        result.metrics["val/acc"] = picked.get("acc", result.metrics["val/acc"])
+    result = trainer.fit(module, data.train, data.val, callbacks)
     return result, trainer.evaluate(module, data.test)
 
 
@@ -139,6 +130,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     student = build_model(cfg.student, meta, "student")
     init = copy.deepcopy(student.state_dict())
     router = build_router(cfg, meta, student, data, len(cfg.teachers)) if cfg.teachers else None
+    transforms, policies, callbacks = (build_plugins(cfg, k) for k in ("transforms", "policies", "callbacks"))
     run_dir = start(cfg, meta)
 
     results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir)}
@@ -152,15 +144,15 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen)
         row["test_acc"] = Trainer(trainer_config(cfg)).evaluate(Distiller(teacher, [], ce), data.test)["acc"]
         row["params"] = num_params(model)
-        if tc.frozen and tc.cache and getattr(data.train, "deterministic", False):
+        if tc.frozen and tc.cache and cacheable(data.train) and all(t.keeps_inputs for t in transforms):
             teacher = cache_teacher(teacher, data.train, cache_dir, device=device)
         teachers.append(teacher)
         results.setdefault("teachers", {})[name] = row
 
     student_net = Net(student, cfg.student.inputs, cfg.student.features)
     terms = build_terms(cfg, student_net, teachers, data)
-    distiller = Distiller(student_net, teachers, terms, router)
-    fitted, test = fit("student", distiller, data, cfg, run_dir)
+    distiller = Distiller(student_net, teachers, terms, router, transforms=transforms)
+    fitted, test = fit("student", distiller, data, cfg, run_dir, callbacks=[*policies, *callbacks])
     results["student"] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"], "params": num_params(student)}
     io.save(student.state_dict(), run_dir / "student.pt")
 

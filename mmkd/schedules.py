@@ -3,8 +3,8 @@ weight ramped up).
 
 A :class:`Schedule` in a loss term's ``args`` is evaluated at the training progress ``p`` (the
 fraction of all training steps done, 0 at the first step and approaching 1 at the last), which the
-:class:`~mmkd.trainer.Trainer` hands the :class:`~mmkd.distiller.Distiller` before every step; the
-loss function receives the value. Since ``p`` is a function of the step counter alone, a resumed run
+:class:`Clock` callback (which every :class:`~mmkd.distiller.Distiller` fit runs) sets before every
+step; the loss function receives the value. Since ``p`` is a function of the step counter alone, a resumed run
 continues the schedule exactly where it stopped. In a config, a mapping with a ``schedule`` key::
 
     losses:
@@ -18,6 +18,8 @@ from typing import Any, Mapping, Union
 
 import torch
 from torch import Tensor
+
+from mmkd.callbacks import Callback
 
 KINDS = ("cosine", "linear")
 
@@ -61,3 +63,14 @@ class Schedule:
             return cls(float(value["start"]), float(value["end"]), str(value["schedule"]))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+
+
+class Clock(Callback):
+    """Before each training step, sets ``target``'s training progress (``target.set_progress(p)``) to
+    ``p = trainer.global_step / trainer.max_steps``, the value :class:`Schedule` s are evaluated at."""
+
+    def __init__(self, target: Any):
+        self.target = target
+
+    def on_step_start(self, trainer, module, batch) -> None:
+        self.target.set_progress(trainer.global_step / trainer.max_steps)

@@ -1,24 +1,22 @@
-"""The one trainer: it fits any module whose ``forward(batch)`` returns a dict of named losses
+"""The one trainer: it fits a :class:`Module`, whose ``forward(batch)`` returns a dict of named losses
 (with the total under ``"loss"``) and whose ``predict(batch)`` returns logits.
 
 It knows nothing about specific methods: distillation, co-training and plain supervised training
-are all :class:`~mmkd.distiller.Distiller` s to it.
+are all :class:`~mmkd.distiller.Distiller` s to it, and what a method adds to the loop (schedules,
+calibration, data selection) comes as :mod:`~mmkd.callbacks` and :mod:`~mmkd.policies` it calls.
 """
 from __future__ import annotations
 
-import csv
-import io as _io
 import logging
 import math
 import os
 import random
 import re
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +25,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from mmkd import io
+from mmkd.callbacks import Callback, EarlyStopping, MetricsLogger, ModelCheckpoint, ProgressBar
 from mmkd.data import DataError, EpochSampler, loader
+from mmkd.metrics import MetricSet
 from mmkd.net import Batch
+from mmkd.policies import DataPolicy
+from mmkd.registry import METRICS
 
 log = logging.getLogger("mmkd")
 
@@ -48,6 +50,7 @@ class TrainerConfig:
     step_epochs: int = 30  # step scheduler: decay by `gamma` every `step_epochs`
     gamma: float = 0.1
     grad_clip: Optional[float] = None  # max global gradient norm
+    metrics: List[str] = field(default_factory=lambda: ["acc", "loss"])  # evaluated as val/<name> (mmkd.metrics)
     monitor: str = "val/acc"  # metric that picks the best checkpoint and drives early stopping
     mode: str = "max"  # max | min
     patience: Optional[int] = None  # stop after this many epochs without improvement
@@ -84,6 +87,8 @@ def check_config(c: Any) -> None:
     for key in ("warmup_epochs", "weight_decay", "momentum"):
         if not math.isfinite(getattr(c, key)):
             raise ValueError(f"trainer.{key}={getattr(c, key)!r}; give a finite number")
+    if unknown := [m for m in c.metrics if m not in METRICS]:
+        raise ValueError(f"trainer.metrics: unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS.names())}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"trainer.device={c.device!r}; choose from: auto, cpu, cuda, cuda:N")
     if c.device.startswith("cuda") and not torch.cuda.is_available():
@@ -98,6 +103,32 @@ class FitResult:
     best_score: float
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Module(nn.Module):
+    """What the trainer fits (the :class:`~mmkd.distiller.Distiller` is one).
+
+    ``forward(batch)`` returns a dict of named loss tensors with the total under ``"loss"``;
+    ``predict(batch)`` returns the logits evaluation scores; ``label_key`` names the batch entry that
+    holds the labels; :meth:`callbacks` lists the callbacks the module needs while it trains.
+    """
+
+    label_key: str = "label"
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def predict(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def callbacks(self) -> list[Callback]:
+        """Callbacks a fit of this module runs first (e.g. the clock of scheduled loss arguments)."""
+        return []
+
+
+def _expect_module(module: Any) -> None:
+    if not isinstance(module, Module):
+        raise TypeError(f"the trainer fits an mmkd.trainer.Module (e.g. a Distiller), not {type(module).__name__}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -148,16 +179,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """Fits a module on a training set, evaluating on a validation set every epoch.
+    """Fits a :class:`Module` on a training set, evaluating on a validation set every epoch.
 
     Writes into ``run_dir``: ``last.pt`` (full training state, every epoch, atomically),
     ``best.pt`` (module weights of the best epoch by ``monitor``), ``metrics.csv`` and TensorBoard
     events in ``tb/``. With ``resume=True`` it continues from ``last.pt``, so the final metrics equal
     those of an uninterrupted run with the same seed. Launched with ``torchrun`` it trains with DDP:
-    a ``DistributedSampler`` shards the data and only rank 0 writes files. Before each training step
-    it calls ``module.set_progress(fraction_of_training_done)`` when the module has that method (the
-    :class:`~mmkd.distiller.Distiller` evaluates scheduled loss arguments at it). A non-finite loss
-    stops training with :class:`NonFiniteLoss`, one line naming ``stage`` (default: ``run_dir``).
+    a ``DistributedSampler`` shards the data and only rank 0 writes files. A non-finite loss stops
+    training with :class:`NonFiniteLoss`, one line naming ``stage`` (default: ``run_dir``).
+
+    The loop itself is short: what happens around it is done by :mod:`~mmkd.callbacks` (the module's
+    own, those given to :meth:`fit`, then model checkpointing, early stopping, logging and the
+    progress bar), and :mod:`~mmkd.policies` among them pick each epoch's training data.
     """
 
     def __init__(self, config: TrainerConfig | None = None, run_dir: str | os.PathLike = "run",
@@ -196,6 +229,9 @@ class Trainer:
         """Whether this process writes files and logs (rank 0)."""
         return self.rank == 0
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
     # ------------------------------------------------------------------ optimisation
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         c = self.cfg
@@ -218,130 +254,162 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / warmup if step < warmup
                                                  else after_warmup(step))
 
+    def _loader(self, data: Dataset):
+        if self.world > 1:
+            sampler = DistributedSampler(data, self.world, self.rank, shuffle=True, seed=self.cfg.seed)
+        else:
+            sampler = EpochSampler(len(data), self.cfg.seed)
+        return sampler, loader(data, self.cfg.batch_size, sampler, self.cfg.num_workers)
+
     # ------------------------------------------------------------------ fit
-    def fit(self, module: nn.Module, train: Dataset, val: Dataset) -> FitResult:
-        """Train ``module`` on ``train``; at the end, ``module`` holds the best epoch's weights."""
+    def fit(self, module: Module, train: Dataset, val: Dataset, callbacks: Sequence[Callback] = ()) -> FitResult:
+        """Train ``module`` on ``train``; at the end, ``module`` holds the best epoch's weights.
+
+        ``callbacks`` run after the module's own and before the built-in ones (checkpoint, early
+        stopping, logging, progress bar); :class:`~mmkd.policies.DataPolicy` s among them choose
+        each epoch's training data.
+        """
+        _expect_module(module)
         c = self.cfg
         module.to(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the module has no trainable parameters")
-        if self.world > 1:
-            sampler = DistributedSampler(train, self.world, self.rank, shuffle=True, seed=c.seed)
-        else:
-            sampler = EpochSampler(len(train), c.seed)
-        train_loader = loader(train, c.batch_size, sampler, c.num_workers)
+        self.train_data, self.val_data, self.history = train, val, []
+        self._data, (self._sampler, self._batches) = train, self._loader(train)
+        self.steps_per_epoch = len(self._batches)
+        self.max_steps = c.max_epochs * self.steps_per_epoch
+        self.epoch = self.global_step = 0
+        self.should_stop = False
         opt = self._optimizer(params)
-        sched = self._scheduler(opt, len(train_loader))
+        sched = self._scheduler(opt, self.steps_per_epoch)
+        checkpoint = ModelCheckpoint(c.monitor, c.mode, c.ties)
+        bar = ProgressBar.wanted(c.progress) and self.is_main
+        self.callbacks = [*module.callbacks(), *callbacks, checkpoint,
+                          *([EarlyStopping(c.patience, c.monitor, c.mode, c.ties)] if c.patience else []),
+                          MetricsLogger(c.tensorboard, quiet=bar), *([ProgressBar()] if bar else [])]
 
-        start, history, best, best_epoch, bad = 0, [], None, -1, 0
-        last = self.run_dir / "last.pt"
         seed_everything(c.seed, c.deterministic)  # on resume too (deterministic kernels); RNG restored below
-        if self.resume and last.exists():
-            state = io.load(last, "the training state", "delete it to train that stage again")
-            module.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
-            start, history = (c.max_epochs if state["done"] else state["epoch"] + 1), state["history"]
-            best, best_epoch, bad = state["best"], state["best_epoch"], state["bad_epochs"]
-            log.info("resumed from %s at epoch %d", last, start)
-
+        self._restore(module, opt, sched)
         ddp = module
         if self.world > 1:
             ddp = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         step_fn = torch.compile(ddp) if c.compile else ddp
-        writer = self._tensorboard()
-        progress = self._progress()
-        if progress:
-            stage = progress.add_task(str(self.run_dir), total=c.max_epochs, completed=start)
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext())
-        set_progress = getattr(module, "set_progress", None)  # scheduled hyper-parameters (Distiller)
-        total_steps = c.max_epochs * len(train_loader)
         try:
-            for epoch in range(start, c.max_epochs):
-                sampler.set_epoch(epoch)
-                module.train()
-                t0 = time.perf_counter()
-                sums: dict[str, Tensor] = {}
-                task = progress.add_task(f"  epoch {epoch + 1}", total=len(train_loader)) if progress else None
-                for step, batch in enumerate(train_loader):
-                    batch = to_device(batch, self.device)
-                    if set_progress:
-                        set_progress((epoch * len(train_loader) + step) / total_steps)
-                    with autocast:
-                        losses = step_fn(batch)
-                    loss = losses["loss"]
-                    if step % c.finite_check_every == 0 and not torch.isfinite(loss):
-                        raise NonFiniteLoss(self._diverged(losses, batch, epoch, step, module))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if c.grad_clip:
-                        nn.utils.clip_grad_norm_(params, c.grad_clip)
-                    opt.step()
-                    sched.step()
-                    for k, v in losses.items():
-                        sums[k] = sums[k] + v.detach() if k in sums else v.detach()
-                    if progress:
-                        progress.update(task, advance=1)
-                train_s = time.perf_counter() - t0
-                if progress:
-                    progress.remove_task(task)
-                if self.world > 1:  # buffers (BatchNorm statistics) are rank-local: all ranks take rank 0's
-                    for b in module.buffers():
-                        dist.broadcast(b, 0)
-                metrics = {"epoch": epoch + 1}
-                metrics.update({f"train/{k}": self._mean(v, len(train_loader)) for k, v in sums.items()})
-                metrics.update({f"val/{k}": v for k, v in self.evaluate(module, val).items()})
-                metrics["lr"] = opt.param_groups[0]["lr"]
-                metrics["time/train_s"] = train_s
-                metrics["time/epoch_s"] = time.perf_counter() - t0
-                history.append(metrics)
-                if c.monitor not in metrics:
-                    raise KeyError(f"trainer.monitor={c.monitor!r} is not a metric; choose from: "
-                                   f"{', '.join(k for k in metrics if k != 'epoch')}")
-                score = metrics[c.monitor]
-                improves = best is None or (score > best if c.mode == "max" else score < best)
-                if improves or (c.ties == "last" and score == best):
-                    best, best_epoch, bad = score, epoch + 1, 0
-                    if self.is_main:
-                        io.save({"epoch": epoch + 1, "model": module.state_dict(), "metrics": metrics},
-                                self.run_dir / "best.pt")
-                else:
-                    bad += 1
-                stop = c.patience is not None and bad >= c.patience
+            self._call("on_fit_start", module)
+            while self.epoch < c.max_epochs and not self.should_stop:
+                self._epoch(module, step_fn, opt, sched, params)
                 if self.is_main:
-                    io.save({"epoch": epoch, "model": module.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history,
-                             "best": best, "best_epoch": best_epoch, "bad_epochs": bad,
-                             "done": stop or epoch + 1 == c.max_epochs}, last)
-                    self._log(metrics, history, writer, quiet=progress is not None,
-                              last=stop or epoch + 1 == c.max_epochs)
-                if progress:
-                    progress.update(stage, advance=1, description=f"{self.run_dir}  {c.monitor}={score:.4f}")
-                if stop:
-                    log.info("early stop at epoch %d: %s did not improve for %d epochs",
-                             epoch + 1, c.monitor, c.patience)
-                    break
+                    self._save(module, opt, sched)
+                self.epoch += 1
+            if self.world > 1:
+                dist.barrier()
+            result = FitResult(checkpoint.best_epoch, checkpoint.best, checkpoint.load_best(self, module),
+                               self.history)
+            self._call("on_fit_end", module, result)
         finally:
-            if progress:
-                progress.stop()
-            if writer:
-                writer.close()
-        if self.world > 1:
-            dist.barrier()
-        best_state = io.load(self.run_dir / "best.pt", "the best epoch's weights",
-                             "delete it and last.pt to train that stage again")
-        module.load_state_dict(best_state["model"])
-        return FitResult(best_epoch, best, best_state["metrics"], history)
+            for cb in self.callbacks:
+                cb.teardown(self)
+        return result
 
-    def _diverged(self, losses: dict[str, Tensor], batch: Batch, epoch: int, step: int, module: nn.Module) -> str:
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _epoch(self, module: Module, step_fn, opt, sched, params) -> None:
+        """One epoch: pick its data (policies), train on it, validate, run ``on_epoch_end``."""
+        c = self.cfg
+        data = self.train_data
+        for policy in self.callbacks:
+            if isinstance(policy, DataPolicy):
+                data = policy.select(self, module, data)
+        if data is not self._data:
+            self._data, (self._sampler, self._batches) = data, self._loader(data)
+        self._sampler.set_epoch(self.epoch)
+        module.train()
+        self._call("on_epoch_start", module)
+        t0 = time.perf_counter()
+        sums: dict[str, Tensor] = {}
+        for step, batch in enumerate(self._batches):
+            batch = to_device(batch, self.device)
+            self._call("on_step_start", module, batch)
+            with self._autocast():
+                losses = step_fn(batch)
+            loss = losses["loss"]
+            if step % c.finite_check_every == 0 and not torch.isfinite(loss):
+                raise NonFiniteLoss(self._diverged(losses, batch, step, module))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.grad_clip:
+                nn.utils.clip_grad_norm_(params, c.grad_clip)
+            opt.step()
+            sched.step()
+            for k, v in losses.items():
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+            self.global_step += 1
+            self._call("on_step_end", module, losses)
+        train_s = time.perf_counter() - t0
+        if self.world > 1:  # buffers (BatchNorm statistics) are rank-local: all ranks take rank 0's
+            for b in module.buffers():
+                dist.broadcast(b, 0)
+        metrics = {"epoch": self.epoch + 1}
+        metrics.update({f"train/{k}": self._mean(v, len(self._batches)) for k, v in sums.items()})
+        metrics.update({f"val/{k}": v for k, v in self.evaluate(module, self.val_data).items()})
+        metrics["lr"] = opt.param_groups[0]["lr"]
+        metrics["time/train_s"] = train_s
+        metrics["time/epoch_s"] = time.perf_counter() - t0
+        self.history.append(metrics)
+        self._call("on_epoch_end", module, metrics)
+
+    # ------------------------------------------------------------------ training state (last.pt)
+    def _states(self) -> dict[str, Any]:
+        """The callbacks' states, keyed ``<class>`` (``<class>#<n>`` for the n-th repeat); stateless
+        callbacks (empty ``state_dict``) are left out, so a resume may show or hide the progress bar."""
+        states, seen = {}, {}
+        for cb in self.callbacks:
+            name = type(cb).__qualname__
+            seen[name] = seen.get(name, -1) + 1
+            if state := cb.state_dict():
+                states[name if not seen[name] else f"{name}#{seen[name]}"] = state
+        return states
+
+    def _save(self, module: Module, opt, sched) -> None:
+        io.save({"epoch": self.epoch, "step": self.global_step, "model": module.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                 "history": self.history, "callbacks": self._states(),
+                 "done": self.should_stop or self.epoch + 1 == self.cfg.max_epochs}, self.run_dir / "last.pt")
+
+    def _restore(self, module: Module, opt, sched) -> None:
+        last = self.run_dir / "last.pt"
+        if not (self.resume and last.exists()):
+            return
+        state = io.load(last, "the training state", "delete it to train that stage again")
+        module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.epoch = self.cfg.max_epochs if state["done"] else state["epoch"] + 1
+        self.history, self.global_step = state["history"], state["step"]
+        mine, saved = self._states(), state["callbacks"]
+        if set(mine) != set(saved):
+            raise ValueError(f"{last} was saved by a fit with the callbacks {sorted(saved) or 'none'}, this fit "
+                             f"has {sorted(mine) or 'none'}: resume with the same settings, or delete {last}")
+        seen = {}
+        for cb in self.callbacks:
+            name = type(cb).__qualname__
+            seen[name] = seen.get(name, -1) + 1
+            key = name if not seen[name] else f"{name}#{seen[name]}"
+            if key in saved:
+                cb.load_state_dict(saved[key])
+        log.info("resumed from %s at epoch %d", last, self.epoch)
+
+    def _diverged(self, losses: dict[str, Tensor], batch: Batch, step: int, module: nn.Module) -> str:
         """One line for a non-finite loss: the stage, epoch and step, the non-finite terms, and advice
         that fits the cause (bad inputs, weights gone non-finite, a loss that is non-finite from the
         start, or divergence during training)."""
         terms = {k: float(v.detach()) for k, v in losses.items() if k != "loss" and not torch.isfinite(v).all()}
-        where = (f"{self.stage}: non-finite loss at epoch {epoch + 1}, step {step + 1} "
+        where = (f"{self.stage}: non-finite loss at epoch {self.epoch + 1}, step {step + 1} "
                  f"({', '.join(f'{k}={v}' for k, v in terms.items()) or 'loss=' + str(float(losses['loss']))})")
         inputs = [k for k, v in (batch.items() if isinstance(batch, dict) else [])
                   if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
@@ -349,7 +417,7 @@ class Trainer:
             return f"{where}; the batch's {', '.join(inputs)} hold NaN or infinite values: clean the input data"
         if not all(torch.isfinite(p).all() for p in module.parameters()):
             return f"{where}; the weights are no longer finite: lower trainer.lr or set trainer.grad_clip"
-        if epoch == 0 and step == 0:
+        if self.epoch == 0 and step == 0:
             return (f"{where}; it is non-finite from the first step, so the learning rate is not the cause: "
                     "check the arguments of those loss terms (a temperature near 0 divides by zero)")
         return f"{where}; training diverged: lower trainer.lr or set trainer.grad_clip"
@@ -363,69 +431,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, module: nn.Module, dataset: Dataset) -> dict[str, float]:
-        """Accuracy and cross-entropy of ``module.predict`` on ``dataset``'s labelled instances
-        (label >= 0), sharded across processes under DDP."""
+    def evaluate(self, module: Module, dataset: Dataset) -> dict[str, float]:
+        """``trainer.metrics`` (:mod:`mmkd.metrics`; default accuracy and cross-entropy) of
+        ``module.predict`` on ``dataset``'s labelled instances (label >= 0), sharded across
+        processes under DDP."""
+        _expect_module(module)
         module.to(self.device).eval()
-        key = getattr(module, "label_key", "label")
         shard = list(range(self.rank, len(dataset), self.world))
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, loss sum, count
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        metrics = MetricSet(self.cfg.metrics, self.device)
         for batch in loader(dataset, max(256, self.cfg.batch_size), shard, self.cfg.num_workers):
             batch = to_device(batch, self.device)
-            with autocast:
+            with self._autocast():
                 logits = module.predict(batch).float()
-            y = batch[key]
+            y = batch[module.label_key]
             labelled = y >= 0  # negative labels mark instances outside the split (e.g. graph nodes)
-            logits, y = logits[labelled], y[labelled]
-            totals += torch.stack([(logits.argmax(1) == y).sum().double(),
-                                   nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-                                   torch.tensor(len(y), dtype=torch.float64, device=self.device)])
+            metrics.update(logits[labelled], y[labelled])
+        count = torch.tensor(metrics.count, device=self.device)
         if self.world > 1:
-            dist.all_reduce(totals)
-        correct, loss, n = totals.tolist()
-        if n == 0:
+            dist.all_reduce(count)
+        if count == 0:
             raise DataError(f"data set {getattr(dataset, 'name', type(dataset).__name__)!r} has no labelled item "
                             "to evaluate on (label >= 0); give every split at least one")
-        return {"acc": correct / n, "loss": loss / n}
-
-    # ------------------------------------------------------------------ logging
-    def _tensorboard(self):
-        if not (self.cfg.tensorboard and self.is_main):
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.run_dir / "tb"))
-
-    def _progress(self):
-        c = self.cfg
-        show = c.progress == "on" or (c.progress == "auto" and sys.stderr.isatty())
-        if not show or not self.is_main:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from rich.console import Console
-
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=Console(stderr=True))
-        progress.start()
-        return progress
-
-    def _log(self, metrics: dict[str, float], history: list[dict[str, float]], writer, quiet: bool,
-             last: bool) -> None:
-        """Write metrics.csv and TensorBoard scalars; log a line every tenth of the run (or at
-        debug level only, when a progress bar shows them)."""
-        columns = list(dict.fromkeys(k for row in history for k in row))
-        buf = _io.StringIO()
-        w = csv.DictWriter(buf, columns)
-        w.writeheader()
-        w.writerows(history)
-        io.write_text(buf.getvalue(), self.run_dir / "metrics.csv")
-        if writer:
-            for k, v in metrics.items():
-                if k != "epoch":
-                    writer.add_scalar(k, v, metrics["epoch"])
-        every = max(1, self.cfg.max_epochs // 10)
-        level = logging.INFO if not quiet and (last or metrics["epoch"] % every == 0) else logging.DEBUG
-        log.log(level, "%s epoch %d  %s", self.run_dir, metrics["epoch"],
-                "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        return metrics.compute()

@@ -2,4 +2,3 @@
 
 from . import agnews, avdigits, manifest  # noqa: F401  (register the data sets)
 from . import audio, fusion, image, text, vl  # noqa: F401  (register the encoders)
-from . import dual_head, trg  # noqa: F401  (register the dual-head model, the semi data set and the TRG losses)

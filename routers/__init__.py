@@ -3,9 +3,8 @@
 Parameter-free: ``constant`` (:class:`ConstantRouter`), ``confidence`` (:class:`ConfidenceRouter`).
 Learned, on the student's logits or a student feature: ``linear`` (:class:`LinearRouter`), ``mlp``
 (:class:`MLPRouter`), ``noisy_topk`` (:class:`NoisyTopKRouter`), in ``soft``, ``topk`` or ``hard``
-mode with a load-balancing loss (:mod:`mmkd.routers.gating`). MST-Distill's MaskNets and
-specialised teachers: :mod:`mmkd.routers.masknet`; its three stages (``mmkd run`` pipelines
-``mst_stage1|2|3``): :mod:`mmkd.routers.mst_distill`, with co-training in :mod:`mmkd.routers.cotraining`.
+mode with a load-balancing loss (:mod:`mmkd.routers.gating`). MST-Distill, which routes over
+specialised teachers with these routers, is in :mod:`mmkd.methods.mst_distill`.
 
 Write your own by subclassing :class:`Router` and registering it::
 
@@ -21,13 +20,10 @@ Write your own by subclassing :class:`Router` and registering it::
 from mmkd.routers.base import Router, register_router
 from mmkd.routers.confidence import ConfidenceRouter
 from mmkd.routers.constant import ConstantRouter
-from mmkd.routers.cotraining import CoTraining
 from mmkd.routers.gating import cv_balance, hard_top_k, kl_balance, softmax_weights, top_k_gates, top_k_mask
 from mmkd.routers.learned import GateRouter, LinearRouter, MLPRouter
-from mmkd.routers.masknet import MaskedModel, MaskNet, specialized_teachers
 from mmkd.routers.noisy_topk import NoisyTopKRouter
-from mmkd.routers import mst_distill  # noqa: F401  (registers the mst_stage1|2|3 pipelines)
 
 __all__ = ["Router", "register_router", "ConstantRouter", "ConfidenceRouter", "GateRouter", "LinearRouter",
-           "MLPRouter", "NoisyTopKRouter", "CoTraining", "MaskNet", "MaskedModel", "specialized_teachers",
-           "softmax_weights", "top_k_mask", "top_k_gates", "hard_top_k", "kl_balance", "cv_balance"]
+           "MLPRouter", "NoisyTopKRouter", "softmax_weights", "top_k_mask", "top_k_gates", "hard_top_k",
+           "kl_balance", "cv_balance"]

@@ -63,6 +63,15 @@ CASES = [
     ("trainer.gamma=-1", "trainer.gamma=-1.0; it must be a positive finite number"),
     ("trainer.weight_decay=nan", "trainer.weight_decay=nan; give a finite number"),
     ("trainer.monitor=val/zz", "trainer.monitor='val/zz'; choose from: val/acc, val/loss, train/loss"),
+    ("trainer.monitor=val/f1", "trainer.monitor='val/f1'; choose from: val/acc, val/loss, train/loss "
+                               "(the metrics every stage of a run has; trainer.metrics adds val/<metric>)"),
+    ("trainer.metrics=[acc,f2]", "trainer.metrics: unknown metric 'f2'; choose from: acc, auroc, f1, loss, top5"),
+    # batch transforms, data policies, callbacks
+    ("transforms=[{name:mixupp}]", "transforms[0].name: unknown batch transform 'mixupp'; choose from: mixup"),
+    ("transforms=[{name:mixup,args:{alpha:-1}}]", "transforms[0].args.alpha=-1; it must be a number > 0"),
+    ("transforms=[{name:mixup,args:{beta:1}}]", "transforms[0].args: Mixup.__init__() got an unexpected keyword argument 'beta'"),
+    ("policies=[{name:hardest,args:{fraction:2}}]", "policies[0].args.fraction=2; it must be a number in (0, 1]"),
+    ("callbacks=[{name:nope}]", "callbacks[0].name: unknown callback 'nope'; choose from: grad_norm"),
     ("seed=99999999999999999999999", "seed=99999999999999999999999; it must be an integer in [0, 9223372036854775807]"),
     ("seed=-1", "seed=-1; it must be an integer in [0, "),
     # what the owners of values declare

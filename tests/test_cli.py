@@ -32,7 +32,10 @@ def test_list(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
-    assert set(lines) == {"losses", "routers", "models", "datasets", "pipelines", "experiments"}
+    assert set(lines) == {"losses", "routers", "models", "datasets", "pipelines", "transforms", "policies",
+                          "callbacks", "metrics", "experiments"}
+    assert lines["transforms"] == "mixup" and lines["policies"] == "hardest"
+    assert {"acc", "loss", "f1", "auroc", "top5"} <= set(lines["metrics"].split(", "))
     assert {"distill", "mst_stage1", "mst_stage2", "mst_stage3"} <= set(lines["pipelines"].split(", "))
     assert {"ce", "kd", "dkd", "nkd", "dist", "pld", "sinkd"} <= set(lines["losses"].split(", "))
     assert {"constant", "confidence"} <= set(lines["routers"].split(", "))

@@ -35,13 +35,13 @@ SCRIPT = textwrap.dedent(f"""
         writes.append(os.path.basename(str(path)))
         return real_atomic(path)
     mmkd.io.atomic_path = spy
-    writers = []
-    real_tb = Trainer._tensorboard
-    def tb_spy(self):
-        w = real_tb(self)
-        writers.append(w is not None)
-        return w
-    Trainer._tensorboard = tb_spy
+    writers = []  # whether this process opened a TensorBoard writer, per fit
+    from mmkd.callbacks import MetricsLogger
+    real_start = MetricsLogger.on_fit_start
+    def tb_spy(self, trainer, module):
+        real_start(self, trainer, module)
+        writers.append(self.writer is not None)
+    MetricsLogger.on_fit_start = tb_spy
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn({N_TRAIN + N_VAL}, 6, generator=g)

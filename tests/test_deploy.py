@@ -68,7 +68,7 @@ def cora(run_dir):
     the run's own data config)."""
     from omegaconf import OmegaConf
 
-    from mmkd.graphs.data import planetoid
+    from mmkd.graphs.io import planetoid
     from mmkd.registry import DATASETS
 
     cfg = OmegaConf.load(run_dir / "config.yaml")

@@ -11,7 +11,7 @@ from mmkd import Teacher, cache_teacher
 from mmkd.cache import teacher_hash
 from mmkd.data import TensorDictDataset
 from mmkd.models import CNN, MLP
-from mmkd.routers import MaskedModel, MaskNet, specialized_teachers
+from mmkd.methods.mst_distill import MaskedModel, MaskNet, specialized_teachers
 
 B = 5
 

@@ -16,8 +16,9 @@ from mmkd import Distiller, Net, Teacher, Term, Trainer
 from mmkd.cli import compose, main
 from mmkd.data import TensorDictDataset
 from mmkd.models import MLP
-from mmkd.routers import CoTraining, LinearRouter, specialized_teachers, top_k_mask
-from mmkd.routers.mst_distill import MaskFit, routing_report
+from mmkd.methods.mst_distill import CoTraining, specialized_teachers
+from mmkd.methods.mst_distill.pipeline import MaskFit, routing_report
+from mmkd.routers import LinearRouter, top_k_mask
 
 DATA = Path(os.environ["MMKD_DATA"]).resolve() if "MMKD_DATA" in os.environ else None
 T = 4.0

@@ -16,8 +16,18 @@ def test_readme_python_blocks_run():
     for block in blocks:
         exec(compile(block, str(README), "exec"), scope)
     assert 0.0 <= scope["trainer"].evaluate(scope["kd"], scope["data"].test)["acc"] <= 1.0
+    history = scope["fitted"].history  # the callback's metric, the running maximum of val/acc
+    assert [row["val/best_acc"] for row in history] == [max(r["val/acc"] for r in history[:i + 1])
+                                                        for i in range(len(history))]
 
     from mmkd import LOSSES, ROUTERS, Distiller, Net, Output, Teacher, Term
+    from mmkd.registry import CALLBACKS, TRANSFORMS
+
+    assert CALLBACKS["best_so_far"] is scope["BestSoFar"]
+    jitter, image = TRANSFORMS["jitter"](sigma=0.5), torch.zeros(64, 1, 8, 8)
+    torch.manual_seed(0)
+    moved = jitter({"image": image}, None, [])["image"]
+    assert abs(float(moved.std()) - 0.5) < 0.05 and not jitter.keeps_inputs
 
     assert {"teacher": True, "per_sample": True, "batch": False}.items() <= LOSSES.meta("soft_l1").items()
     router = ROUTERS["low_entropy"]()

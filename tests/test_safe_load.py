@@ -24,7 +24,7 @@ from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer, cach
 from mmkd.config import ConfigError
 from mmkd.data import DataError, loader
 from mmkd.graphs import GraphError, check_graph, graph_splits, read_npz
-from mmkd.graphs.data import planetoid
+from mmkd.graphs.io import planetoid
 from mmkd.modalities import avdigits as av
 from mmkd.build import load_weights
 from mmkd.trainer import _rng_state, _set_rng_state

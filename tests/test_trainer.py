@@ -16,6 +16,7 @@ from torch import nn
 
 import mmkd.io
 from mmkd import Distiller, Net, TensorDictDataset, Term, Trainer
+from mmkd.callbacks import Callback
 from mmkd.trainer import NonFiniteLoss
 
 D, C = 8, 3
@@ -72,17 +73,13 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, data, monk
     full_last = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
 
     # interrupted run: dies right after epoch 2's checkpoint was written
-    real_log = Trainer._log
+    class CrashAtEpoch3(Callback):
+        def on_epoch_start(self, trainer, module):
+            if trainer.epoch == 2:
+                raise Crash("killed after epoch 2")
 
-    def log_then_crash(self, metrics, history, writer, **kwargs):
-        real_log(self, metrics, history, writer, **kwargs)
-        if metrics["epoch"] == 2:
-            raise Crash("killed after epoch 2")
-
-    monkeypatch.setattr(Trainer, "_log", log_then_crash)
     with pytest.raises(Crash):
-        trainer(tmp_path / "cut").fit(make_module(), train, val)
-    monkeypatch.undo()
+        trainer(tmp_path / "cut").fit(make_module(), train, val, callbacks=[CrashAtEpoch3()])
     state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and not state["done"] and len(state["history"]) == 2
 
@@ -189,7 +186,7 @@ def test_early_stop_when_lr_zero(tmp_path, data, monkeypatch):
     assert res.best_epoch == 1
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["done"] and last["bad_epochs"] == 2
+    assert last["done"] and last["callbacks"]["EarlyStopping"]["bad"] == 2
     assert_same_state(clone_state(mod), before)
 
 
@@ -263,7 +260,8 @@ def test_ties_on_a_minimised_loss(tmp_path, data, monkeypatch, ties, stop, best)
     assert_same_state(clone_state(mod), snapshots[best - 1])
     assert not torch.equal(snapshots[2]["student.model.0.weight"], snapshots[4]["student.model.0.weight"])
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["done"] and last["bad_epochs"] == 3 and last["best_epoch"] == best
+    assert last["done"] and last["callbacks"]["EarlyStopping"]["bad"] == 3
+    assert last["callbacks"]["ModelCheckpoint"]["best_epoch"] == best
 
 
 def test_unknown_monitor_fails(tmp_path, data):

@@ -10,8 +10,8 @@ from mmkd.net import Net, Teacher
 from mmkd.registry import LOSSES
 from mmkd.routers import ConstantRouter
 from mmkd.schedules import Schedule
-from mmkd.modalities.trg import (TokenProjector, as_tokens, knn_graph, paired_tokens, trg_context,
-                            trg_global, trg_local)
+from mmkd.methods.trg import (TokenProjector, as_tokens, knn_graph, paired_tokens, trg_context,
+                              trg_global, trg_local)
 
 
 def test_registered():

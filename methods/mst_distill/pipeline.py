@@ -1,33 +1,8 @@
-"""MST-Distill: a mixture of specialised teachers for cross-modal distillation, in three stages.
+"""MST-Distill's three stages as ``mmkd run`` pipelines: ``mst_stage1`` (co-training), ``mst_stage2``
+(MaskNets), ``mst_stage3`` (routed distillation), with their options (under ``method``), the checks
+that chain a stage to the previous stage's run directory, and stage 3's routing report.
 
-Li et al., "MST-Distill: Mixture of Specialized Teachers for Cross-Modal Knowledge Distillation",
-ACM MM 2025. Each stage is a pipeline of ``mmkd run`` (``pipeline: mst_stage1|2|3``, options under
-``method``); a stage reads the previous stage's run directory.
-
-1. ``mst_stage1``, co-training (:class:`~mmkd.routers.cotraining.CoTraining`): the multimodal
-   teacher, the cross-modal teacher (``teachers``) and the student train together,
-
-       L = sum_m CE(z_m, y) + sum_m sum_{o != m} T^2 KL(p_o || p_m),   p = softmax(sg(z) / T).
-
-2. ``mst_stage2``, plug-in masking: for each frozen stage-1 teacher ``i`` and each layer ``l`` of
-   ``method.layers[i]`` a :class:`~mmkd.routers.masknet.MaskNet` multiplies that layer's output by a
-   per-channel mask, giving ``sum_i L_i`` specialised teachers sharing the backbones. Each mask is
-   trained alone (its MaskNet is the module's only trainable part) to bring its teacher towards the
-   frozen student,
-
-       L_mask = T^2 KL(p_student || p_teacher(masked)),
-
-   and keeps its best-validation state (the masked teacher's validation accuracy).
-3. ``mst_stage3``, routed distillation: a router (``router``, e.g. ``linear`` on the student's logits)
-   weighs the frozen (cached) specialised teachers per instance; with the config's loss terms
-   ``ce`` and ``kd``,
-
-       L = CE(z_s, y) + sum_t w_t T^2 KL(p_t || p_s) + lambda * balance(P),
-
-   where ``mode: hard`` is the paper's ``w_t = 1/k`` on the top-k teachers (the router then learns
-   from the balance term only) and ``mode: soft`` uses ``w = P`` (it learns from the KL terms too).
-   A routing report (``routing.png``, ``routing.json``) shows, per class of the test split, how often
-   each specialised teacher is picked (``hard``) or how much it weighs (``soft``).
+The stages and their losses are described in :mod:`mmkd.methods.mst_distill`.
 """
 from __future__ import annotations
 
@@ -40,22 +15,22 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mmkd import io
+from mmkd import io, run
+from mmkd.build import build_model, build_router, build_terms, load_data, load_weights, trainer_config
 from mmkd.cache import cache_teacher
 from mmkd.config import ConfigError
-from mmkd.data import DataSplits, loader
+from mmkd.data import DataSplits, cacheable, loader
 from mmkd.distiller import Distiller, Term
 from mmkd.losses import kd
+from mmkd.methods.mst_distill.cotraining import CoTraining
+from mmkd.methods.mst_distill.masknet import specialized_teachers
 from mmkd.net import Batch, Net, Teacher, num_params
 from mmkd.registry import PIPELINES
-from mmkd.routers.cotraining import CoTraining
-from mmkd.routers.gating import top_k_mask
-from mmkd.routers.masknet import specialized_teachers
-from mmkd import run
-from mmkd.build import build_model, build_router, build_terms, load_data, load_weights, trainer_config
 from mmkd.report import add_latencies
+from mmkd.router import Router
+from mmkd.routers.gating import top_k_mask
 from mmkd.run import fit
-from mmkd.trainer import Trainer, seed_everything
+from mmkd.trainer import Module, Trainer, seed_everything
 
 STAGE1 = {"temperature": 4.0, "kd_weight": 1.0}
 STAGE2 = {"stage1": None, "layers": None, "temperature": 4.0, "epochs": None, "dim": 32, "heads": 4}
@@ -71,7 +46,7 @@ def options(cfg: DictConfig, pipeline: str, defaults: Mapping[str, Any], require
     opts = {**defaults, **given}
     for key in required:
         if opts[key] is None:
-            raise ConfigError(f"method.{key}: missing; pipeline {pipeline} needs it (see routers/mst_distill.py)")
+            raise ConfigError(f"method.{key}: missing; pipeline {pipeline} needs it (see methods/mst_distill/pipeline.py)")
     return opts
 
 
@@ -182,7 +157,7 @@ def check_teachers(cfg: DictConfig, prev: DictConfig, where: str) -> None:
                           f"{list(cfg.teachers)}; leave teachers empty (they come from stage 1) or list the same")
 
 
-class MaskFit(nn.Module):
+class MaskFit(Module):
     """Trains one specialised teacher's MaskNet: ``forward`` returns ``T^2 KL(p_student || p_masked)``
     (``"kd"`` and ``"loss"``) and ``predict`` the masked teacher's logits.
 
@@ -211,7 +186,7 @@ class MaskFit(nn.Module):
 def frozen_target(student: nn.Module, keys: Sequence[str], data: DataSplits, cache_dir: Path, device) -> nn.Module:
     """The frozen student as a target: its cached training-set outputs where the data allow it."""
     target = Teacher(student, keys, frozen=True)
-    return cache_teacher(target, data.train, cache_dir, device=device) if getattr(data.train, "deterministic", False) else target
+    return cache_teacher(target, data.train, cache_dir, device=device) if cacheable(data.train) else target
 
 
 def build_specialized(teachers: Mapping[str, Teacher], layers: Mapping[str, Sequence[str]], data: DataSplits,
@@ -266,7 +241,7 @@ def stage2(cfg: DictConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def routing_report(router: nn.Module, student: Net, teachers: Sequence[nn.Module], names: Sequence[str],
+def routing_report(router: Router, student: Net, teachers: Sequence[nn.Module], names: Sequence[str],
                    dataset: Dataset, class_names: Sequence[str], run_dir: Path, label_key: str = "label") -> dict:
     """How the router uses each teacher, per class, on ``dataset``. Writes ``routing.json`` with
 
@@ -279,13 +254,13 @@ def routing_report(router: nn.Module, student: Net, teachers: Sequence[nn.Module
     picks for ``hard`` and ``topk``, the weights for ``soft`` (and for routers without a mode)."""
     router.eval()
     student.eval()
-    mode, k = getattr(router, "mode", "soft"), getattr(router, "k", 1)
+    mode, k = router.mode, router.k
     counts, weights = torch.zeros(len(class_names), len(names)), torch.zeros(len(class_names), len(names))
     device = next(student.parameters()).device
     for batch in loader(dataset, 256):
         batch = {key: v.to(device) for key, v in batch.items()}
         w = router(student(batch), [t(batch) for t in teachers], batch).float()
-        getattr(router, "aux_losses", {}).clear()
+        router.pop_aux_losses()
         y = batch[label_key]
         labelled = y >= 0
         counts.index_add_(0, y[labelled].cpu(), top_k_mask(w, k)[labelled].float().cpu())
@@ -354,8 +329,7 @@ def stage3(cfg: DictConfig) -> dict[str, Any]:
                               f"({io.first_line(e, typed=False)}); rerun stage 2 on its stage-1 run") from None
     live = [Teacher(t.model, t.keys, frozen=True) for t in spec]
     device = Trainer(trainer_config(cfg)).device
-    cacheable = getattr(data.train, "deterministic", False)
-    used = [cache_teacher(t, data.train, cache_dir, device=device) if cacheable else t for t in live]
+    used = [cache_teacher(t, data.train, cache_dir, device=device) if cacheable(data.train) else t for t in live]
     seed_everything(cfg.seed)
     student = build_model(cfg.student, meta, "student")
     if opts["init"] == "stage1":

@@ -18,9 +18,10 @@ from torch import Tensor, nn
 
 from mmkd.losses import ce, kd
 from mmkd.net import Batch, Net
+from mmkd.trainer import Module
 
 
-class CoTraining(nn.Module):
+class CoTraining(Module):
     """Members trained together; ``forward(batch)`` returns ``"<m>/ce"`` and ``"<m>/kd_<o>"`` for
     every member ``m`` and other member ``o`` (already weighted) and their sum under ``"loss"``.
 

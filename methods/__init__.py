@@ -1,0 +1,22 @@
+"""Multi-part distillation methods, one module or sub-package each (installed as ``mmkd.methods``).
+
+- MST-Distill (Li et al., ACM MM 2025), :mod:`mmkd.methods.mst_distill`: a mixture of specialised
+  teachers in three ``mmkd run`` pipelines ``mst_stage1|2|3`` (co-training, MaskNets, routed
+  distillation with the routers of :mod:`mmkd.routers`).
+- Dual-head students, the model ``dual_head`` (:mod:`mmkd.methods.dual_head`), shared by
+  DHO (Kang et al., arXiv:2505.07675, 2025), :mod:`mmkd.methods.dho`: a CE head and a KD head
+  combined at inference, ``p = (1 - alpha) softmax(z_ce) + alpha softmax(z_kd / beta)``, with the
+  semi-supervised data set ``semi`` (:mod:`mmkd.data`), and
+  Dual-Head KD (Yang et al., arXiv:2411.08937, 2024), :mod:`mmkd.methods.dual_head_kd`: the binary KL
+  loss ``bkl`` on an auxiliary head, optional gradient alignment.
+- TRG (Zhang et al., arXiv:2306.12442, 2023), :mod:`mmkd.methods.trg`: token-level relationship-graph
+  losses ``trg_local``, ``trg_global``, ``trg_context``.
+
+Each module's docstring carries its paper's formulas. A method that is one loss belongs in
+``mmkd/losses/``, one that is a router in ``routers/``; a method needing more (a model, a pipeline,
+several losses) gets a module here.
+"""
+
+from . import dho, dual_head, dual_head_kd  # noqa: F401  (register the dual-head model)
+from . import mst_distill  # noqa: F401  (registers the mst_stage1|2|3 pipelines)
+from . import trg  # noqa: F401  (registers the TRG losses)

@@ -1,0 +1,103 @@
+"""Evaluation metrics: what the :class:`~mmkd.trainer.Trainer` reports on the validation and test splits.
+
+A metric is a registered factory ``num_classes -> torchmetrics.Metric`` whose ``update(logits, target)``
+takes a batch's logits ``[B, C]`` (float) and labels ``[B]`` (only labelled items, ``target >= 0``).
+``trainer.metrics`` names the set (default ``[acc, loss]``); each lands in the epoch's metrics as
+``val/<name>``, which ``trainer.monitor`` may name. Under DDP, torchmetrics sums the states of all
+processes in ``compute()``.
+
+========  ==========================================================================
+``acc``    top-1 accuracy, ``mean_b [argmax z_b = y_b]`` (float64 counts)
+``loss``   mean cross-entropy, ``mean_b -log softmax(z_b)_{y_b}`` (float64 sum)
+``f1``     macro F1, the unweighted mean over classes of ``2 P_c R_c / (P_c + R_c)``
+``auroc``  macro one-vs-rest ROC-AUC on ``softmax(z)``
+``top5``   top-5 accuracy
+========  ==========================================================================
+
+Add one with :func:`register_metric`::
+
+    from torchmetrics.classification import MulticlassPrecision
+    from mmkd.metrics import register_metric
+
+    @register_metric("precision")
+    def precision(num_classes):
+        return MulticlassPrecision(num_classes, average="macro")
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+
+from mmkd.registry import METRICS
+
+
+def register_metric(name: str) -> Callable:
+    """Register a factory ``num_classes -> torchmetrics.Metric`` under ``name``."""
+    return METRICS.register(name)
+
+
+class _Mean(Metric):
+    """``sum_batches value(logits, target) / items`` with float64 states (exact counts)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def value(self, logits: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        self.total += self.value(logits, target).double()
+        self.count += len(target)
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
+
+
+class Accuracy(_Mean):
+    """Top-1 accuracy."""
+
+    def value(self, logits, target):
+        return (logits.argmax(1) == target).sum()
+
+
+class CrossEntropy(_Mean):
+    """Mean cross-entropy of the logits."""
+
+    def value(self, logits, target):
+        return F.cross_entropy(logits, target, reduction="sum")
+
+
+register_metric("acc")(lambda num_classes: Accuracy())
+register_metric("loss")(lambda num_classes: CrossEntropy())
+register_metric("f1")(lambda num_classes: MulticlassF1Score(num_classes, average="macro"))
+register_metric("auroc")(lambda num_classes: MulticlassAUROC(num_classes, average="macro"))
+register_metric("top5")(lambda num_classes: MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"))
+
+
+class MetricSet:
+    """The named metrics of one evaluation, built at the first batch (when the class count is known)."""
+
+    def __init__(self, names: Sequence[str], device: torch.device | str = "cpu"):
+        self.factories = {name: METRICS[name] for name in names}
+        self.device = torch.device(device)
+        self.metrics: dict[str, Metric] = {}
+        self.count = 0
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        if not self.metrics:
+            self.metrics = {n: f(logits.shape[1]).to(self.device) for n, f in self.factories.items()}
+        self.count += len(target)
+        for m in self.metrics.values():
+            m.update(logits, target)
+
+    def compute(self) -> dict[str, float]:
+        return {name: float(m.compute()) for name, m in self.metrics.items()}

@@ -1,0 +1,90 @@
+"""Data policies: what the student trains on, decided between epochs.
+
+A :class:`DataPolicy` is a :class:`~mmkd.callbacks.Callback` with one more hook: before every epoch
+the :class:`~mmkd.trainer.Trainer` hands it the training set (the full one, or what the policy before
+it returned) and trains the epoch on the data set it returns: a subset (pruning, active selection), a
+re-weighted or an extended one (generated data). Items keep their ``index`` entry, so cached teacher
+outputs still apply to the items of a subset. Its state (e.g. the current selection) is saved with
+the other callbacks', so a resumed run trains on the same data. The learning-rate schedule is laid
+out over ``max_epochs`` epochs of the full training set.
+
+Register one with :func:`register_policy`; a config lists them as ``policies: [{name, args}]`` (for
+the student's stage).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
+
+from mmkd.callbacks import Callback
+from mmkd.checks import COUNT, NON_NEGATIVE_INT, Range
+from mmkd.data import loader
+from mmkd.registry import POLICIES
+
+
+def register_policy(name: str, **meta: Any) -> Callable:
+    """Register a :class:`DataPolicy` subclass under ``name`` (``meta``: e.g. ``ranges=`` for its args)."""
+    return POLICIES.register(name, **meta)
+
+
+class DataPolicy(Callback):
+    """``select(trainer, module, dataset) -> Dataset``: the data set the next epoch trains on."""
+
+    def select(self, trainer, module: nn.Module, dataset: Dataset) -> Dataset:
+        return dataset
+
+
+@torch.no_grad()
+def disagreement(module: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256) -> Tensor:
+    """Per item of ``dataset``, ``KL(p_T || p_S)`` of the teachers' mean probabilities
+    ``p_T = mean_t softmax(z_t)`` from the student's ``p_S = softmax(z_s)``, for a
+    :class:`~mmkd.distiller.Distiller` ``module`` (in eval mode; its mode is restored)."""
+    if not len(module.teachers):
+        raise ValueError("a disagreement score needs teachers; the Distiller has none")
+    was_training = module.training
+    module.eval()
+    scores = []
+    for batch in loader(dataset, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        log_s = module.student(batch).logits.float().log_softmax(1)
+        p_t = torch.stack([t(batch).logits.float().softmax(1) for t in module.teachers]).mean(0)
+        scores.append((p_t * (p_t.clamp_min(1e-12).log() - log_s)).sum(1).cpu())
+    module.train(was_training)
+    return torch.cat(scores)
+
+
+@register_policy("hardest", ranges={"fraction": Range(0, 1, low_open=True), "start": NON_NEGATIVE_INT,
+                                    "every": COUNT})
+class Hardest(DataPolicy):
+    """Train on the items the student has learned least: from epoch ``start`` (0-based) on, every
+    ``every`` epochs, keep the ``fraction`` of the training set with the largest
+    :func:`disagreement` ``KL(p_T || p_S)`` (ties broken by index); before ``start``, all of it.
+
+    A data-pruning schedule in the spirit of uncertainty-driven selection for distillation (Xu et al.,
+    "Computation-Efficient Knowledge Distillation via Uncertainty-Aware Mixup", 2020): an epoch costs
+    ``fraction`` of a full one.
+    """
+
+    def __init__(self, fraction: float = 0.5, start: int = 1, every: int = 1):
+        self.fraction, self.start, self.every = fraction, start, every
+        self.indices: Tensor | None = None
+
+    def select(self, trainer, module, dataset):
+        epoch = trainer.epoch
+        if epoch < self.start:
+            return dataset
+        if self.indices is None or (epoch - self.start) % self.every == 0:
+            scores = disagreement(module, dataset, trainer.device)
+            keep = max(1, round(self.fraction * len(scores)))
+            order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+            self.indices = torch.tensor(sorted(order[:keep]))
+        return Subset(dataset, self.indices.tolist())
+
+    def state_dict(self):
+        return {"indices": self.indices}
+
+    def load_state_dict(self, state):
+        self.indices = state["indices"]

@@ -137,6 +137,15 @@ def _csr(z: Any, prefix: str, where: str) -> Any:
                          f"store matrix.data, .indices, .indptr and .shape of one scipy.sparse.csr_matrix") from None
 
 
+def _class_names(z: Any, where: str) -> list[str]:
+    """The ``class_names`` string array of an npz file as a list (either layout)."""
+    c = _array(z, "class_names", where)
+    if c.dtype.kind not in "US" or c.ndim != 1:
+        raise GraphError(f"{where}: class_names must be a 1-d string array, got dtype {c.dtype} and "
+                         f"shape {c.shape}; store class_names as a string array (np.array(names, dtype=str))")
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in c.tolist()]
+
+
 def _open_npz(path: Path) -> Any:
     """``np.load(path, allow_pickle=False)`` as an archive of named arrays, or a :class:`GraphError`."""
     with open(path, "rb") as f:
@@ -169,7 +178,11 @@ def read_npz(path: str | os.PathLike, undirected: bool = True) -> Graph:
       (a string array);
     - the node/edge-list layout: ``node_features [nodes, features]``, ``node_labels [nodes]``,
       ``edges [edges, 2]`` (or ``[2, edges]``) and optional ``train_masks``/``val_masks``/``test_masks``
-      (``[nodes]``, or ``[splits, nodes]`` of which the first is used) shipped as the ``public`` split.
+      (``[nodes]``, or ``[splits, nodes]`` of which the first is used) shipped as the ``public`` split,
+      and optional ``class_names``.
+
+    Class names found in the file become the data set's ``class_names`` (what ``mmkd predict``
+    writes); there must be at least one per class.
 
     The file is read without pickle; node ids and labels must be integers (never cast from floats
     or strings), masks boolean and disjoint. Any problem is a one-line :class:`GraphError` (a
@@ -195,20 +208,12 @@ def read_npz(path: str | os.PathLike, undirected: bool = True) -> Graph:
                 raise GraphError(f"{where}: gnn-benchmark layout without features; expected attr_data, "
                                  f"attr_indices, attr_indptr, attr_shape or attr_matrix")
             y = _labels(_array(z, "labels", where), "labels", where)
-            names = []
-            if "class_names" in keys:
-                c = _array(z, "class_names", where)
-                if c.dtype.kind not in "US" or c.ndim != 1:
-                    raise GraphError(f"{where}: class_names must be a 1-d string array, got dtype {c.dtype} and "
-                                     f"shape {c.shape}; store class_names as a string array (np.array(names, dtype=str))")
-                names = [v.decode() if isinstance(v, bytes) else str(v) for v in c.tolist()]
         elif {"node_features", "node_labels", "edges"} <= keys:
             x = _features(_array(z, "node_features", where), "node_features", where)
             y = _labels(_array(z, "node_labels", where), "node_labels", where)
             edges = _ints(_array(z, "edges", where), "edges", where)
             if edges.ndim == 2 and edges.shape[1] == 2:
                 edges = edges.T
-            names = []
             for part in ("train", "val", "test"):
                 if f"{part}_masks" in keys:
                     masks[part] = _mask(_array(z, f"{part}_masks", where), f"{part}_masks", where)
@@ -216,6 +221,7 @@ def read_npz(path: str | os.PathLike, undirected: bool = True) -> Graph:
             raise GraphError(f"{where}: unknown npz layout (keys: {', '.join(sorted(keys))}); expected "
                              "adj_data/adj_indices/adj_indptr/adj_shape + attr_* + labels, or "
                              "node_features + node_labels + edges")
+        names = _class_names(z, where) if "class_names" in keys else []
     try:
         g = check_graph(torch.as_tensor(x), torch.as_tensor(edges), torch.as_tensor(y), path.stem)
         for part, m in masks.items():

@@ -7,6 +7,7 @@ adapters), ``build_plugins`` the batch transforms, data policies and callbacks a
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,8 @@ from mmkd.distiller import Term, pick
 from mmkd.net import Net
 from mmkd.registry import DATASETS, MODELS, ROUTERS
 from mmkd.trainer import TrainerConfig
+
+log = logging.getLogger("mmkd")
 
 
 def create_model(name: str, num_classes: int, in_shape: Any, where: str = "model", **args: Any) -> nn.Module:
@@ -129,6 +132,7 @@ def load_weights(model: nn.Module, path: str, where: str, teacher: str | None = 
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ConfigError(f"{where}: {path!r} does not fit the model: {io.first_line(e, typed=False)}") from None
+    log.info("%s: loaded trained weights from %s (not trained again)", where, path)
 
 
 def trainer_config(cfg: DictConfig, epochs: int | None = None, lr: float | None = None) -> TrainerConfig:

@@ -81,9 +81,12 @@ def cache_teacher(teacher: Teacher, dataset: Dataset, root: str | os.PathLike,
     stored = io.load_checked(path, log)  # None on a miss, and (with a warning) on a damaged entry
     if stored is not None:
         if _fits(stored, teacher, len(dataset)):
+            log.info("teacher cache hit: %s (%d items of %s)", path, len(dataset), dataset.name)
             return CachedTeacher(teacher, stored["logits"], stored["features"], path)
         log.warning("%s: cache entry does not hold this teacher's outputs on %d items; rebuilding it",
                     path, len(dataset))
+    log.info("teacher cache miss: computing %s's outputs on %d items into %s",
+             type(teacher.model).__name__, len(dataset), path)
     device = torch.device(device)
     teacher.to(device).eval()
     logits, features = [], {p: [] for p in teacher.feature_paths}

@@ -103,7 +103,8 @@ class RunConfig:
     seed: int = 0
     data_root: str = "data"  # where data sets live; MMKD_DATA overrides the default
     out_dir: str = "runs"
-    run_dir: Optional[str] = None  # default: <out_dir>/<experiment>/<date-time>
+    run_dir: Optional[str] = None  # default: <out_dir>/<name>/<date-time>
+    name: str = ""  # the run's label (run directory, results.json, the results table); default: the experiment's
     cache_dir: Optional[str] = None  # teacher-output cache; default: <out_dir>/cache
     resume: bool = False  # continue the run in run_dir
     baseline: bool = True  # also train the student on labels alone, from the same initialisation
@@ -150,6 +151,79 @@ def config_dir() -> Path:
 def experiments() -> list[str]:
     """Names of the shipped experiment configs."""
     return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+
+USER_EXPERIMENT = "_user_"  # the option of the experiment group a user's experiment file is composed as
+
+
+def user_config_dir(path: str | os.PathLike) -> Path:
+    """``--config-dir``: the folder, absolute, if it is one; else a :class:`ConfigError`."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"--config-dir: no such folder {str(path)!r}")
+    if not folder.is_dir():
+        raise ConfigError(f"--config-dir: {str(path)!r} is a file; give the folder that holds experiment/NAME.yaml "
+                          "or NAME.yaml (or run the file itself: experiment=PATH.yaml)")
+    return folder.resolve()
+
+
+def user_experiments(folder: Path) -> dict[str, Path]:
+    """The experiments in a user's config folder, by name: ``folder/experiment/NAME.yaml``, else
+    ``folder/NAME.yaml``."""
+    found = {p.stem: p for p in sorted(folder.glob("*.yaml")) if p.is_file()}
+    found.update({p.stem: p for p in sorted((folder / "experiment").glob("*.yaml")) if p.is_file()})
+    return dict(sorted(found.items()))
+
+
+def is_path(value: str) -> bool:
+    """An ``experiment=`` value naming a file rather than an experiment."""
+    return value.endswith((".yaml", ".yml")) or "/" in value or os.sep in value
+
+
+def find_experiment(value: str, folder: Optional[Path]) -> tuple[str, Optional[Path]]:
+    """``experiment=value``: its name and the user's file to compose (``None``: a shipped experiment,
+    left to Hydra). ``value`` is a path to a YAML file, or a name looked up in ``folder`` (the
+    ``--config-dir``), then among the shipped experiments. Raises :class:`ConfigError`."""
+    if is_path(value):
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise ConfigError(f"experiment: no such file {value!r}")
+        if not path.is_file():
+            raise ConfigError(f"experiment: {value!r} is a folder; give a YAML file, or name one of its experiments: "
+                              f"--config-dir {value} experiment=NAME")
+        return path.stem, path.resolve()
+    if folder is None:
+        return value, None
+    mine = user_experiments(folder)
+    if value in mine:
+        return value, mine[value]
+    if value in experiments():
+        return value, None
+    raise ConfigError(f"experiment: unknown experiment {value!r}; choose from: {', '.join(mine) or '(none)'} "
+                      f"(in {folder}), {', '.join(experiments())} (shipped)")
+
+
+def load_experiment(path: Path) -> DictConfig:
+    """A user's experiment file as a config (its ``defaults:`` list included); unreadable YAML or a
+    file that is not a mapping of config keys is a :class:`ConfigError`."""
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError, UnicodeDecodeError, OSError, OmegaConf's errors
+        raise ConfigError(f"experiment: cannot read {str(path)!r}: {first_line(e)}") from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"experiment: {str(path)!r} holds a {type(OmegaConf.to_container(node)).__name__}; "
+                          "an experiment is a mapping of config keys (data:, teachers:, student:, ...)")
+    return node
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def check_label(key: str, value: str) -> None:
+    """A run label (``name=``) or a new experiment's name: one safe folder name."""
+    if not SAFE_NAME.fullmatch(value):
+        raise ConfigError(f"{key}={value!r}: give a folder name of at most 128 letters, digits, '.', '_' and '-', "
+                          "not starting with '.' or '-' (no '/' or spaces)")
 
 
 def typed_sections(cfg: DictConfig) -> DictConfig:
@@ -201,6 +275,11 @@ def check_names(cfg: DictConfig) -> None:
     or of the wrong kind (a malformed schedule, a word for a number), a loss term reading features
     its model does not list, an unusable trainer setting, an unknown export format."""
     import_modules(cfg.imports)
+    missing = sorted(OmegaConf.missing_keys(cfg))  # e.g. teachers.x.epochs=1 for a teacher the experiment lacks
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing; give it a value ({missing[0]}=...)")
+    if cfg.name:
+        check_label("name", cfg.name)
     checks = [("pipeline", PIPELINES, cfg.pipeline), ("data.name", DATASETS, cfg.data.name),
               ("student.name", MODELS, cfg.student.name),
               ("router.name", ROUTERS, cfg.router.name)]

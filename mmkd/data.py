@@ -5,8 +5,11 @@ data set), which lets cached teacher outputs be looked up per instance.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -23,6 +26,105 @@ class DataError(ValueError):
     The message names the file (or data root) and what to do; ``mmkd`` prints it on one line and
     exits with code 2.
     """
+
+
+DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}  # file extension -> field delimiter
+
+
+def delimiter_of(path: str | os.PathLike, delimiter: Optional[str] = None, what: str = "file") -> str:
+    """``delimiter`` if given, else the one of ``path``'s extension (``.csv``: comma; ``.tsv``, ``.tab``:
+    tab); another extension is a :class:`DataError` asking for the delimiter."""
+    if delimiter is not None:
+        if len(delimiter) != 1:
+            raise DataError(f"{path}: the delimiter must be one character, got {delimiter!r}")
+        return delimiter
+    suffix = Path(path).suffix.lower()
+    if suffix not in DELIMITERS:
+        raise DataError(f"{path}: cannot tell the {what}'s delimiter from its extension {suffix or '(none)'!r}; "
+                        f"name it .csv or .tsv, or give the delimiter (e.g. delimiter: ';')")
+    return DELIMITERS[suffix]
+
+
+@dataclass
+class Table:
+    """The cells of a delimited text file: its ``header`` (``None`` without one), its ``rows`` (lists
+    of strings) and the file ``lines`` each row starts on (from 1)."""
+
+    path: Path
+    header: Optional[list[str]]
+    rows: list[list[str]]
+    lines: list[int]
+
+    def column(self, column: str | int, what: str = "column") -> int:
+        """The 0-based index of ``column``: a header name, or an index (an int, or digits without a
+        header); a :class:`DataError` naming the file lists the columns there are."""
+        width = len(self.header) if self.header is not None else max((len(r) for r in self.rows), default=0)
+        if isinstance(column, str) and self.header is not None and column in self.header:
+            return self.header.index(column)
+        if isinstance(column, int) or (self.header is None and str(column).isdigit()):
+            if 0 <= int(column) < width:
+                return int(column)
+            raise DataError(f"{self.path}: no {what} {column} (0-based); it has {width} columns")
+        if self.header is None:
+            raise DataError(f"{self.path}: {what} {column!r} names a column, but the file has no header (header: "
+                            "false); give its 0-based index")
+        raise DataError(f"{self.path}:1: no {what} {column!r}; it has: {', '.join(self.header)}")
+
+    def cell(self, i: int, column: int, name: str) -> str:
+        """Row ``i``'s cell in ``column``; a short row is a :class:`DataError` naming the line and column."""
+        row = self.rows[i]
+        if column >= len(row):
+            raise DataError(f"{self.path}:{self.lines[i]}: no value in column {name!r} (column {column + 1}): the row "
+                            f"has {len(row)} fields{'' if self.header is None else f', the header {len(self.header)}'}")
+        return row[column]
+
+
+def read_table(path: str | os.PathLike, delimiter: Optional[str] = None, header: bool = True,
+               limit: Optional[int] = None) -> Table:
+    """The first ``limit`` data rows (all by default) of the UTF-8 delimited text file ``path``
+    (quoted fields may hold delimiters and line breaks; empty lines are skipped). A missing file, a
+    file that is not UTF-8 or not readable as delimited text is a :class:`DataError` naming the file
+    and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such file {str(path)!r} (a relative path is taken from the data root)")
+    sep = delimiter_of(path, delimiter)
+    rows, lines, names = [], [], None
+    line = 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=sep, strict=True)  # strict: an unclosed quote is an error
+            for row in reader:
+                start, line = line, reader.line_num + 1
+                if not row:
+                    continue
+                if header and names is None:
+                    names = row
+                    continue
+                if limit is not None and len(rows) >= limit:
+                    break
+                rows.append(row)
+                lines.append(start)
+    except UnicodeDecodeError as e:
+        line, byte = _undecodable(path)
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason}, byte {byte:#04x}); save the file as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}:{line}: not readable as {'comma' if sep == ',' else repr(sep)}-delimited text "
+                        f"({e}); a quoted field must end in a quote, and quotes inside it are doubled") from None
+    if header and names is None:
+        raise DataError(f"{path}: the file is empty; expected a header line and rows")
+    return Table(path, names, rows, lines)
+
+
+def _undecodable(path: Path) -> tuple[int, int]:
+    """The first line of ``path`` (from 1) that is not UTF-8, and its first bad byte."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return n, raw[e.start]
+    return 1, 0
 
 
 def hash_tensors(h, tensors: Mapping[str, Tensor]) -> None:
@@ -110,6 +212,9 @@ class DataSplits:
     label_key: str = "label"
     # per input key, the steps that turned raw inputs into the stored ones (see mmkd.preprocess)
     preprocessing: dict[str, list[dict]] = field(default_factory=dict)
+    # per raw text input, the text step that made stored keys from sentences (see mmkd.preprocess):
+    # {"title": {"op": "tokenize", **params, "keys": ["title_input_ids", "title_attention_mask"]}}
+    text_inputs: dict[str, dict] = field(default_factory=dict)
 
     def meta(self) -> dict:
         """JSON-serialisable description (saved in every run directory, read by export).
@@ -120,7 +225,8 @@ class DataSplits:
         """
         return {"num_classes": self.num_classes, "shapes": {k: list(v) for k, v in self.shapes.items()},
                 "class_names": self.class_names, "label_key": self.label_key,
-                "preprocessing": self.preprocessing, "inputs": input_stats(self.train, list(self.shapes))}
+                "preprocessing": self.preprocessing, "text_inputs": self.text_inputs,
+                "inputs": input_stats(self.train, list(self.shapes))}
 
 
 INPUT_SAMPLE = 512  # items of the training split (evenly spaced) that input_stats reads

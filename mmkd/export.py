@@ -191,5 +191,7 @@ def export_student(run_dir: str | os.PathLike, formats: Sequence[str]) -> list[P
     io.write_json({"inputs": {k: meta["shapes"][k] for k in keys},
                    "dtypes": {k: str(x.dtype).removeprefix("torch.") for k, x in zip(keys, example)},
                    "class_names": meta["class_names"], "num_classes": meta["num_classes"], "model": cfg.student.name,
-                   "preprocessing": {k: preprocessing[k] for k in keys if k in preprocessing}}, out / "meta.json")
+                   "preprocessing": {k: preprocessing[k] for k in keys if k in preprocessing},
+                   "text_inputs": {n: s for n, s in (meta.get("text_inputs") or {}).items()
+                                   if set(s.get("keys", [])) & set(keys)}}, out / "meta.json")
     return paths

@@ -84,17 +84,25 @@ register_metric("top5")(lambda num_classes: MulticlassAccuracy(num_classes, top_
 
 
 class MetricSet:
-    """The named metrics of one evaluation, built at the first batch (when the class count is known)."""
+    """The named metrics of an evaluation, built at the first batch (when the class count is known);
+    :meth:`reset` readies them for the next evaluation (cheaper than building them again)."""
 
     def __init__(self, names: Sequence[str], device: torch.device | str = "cpu"):
         self.factories = {name: METRICS[name] for name in names}
         self.device = torch.device(device)
         self.metrics: dict[str, Metric] = {}
+        self.classes: int | None = None
         self.count = 0
 
+    def reset(self) -> None:
+        self.count = 0
+        for m in self.metrics.values():
+            m.reset()
+
     def update(self, logits: Tensor, target: Tensor) -> None:
-        if not self.metrics:
+        if logits.shape[1] != self.classes:  # the first batch, or a data set with another class count
             self.metrics = {n: f(logits.shape[1]).to(self.device) for n, f in self.factories.items()}
+            self.classes = logits.shape[1]
         self.count += len(target)
         for m in self.metrics.values():
             m.update(logits, target)

@@ -6,10 +6,18 @@ A data set describes what it did to each input key as a list of steps in
 The list is saved in the run's ``data.json`` and in the export's ``meta.json``; :func:`apply` runs it
 on new raw inputs (``mmkd predict``). Every step works row by row with stored statistics, so applying
 it to a batch gives the same rows as applying it to the whole set.
+
+Raw text is turned into tensors by a *text step*: a function ``fn(texts: list[str], **params) ->
+dict[str, Tensor]`` registered with :func:`register_text_step` (``tokenize`` in
+:mod:`mmkd.modalities.text`; plug-ins add theirs). A data set records, per raw input name, the step
+that made its stored tensors in :attr:`mmkd.data.DataSplits.text_inputs`, e.g.
+``{"title": {"op": "tokenize", "tokenizer": "minilm", "max_length": 64, "prefix": "title_",
+"keys": ["title_input_ids", "title_attention_mask"]}}``; :func:`apply_text` replays it on new
+sentences (``mmkd predict`` on a text file), and the tensor steps above then run on each produced key.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -41,3 +49,52 @@ def apply(steps: Sequence[Mapping], x: Tensor) -> Tensor:
             raise ValueError(f"preprocessing: unknown op {op!r}; choose from: {', '.join(STEPS)}")
         x = STEPS[op](x, **params)
     return x
+
+
+TextStep = Callable[..., "dict[str, Tensor]"]
+TEXT_STEPS: dict[str, TextStep] = {}
+_F = TypeVar("_F", bound=TextStep)
+
+
+def register_text_step(name: str) -> Callable[[_F], _F]:
+    """Decorator registering ``fn(texts: list[str], **params) -> dict[str, Tensor]`` (one row per text)
+    as the text step ``name``; the params are what a data set records beside ``"op"`` and ``"keys"``
+    in its ``text_inputs``. Registering another function under a taken name is a ``ValueError``."""
+
+    def deco(fn: _F) -> _F:
+        if name in TEXT_STEPS and TEXT_STEPS[name] is not fn:
+            raise ValueError(f"text step {name!r} is already registered")
+        TEXT_STEPS[name] = fn
+        return fn
+
+    return deco
+
+
+def text_step(op: str) -> TextStep:
+    """The text step registered as ``op`` (plug-ins are imported on a miss); a ``ValueError`` lists them."""
+    if op not in TEXT_STEPS:
+        from mmkd.registry import load_plugins
+
+        load_plugins()
+    if op not in TEXT_STEPS:
+        raise ValueError(f"text preprocessing: unknown op {op!r}; choose from: {', '.join(sorted(TEXT_STEPS)) or 'none'}")
+    return TEXT_STEPS[op]
+
+
+def apply_text(step: Mapping, texts: Sequence[str]) -> dict[str, Tensor]:
+    """Run the text step ``step`` (``{"op": name, **params, "keys": [produced keys]}``) on ``texts``.
+
+    Returns the produced tensors, one row per text; with ``keys`` given, exactly those keys in that
+    order (a step that does not produce one of them is a ``ValueError`` naming it).
+    """
+    params = dict(step)
+    op = params.pop("op", None)
+    keys = params.pop("keys", None)
+    out = text_step(op)(list(texts), **params)
+    if keys is None:
+        return dict(out)
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise ValueError(f"text preprocessing: step {op!r} produced {', '.join(out) or 'nothing'}, "
+                         f"not {', '.join(missing)}")
+    return {k: out[k] for k in keys}

@@ -45,8 +45,14 @@ def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir
     return result, trainer.evaluate(module, data.test)
 
 
+def label(cfg: DictConfig) -> str:
+    """The run's name: ``name``, by default the experiment's."""
+    return cfg.get("name") or cfg.experiment
+
+
 def default_run_dir(cfg: DictConfig) -> str:
-    return os.path.join(cfg.out_dir, cfg.experiment, datetime.now().strftime("%Y%m%d-%H%M%S"))
+    """``<out_dir>/<name>/<date-time>`` (``name``: the run's label, by default the experiment's name)."""
+    return os.path.join(cfg.out_dir, label(cfg), datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 class ExportFailed(RuntimeError):
@@ -90,8 +96,12 @@ def start(cfg: DictConfig, meta: dict) -> Path:
 
 
 def finish(cfg: DictConfig, run_dir: Path, results: dict[str, Any], t_start: float, export: bool = True) -> dict:
-    """Write ``results.json`` and ``curves.png``, then export the student (``cfg.export``) and record
-    the files in ``results.json``. A failed export keeps the results and raises :class:`ExportFailed`."""
+    """Write ``results.json`` (the run's ``name`` first) and ``curves.png``, then export the student
+    (``cfg.export``) and record the files in ``results.json``. A failed export keeps the results and
+    raises :class:`ExportFailed`."""
+    named = {"name": label(cfg), **results}  # first in results.json
+    results.clear()
+    results.update(named)
     results["export"] = []
     results["time_s"] = time.perf_counter() - t_start
     io.write_json(results, run_dir / "results.json")

@@ -213,6 +213,7 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.bf16 = precision == "bf16"
+        self._metrics: MetricSet | None = None  # built at the first evaluation, reset for each
 
     def _device(self) -> torch.device:
         name = self.cfg.device
@@ -438,7 +439,10 @@ class Trainer:
         _expect_module(module)
         module.to(self.device).eval()
         shard = list(range(self.rank, len(dataset), self.world))
-        metrics = MetricSet(self.cfg.metrics, self.device)
+        if self._metrics is None:
+            self._metrics = MetricSet(self.cfg.metrics, self.device)
+        metrics = self._metrics
+        metrics.reset()
         for batch in loader(dataset, max(256, self.cfg.batch_size), shard, self.cfg.num_workers):
             batch = to_device(batch, self.device)
             with self._autocast():

@@ -1,7 +1,8 @@
 """Users' own paired data, described by CSV manifests: one row per item, one column per modality.
 
 A manifest names, for every item, an image file (PNG, JPEG, anything Pillow reads), a WAV file, or
-a raw text, one column each, plus a label column. File paths are relative to the CSV's folder. Give
+a raw text, one column each, plus a label column. Manifests are CSV files, or TSV files (``.tsv``,
+``.tab``: tab-separated; or any ``delimiter``). File paths are relative to the CSV's folder. Give
 one CSV per split (``train``, ``val``, ``test``) or one CSV with a split column; a CSV path is
 relative to the data root. Every file is checked before anything is read, so a missing file is
 one error naming it; missing, unreadable or malformed files raise :class:`mmkd.data.DataError`.
@@ -9,7 +10,8 @@ one error naming it; missing, unreadable or malformed files raise :class:`mmkd.d
 Batch keys: an image column ``c`` gives ``c`` (float ``[C, H, W]`` in [0, 1], every image of a column
 the same shape); an audio column ``c`` gives ``c`` (log-mel ``[1, n_mels, frames]`` standardised with
 the training set's statistics, or the waveform ``[1, samples]``); a text column ``c`` gives
-``c_input_ids`` and ``c_attention_mask`` (int64 ``[max_length]``).
+``c_input_ids`` and ``c_attention_mask`` (int64 ``[max_length]``; ``dynamic_padding`` cuts each batch
+to its longest text), and ``mmkd predict`` reads raw text for it (recorded in ``text_inputs``).
 """
 from __future__ import annotations
 
@@ -23,11 +25,11 @@ from torch import Tensor
 
 from mmkd.checks import COUNT, POSITIVE, SEED, Range
 from mmkd.config import ConfigError
-from mmkd.data import DataError, DataSplits, TensorDictDataset, stratified_split
+from mmkd.data import DELIMITERS, DataError, DataSplits, stratified_split
 from mmkd.registry import DATASETS
 
 from . import audio_io
-from .text import tokenize
+from .text import text_dataset, text_input, tokenize
 
 KINDS = ("image", "audio", "text")
 SPLITS = ("train", "val", "test")
@@ -45,14 +47,16 @@ class Row(dict):
         return self.path.parent / self[column]
 
 
-def read_csv(path: Path, needed: list[str]) -> list[Row]:
-    """The rows of the UTF-8 CSV file ``path``; raises :class:`DataError` if it is missing, not UTF-8
-    or not CSV, or lacks a column in ``needed``."""
+def read_csv(path: Path, needed: list[str], delimiter: str | None = None) -> list[Row]:
+    """The rows of the UTF-8 CSV file ``path`` (fields separated by ``delimiter``, by default a tab for
+    ``.tsv`` / ``.tab`` files and a comma for any other); raises :class:`DataError` if it is missing, not
+    UTF-8 or not CSV, or lacks a column in ``needed``."""
     if not path.is_file():
         raise DataError(f"manifest: no such CSV file {str(path)!r} (a relative path is taken from the data root)")
+    delimiter = delimiter or DELIMITERS.get(path.suffix.lower(), ",")
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csvlib.DictReader(f)
+            reader = csvlib.DictReader(f, delimiter=delimiter)
             missing = [c for c in needed if c not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(f"{path}: no column {missing[0]!r}; it has: {', '.join(reader.fieldnames or [])}")
@@ -109,7 +113,8 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
              csv: str | None = None, split_column: str = "split", val_fraction: float = 0.1,
              split_seed: int = 0, sample_rate: int = 16000, seconds: float = 1.0, n_mels: int = 64,
              n_fft: int = 400, hop: int = 160, waveform: bool = False, tokenizer: str = "minilm",
-             max_length: int = 128, convert_audio: bool = False) -> DataSplits:
+             max_length: int = 128, convert_audio: bool = False, delimiter: str | None = None,
+             dynamic_padding: bool = False) -> DataSplits:
     """Paired image / audio / text items listed in CSV manifests.
 
     Args:
@@ -127,20 +132,25 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
         tokenizer, max_length: for text columns (see :func:`mmkd.modalities.text.tokenize`).
         convert_audio: resample WAV files at another rate than ``sample_rate`` and average
             multi-channel ones to mono (logged), instead of raising an error naming the file.
+        delimiter: the manifests' field separator (default: tab for ``.tsv`` / ``.tab``, else comma).
+        dynamic_padding: cut the token ids and masks of each batch to its longest text
+            (:class:`mmkd.modalities.text.TextDataset`).
     """
+    if delimiter is not None and len(delimiter) != 1:
+        raise ConfigError(f"data.args.delimiter: give one character, got {delimiter!r}")
     if not columns or any(k not in KINDS for k in columns.values()):
         raise ConfigError(f"data.args.columns: map each input column to one of {', '.join(KINDS)}; got {columns!r}")
     root = Path(root)
     needed = [*columns, label]
     if csv is not None:
-        rows = read_csv(root / csv, [*needed, split_column])
+        rows = read_csv(root / csv, [*needed, split_column], delimiter)
         bad = next((r for r in rows if r[split_column] not in SPLITS), None)
         if bad is not None:
             raise DataError(f"{bad.path}:{bad.line}: {split_column} is {bad[split_column]!r}; "
                             f"expected one of {', '.join(SPLITS)}")
         parts = {s: [r for r in rows if r[split_column] == s] for s in SPLITS}
     elif train is not None and test is not None:
-        parts = {s: read_csv(root / p, needed) for s, p in (("train", train), ("val", val), ("test", test)) if p}
+        parts = {s: read_csv(root / p, needed, delimiter) for s, p in (("train", train), ("val", val), ("test", test)) if p}
     else:
         raise ConfigError("data.args: give the manifest's train and test CSV files (and optionally val), "
                           "or csv with a split column")
@@ -163,7 +173,7 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
                                     "(paths are relative to the CSV's folder)")
 
     tensors: dict[str, dict[str, Tensor]] = {s: {} for s in SPLITS}
-    shapes, preprocessing = {}, {}
+    shapes, preprocessing, text_inputs = {}, {}, {}
     for c, kind in columns.items():
         if kind == "image":
             for s in SPLITS:
@@ -189,5 +199,7 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
                 tensors[s][f"{c}_input_ids"] = tokens["input_ids"]
                 tensors[s][f"{c}_attention_mask"] = tokens["attention_mask"]
             shapes[f"{c}_input_ids"] = shapes[f"{c}_attention_mask"] = (max_length,)
-    sets = [TensorDictDataset(f"manifest/{s}", **tensors[s], label=labels[s]) for s in SPLITS]
-    return DataSplits(*sets, num_classes=len(names), shapes=shapes, class_names=names, preprocessing=preprocessing)
+            text_inputs[c] = text_input(f"{c}_", tokenizer, max_length)
+    sets = [text_dataset(f"manifest/{s}", dynamic_padding, **tensors[s], label=labels[s]) for s in SPLITS]
+    return DataSplits(*sets, num_classes=len(names), shapes=shapes, class_names=names, preprocessing=preprocessing,
+                      text_inputs=text_inputs)

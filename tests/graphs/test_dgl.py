@@ -31,7 +31,7 @@ def tiny_dgl(dgl, n: int = 6):
     dst = torch.tensor([b for a, b in pairs] + [a for a, b in pairs])
     perm = torch.randperm(len(src), generator=torch.Generator().manual_seed(0))
     g = dgl.graph((src[perm], dst[perm]), num_nodes=n)
-    g.ndata["feat"] = torch.randn(n, 3, generator=torch.Generator().manual_seed(1))
+    g.ndata["feat"] = torch.rand(n, 3, generator=torch.Generator().manual_seed(1))  # counts-like: row-normalised
     g.ndata["label"] = torch.tensor([0, 1, 0, 1, 0, 1])
     g.ndata["train_mask"] = torch.tensor([1, 1, 0, 0, 0, 0]).bool()
     g.ndata["val_mask"] = torch.tensor([0, 0, 1, 1, 0, 0]).bool()

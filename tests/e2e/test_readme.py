@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_python_blocks_run():
@@ -24,6 +24,14 @@ def test_readme_python_blocks_run():
     from mmkd.registry import CALLBACKS, TRANSFORMS
 
     assert CALLBACKS["best_so_far"] is scope["BestSoFar"]
+    from mmkd.registry import POLICIES
+
+    class At:  # the trainer attributes a policy reads
+        epoch = 0
+    full = scope["data"].train
+    assert len(POLICIES["warm_half"]().select(At, None, full)) == len(full) // 2
+    At.epoch = 1
+    assert POLICIES["warm_half"]().select(At, None, full) is full
     jitter, image = TRANSFORMS["jitter"](sigma=0.5), torch.zeros(64, 1, 8, 8)
     torch.manual_seed(0)
     moved = jitter({"image": image}, None, [])["image"]

@@ -57,7 +57,7 @@ def wave(n, g):
 
 # family -> (args, items, formats): torch.export for all; ONNX (about 3 s an export, whatever the model)
 # for the multi-input ones, text among them (the MLP, CNN and dual-head ONNX exports are covered in
-# test_cli, test_deploy and test_dual_head)
+# test_cli.py, test_deploy.py and tests/methods/test_dual_head.py)
 FAMILIES = {
     "mlp": ({"hidden": [8]}, image((1, 8, 8)), ["pt2"]),
     "cnn": ({"channels": [4, 8]}, image((1, 8, 8)), ["pt2"]),
@@ -233,6 +233,19 @@ def test_run_directory_without_dtypes_exports_floats_and_text_fails_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith("mmkd: error: run_dir: ") and "records no input dtypes" in err and "data.json" in err
     assert err.count("\n") == 1 and not (tmp_path / "text/export/student.pt2").exists()
+
+
+def test_onnx_check_is_absolute_for_small_logits_and_relative_for_large(tmp_path):
+    from mmkd.export import export_onnx, onnx_max_diff
+
+    x = torch.eye(3)
+    for scale, shift, want in ((0.1, 0.5, 0.5), (100.0, 0.5, 0.5 / 100.5)):
+        model = torch.nn.Linear(3, 2, bias=False)
+        torch.nn.init.constant_(model.weight, scale)  # logits all equal to scale
+        path = export_onnx(model, (x,), tmp_path / f"m{scale}.onnx", ["x"])
+        with torch.no_grad():
+            model.weight += shift  # the exported file now lags PyTorch by exactly `shift`
+        assert onnx_max_diff(path, model, (x,), ["x"]) == pytest.approx(want, rel=1e-5)
 
 
 class NaNModel(torch.nn.Module):

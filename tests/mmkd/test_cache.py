@@ -82,6 +82,17 @@ def test_second_call_reuses_the_file_without_teacher_forward(tmp_path, monkeypat
     assert sorted(tmp_path.iterdir()) == sorted([first.path, mmkd.io.index_path(first.path)])
 
 
+def test_hits_and_misses_are_logged(tmp_path, caplog):
+    ds, teacher = make_data(), make_teacher()
+    with caplog.at_level("INFO", logger="mmkd"):
+        first = cache_teacher(teacher, ds, tmp_path)
+        cache_teacher(teacher, ds, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "teacher cache" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("teacher cache miss: computing ") and str(first.path) in lines[0]
+    assert lines[1] == f"teacher cache hit: {first.path} ({len(ds)} items of {ds.name})"
+
+
 def test_changing_one_teacher_weight_invalidates(tmp_path):
     ds, teacher = make_data(), make_teacher()
     counter = Counter(teacher.model)

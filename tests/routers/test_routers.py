@@ -1,5 +1,6 @@
-"""Learned routers, routing helpers, load-balancing losses, the Distiller's router losses, the run's
-router factory arguments, config ``imports`` and the custom-router example."""
+"""The constant and confidence routers, learned routers, routing helpers, load-balancing losses, the
+Distiller's router losses, the run's router factory arguments, config ``imports`` and the custom-router
+example."""
 from __future__ import annotations
 
 import copy
@@ -14,10 +15,10 @@ from torch import nn
 
 from mmkd import Distiller, Net, Output, Teacher, Term
 from mmkd.config import ConfigError
-from mmkd.routers import (LinearRouter, MLPRouter, NoisyTopKRouter, Router, cv_balance, hard_top_k, kl_balance,
-                          top_k_gates, top_k_mask)
+from mmkd.routers import (ConfidenceRouter, ConstantRouter, LinearRouter, MLPRouter, NoisyTopKRouter, Router,
+                          cv_balance, hard_top_k, kl_balance, top_k_gates, top_k_mask)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 B, C, T = 6, 4, 3
 
 
@@ -40,6 +41,87 @@ def batch():
 def mixture(router, terms=None, student=None):
     return Distiller(student or passthrough("s"), [passthrough(f"t{i}", Teacher) for i in range(T)],
                      terms or [Term("kd")], router)
+
+
+# ---------------------------------------------------------------- parameter-free routers
+def ref_kd(s, t, T=4.0):
+    """Per-instance T^2 KL(softmax(t/T) || softmax(s/T)), in float64 with python loops."""
+    out = []
+    for srow, trow in zip(s.double().tolist(), t.double().tolist()):
+        ps = [math.exp(v / T) for v in srow]
+        pt = [math.exp(v / T) for v in trow]
+        zs, zt = sum(ps), sum(pt)
+        out.append(T * T * sum((b / zt) * math.log((b / zt) / (a / zs)) for a, b in zip(ps, pt)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def outs(*logits):
+    from mmkd.net import Output
+
+    return [Output(torch.as_tensor(l, dtype=torch.float32)) for l in logits]
+
+
+def test_constant_router():
+    s = outs(torch.zeros(3, C))[0]
+    w = ConstantRouter([1, 3])(s, outs(torch.zeros(3, C), torch.zeros(3, C)), {})
+    assert w.shape == (3, 2)
+    torch.testing.assert_close(w, torch.tensor([[0.25, 0.75]] * 3))
+    w = ConstantRouter()(s, outs(*[torch.zeros(3, C)] * 4), {})
+    torch.testing.assert_close(w, torch.full((3, 4), 0.25))
+    w = ConstantRouter([0, 2])(s, outs(torch.zeros(3, C), torch.zeros(3, C)), {})
+    torch.testing.assert_close(w, torch.tensor([[0.0, 1.0]] * 3))
+    for bad in ([-1, 2], [0, 0], [[1, 2]]):
+        with pytest.raises(ValueError):
+            ConstantRouter(bad)
+    with pytest.raises(ValueError, match="3 teachers"):
+        ConstantRouter([1, 1])(s, outs(*[torch.zeros(3, C)] * 3), {})
+
+
+# two teachers, two instances; probabilities chosen by hand
+P1 = [[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]]
+P2 = [[0.4, 0.4, 0.2], [0.1, 0.8, 0.1]]
+
+
+def conf_outputs():
+    return outs(torch.tensor(P1).log() + 3.0, torch.tensor(P2).log() - 1.0)  # shifts do not matter
+
+
+@pytest.mark.parametrize("by,tau,expect", [
+    ("max", 1.0, [[0.7 / 1.1, 0.4 / 1.1], [0.5 / 1.3, 0.8 / 1.3]]),
+    ("max", 0.5, [[0.49 / 0.65, 0.16 / 0.65], [0.25 / 0.89, 0.64 / 0.89]]),
+    ("target", 1.0, [[0.2 / 0.6, 0.4 / 0.6], [0.5 / 0.6, 0.1 / 0.6]]),  # labels 1, 0
+    ("target", 2.0, [[math.sqrt(.2) / (math.sqrt(.2) + math.sqrt(.4)), math.sqrt(.4) / (math.sqrt(.2) + math.sqrt(.4))],
+                     [math.sqrt(.5) / (math.sqrt(.5) + math.sqrt(.1)), math.sqrt(.1) / (math.sqrt(.5) + math.sqrt(.1))]]),
+])
+def test_confidence_router_hand_values(by, tau, expect):
+    t = conf_outputs()
+    w = ConfidenceRouter(by=by, temperature=tau)(outs(torch.zeros(2, 3))[0], t, {"label": torch.tensor([1, 0])})
+    assert w.shape == (2, 2)
+    torch.testing.assert_close(w, torch.tensor(expect), rtol=1e-5, atol=1e-6)
+
+
+def test_confidence_router_temperature_limits_and_errors():
+    t, s, b = conf_outputs(), outs(torch.zeros(2, 3))[0], {"label": torch.tensor([1, 0])}
+    torch.testing.assert_close(ConfidenceRouter("max", 1e-3)(s, t, b), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(ConfidenceRouter("target", 1e-3)(s, t, b), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    torch.testing.assert_close(ConfidenceRouter("max", 1e5)(s, t, b), torch.full((2, 2), 0.5), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError):
+        ConfidenceRouter(temperature=0.0)
+    with pytest.raises(ValueError):
+        ConfidenceRouter(by="entropy")
+
+
+def test_confidence_router_in_distiller_uses_the_label_key():
+    g = torch.Generator().manual_seed(1)
+    batch = {"s": torch.randn(2, 3, generator=g), "t1": torch.tensor(P1).log(), "t2": torch.tensor(P2).log(),
+             "y": torch.tensor([1, 0])}
+    d = Distiller(passthrough("s"), [passthrough("t1", Teacher), passthrough("t2", Teacher)],
+                  [Term("kd", args={"temperature": 1.0})], router=ConfidenceRouter("target", label_key="y"),
+                  label_key="y")
+    w = torch.tensor([[1 / 3, 2 / 3], [5 / 6, 1 / 6]], dtype=torch.float64)
+    k1, k2 = ref_kd(batch["s"], batch["t1"], 1.0), ref_kd(batch["s"], batch["t2"], 1.0)
+    expect = (w[:, 0] * k1 + w[:, 1] * k2).mean().item()
+    assert d(batch)["kd"].item() == pytest.approx(expect, rel=1e-5)
 
 
 # ---------------------------------------------------------------- helpers, by hand

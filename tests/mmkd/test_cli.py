@@ -34,7 +34,8 @@ def test_list(capsys):
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
     assert set(lines) == {"losses", "routers", "models", "datasets", "pipelines", "transforms", "policies",
                           "callbacks", "metrics", "experiments"}
-    assert lines["transforms"] == "mixup" and lines["policies"] == "hardest"
+    # membership, not equality: tests that run earlier (tests/e2e/test_readme.py) register more
+    assert "mixup" in lines["transforms"].split(", ") and "hardest" in lines["policies"].split(", ")
     assert {"acc", "loss", "f1", "auroc", "top5"} <= set(lines["metrics"].split(", "))
     assert {"distill", "mst_stage1", "mst_stage2", "mst_stage3"} <= set(lines["pipelines"].split(", "))
     assert {"ce", "kd", "dkd", "nkd", "dist", "pld", "sinkd"} <= set(lines["losses"].split(", "))

@@ -1,5 +1,6 @@
-"""Tests for the mixture-of-teachers core (Distiller), the routers, and Net/Teacher."""
-import copy
+"""Tests for the mixture-of-teachers core (Distiller): router-weighted mixtures of loss terms, its errors,
+feature terms with adapters and batch-reading losses. The routers are tested in tests/routers/, Net and
+Teacher in test_net.py."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from mmkd import Distiller, Net, Teacher, Term
 from mmkd.losses import dist as dist_loss
 from mmkd.losses import kd as kd_loss
-from mmkd.routers import ConfidenceRouter, ConstantRouter, Router
+from mmkd.routers import ConstantRouter, Router
 
 B, C = 5, 4
 
@@ -155,163 +156,6 @@ def test_distiller_errors():
         Distiller(passthrough("s"), [], [Term("ce"), Term("kd")])
     with pytest.raises(ValueError, match="at least one loss term"):
         Distiller(passthrough("s"), [], [])
-
-
-# ---------------------------------------------------------------- routers
-def outs(*logits):
-    from mmkd.net import Output
-
-    return [Output(torch.as_tensor(l, dtype=torch.float32)) for l in logits]
-
-
-def test_constant_router():
-    s = outs(torch.zeros(3, C))[0]
-    w = ConstantRouter([1, 3])(s, outs(torch.zeros(3, C), torch.zeros(3, C)), {})
-    assert w.shape == (3, 2)
-    torch.testing.assert_close(w, torch.tensor([[0.25, 0.75]] * 3))
-    w = ConstantRouter()(s, outs(*[torch.zeros(3, C)] * 4), {})
-    torch.testing.assert_close(w, torch.full((3, 4), 0.25))
-    w = ConstantRouter([0, 2])(s, outs(torch.zeros(3, C), torch.zeros(3, C)), {})
-    torch.testing.assert_close(w, torch.tensor([[0.0, 1.0]] * 3))
-    for bad in ([-1, 2], [0, 0], [[1, 2]]):
-        with pytest.raises(ValueError):
-            ConstantRouter(bad)
-    with pytest.raises(ValueError, match="3 teachers"):
-        ConstantRouter([1, 1])(s, outs(*[torch.zeros(3, C)] * 3), {})
-
-
-# two teachers, two instances; probabilities chosen by hand
-P1 = [[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]]
-P2 = [[0.4, 0.4, 0.2], [0.1, 0.8, 0.1]]
-
-
-def conf_outputs():
-    return outs(torch.tensor(P1).log() + 3.0, torch.tensor(P2).log() - 1.0)  # shifts do not matter
-
-
-@pytest.mark.parametrize("by,tau,expect", [
-    ("max", 1.0, [[0.7 / 1.1, 0.4 / 1.1], [0.5 / 1.3, 0.8 / 1.3]]),
-    ("max", 0.5, [[0.49 / 0.65, 0.16 / 0.65], [0.25 / 0.89, 0.64 / 0.89]]),
-    ("target", 1.0, [[0.2 / 0.6, 0.4 / 0.6], [0.5 / 0.6, 0.1 / 0.6]]),  # labels 1, 0
-    ("target", 2.0, [[math.sqrt(.2) / (math.sqrt(.2) + math.sqrt(.4)), math.sqrt(.4) / (math.sqrt(.2) + math.sqrt(.4))],
-                     [math.sqrt(.5) / (math.sqrt(.5) + math.sqrt(.1)), math.sqrt(.1) / (math.sqrt(.5) + math.sqrt(.1))]]),
-])
-def test_confidence_router_hand_values(by, tau, expect):
-    t = conf_outputs()
-    w = ConfidenceRouter(by=by, temperature=tau)(outs(torch.zeros(2, 3))[0], t, {"label": torch.tensor([1, 0])})
-    assert w.shape == (2, 2)
-    torch.testing.assert_close(w, torch.tensor(expect), rtol=1e-5, atol=1e-6)
-
-
-def test_confidence_router_temperature_limits_and_errors():
-    t, s, b = conf_outputs(), outs(torch.zeros(2, 3))[0], {"label": torch.tensor([1, 0])}
-    torch.testing.assert_close(ConfidenceRouter("max", 1e-3)(s, t, b), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    torch.testing.assert_close(ConfidenceRouter("target", 1e-3)(s, t, b), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
-    torch.testing.assert_close(ConfidenceRouter("max", 1e5)(s, t, b), torch.full((2, 2), 0.5), rtol=0, atol=1e-4)
-    with pytest.raises(ValueError):
-        ConfidenceRouter(temperature=0.0)
-    with pytest.raises(ValueError):
-        ConfidenceRouter(by="entropy")
-
-
-def test_confidence_router_in_distiller_uses_the_label_key():
-    g = torch.Generator().manual_seed(1)
-    batch = {"s": torch.randn(2, 3, generator=g), "t1": torch.tensor(P1).log(), "t2": torch.tensor(P2).log(),
-             "y": torch.tensor([1, 0])}
-    d = Distiller(passthrough("s"), [passthrough("t1", Teacher), passthrough("t2", Teacher)],
-                  [Term("kd", args={"temperature": 1.0})], router=ConfidenceRouter("target", label_key="y"),
-                  label_key="y")
-    w = torch.tensor([[1 / 3, 2 / 3], [5 / 6, 1 / 6]], dtype=torch.float64)
-    k1, k2 = ref_kd(batch["s"], batch["t1"], 1.0), ref_kd(batch["s"], batch["t2"], 1.0)
-    expect = (w[:, 0] * k1 + w[:, 1] * k2).mean().item()
-    assert d(batch)["kd"].item() == pytest.approx(expect, rel=1e-5)
-
-
-# ---------------------------------------------------------------- Net / Teacher
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.block = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
-        self.head = nn.Linear(5 + 2, C)
-
-    def forward(self, a, b):
-        return self.head(torch.cat([self.block(a), b], 1))
-
-
-def two_input_batch():
-    g = torch.Generator().manual_seed(0)
-    return {"a": torch.randn(B, 3, generator=g), "b": torch.randn(B, 2, generator=g), "label": torch.zeros(B)}
-
-
-def test_net_features_by_module_path():
-    torch.manual_seed(0)
-    m = Model()
-    net = Net(m, keys=("a", "b"), features=("block.0", "block", "head"))
-    batch = two_input_batch()
-    out = net(batch)
-    pre = batch["a"] @ m.block[0].weight.T + m.block[0].bias
-    logits = torch.cat([pre.relu(), batch["b"]], 1) @ m.head.weight.T + m.head.bias
-    assert list(out.features) == ["block.0", "block", "head"]
-    torch.testing.assert_close(out.features["block.0"], pre)
-    torch.testing.assert_close(out.features["block"], pre.relu())
-    torch.testing.assert_close(out.features["head"], logits)
-    torch.testing.assert_close(out.logits, logits)
-    assert (pre < 0).any()  # so block.0 and block really differ
-    assert not m._forward_hooks and not m.block[0]._forward_hooks  # hooks removed after the call
-
-
-def test_net_errors_early():
-    with pytest.raises(AttributeError):
-        Net(Model(), keys=("a", "b"), features=("block.7",))
-    with pytest.raises(AttributeError):
-        Net(Model(), keys=("a", "b"), features=("body",))
-    net = Net(Model(), keys=("a", "missing"))
-    with pytest.raises(KeyError, match="missing.*a, b, label"):
-        net(two_input_batch())
-
-
-def test_deepcopy_of_net_records_its_own_features():
-    torch.manual_seed(0)
-    net = Net(Model(), keys=("a", "b"), features=("block",))
-    twin = copy.deepcopy(net)
-    with torch.no_grad():
-        twin.model.block[0].weight.mul_(-1.0)
-    batch = two_input_batch()
-    mine, theirs = net(batch), twin(batch)
-    torch.testing.assert_close(mine.features["block"], net.model.block(batch["a"]))
-    torch.testing.assert_close(theirs.features["block"], twin.model.block(batch["a"]))
-    assert not torch.equal(mine.features["block"], theirs.features["block"])
-
-
-def test_frozen_teacher_stays_frozen():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, C))
-    teacher = Teacher(m, keys=("a",))
-    teacher.train()
-    assert not any(mod.training for mod in teacher.modules())
-    assert not any(p.requires_grad for p in teacher.parameters())
-    x = torch.randn(B, 3, requires_grad=True)
-    out1, out2 = teacher({"a": x}), teacher({"a": x})
-    assert not out1.logits.requires_grad
-    assert torch.equal(out1.logits, out2.logits)  # dropout off, BN uses running stats
-    assert torch.equal(m[2].running_mean, torch.zeros(8))  # running stats not updated
-
-    # inside a Distiller being trained, the student trains and the frozen teacher does not
-    student = Net(nn.Sequential(nn.Linear(3, C), nn.Dropout(0.1)), keys=("a",))
-    d = Distiller(student, [teacher], [Term("kd")], router=ConstantRouter())
-    d.train()
-    assert student.training and student.model[1].training
-    assert not any(mod.training for mod in teacher.modules())
-
-
-def test_cotrained_teacher_trains_and_gets_gradient():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(3, C), nn.Dropout(0.5))
-    teacher = Teacher(m, keys=("a",), frozen=False)
-    teacher.train()
-    assert m[1].training and all(p.requires_grad for p in teacher.parameters())
-    teacher({"a": torch.randn(B, 3)}).logits.sum().backward()
-    assert m[0].weight.grad is not None and m[0].weight.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------ feature terms, adapters, batch-reading losses

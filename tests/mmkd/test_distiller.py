@@ -1,8 +1,6 @@
 """Tests for the mixture-of-teachers core (Distiller): router-weighted mixtures of loss terms, its errors,
 feature terms with adapters and batch-reading losses. The routers are tested in tests/routers/, Net and
 Teacher in test_net.py."""
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -11,19 +9,9 @@ from mmkd import Distiller, Net, Teacher, Term
 from mmkd.losses import dist as dist_loss
 from mmkd.losses import kd as kd_loss
 from mmkd.routers import ConstantRouter, Router
+from tests.reference import ref_kd
 
 B, C = 5, 4
-
-
-def ref_kd(s, t, T=4.0):
-    """Per-instance T^2 KL(softmax(t/T) || softmax(s/T)), in float64 with python loops."""
-    out = []
-    for srow, trow in zip(s.double().tolist(), t.double().tolist()):
-        ps = [math.exp(v / T) for v in srow]
-        pt = [math.exp(v / T) for v in trow]
-        zs, zt = sum(ps), sum(pt)
-        out.append(T * T * sum((b / zt) * math.log((b / zt) / (a / zs)) for a, b in zip(ps, pt)))
-    return torch.tensor(out, dtype=torch.float64)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from mmkd import Distiller, Net, Output, Teacher, Term
 from mmkd.config import ConfigError
 from mmkd.routers import (ConfidenceRouter, ConstantRouter, LinearRouter, MLPRouter, NoisyTopKRouter, Router,
                           cv_balance, hard_top_k, kl_balance, top_k_gates, top_k_mask)
+from tests.reference import ref_kd
 
 REPO = Path(__file__).resolve().parents[2]
 B, C, T = 6, 4, 3
@@ -44,17 +45,6 @@ def mixture(router, terms=None, student=None):
 
 
 # ---------------------------------------------------------------- parameter-free routers
-def ref_kd(s, t, T=4.0):
-    """Per-instance T^2 KL(softmax(t/T) || softmax(s/T)), in float64 with python loops."""
-    out = []
-    for srow, trow in zip(s.double().tolist(), t.double().tolist()):
-        ps = [math.exp(v / T) for v in srow]
-        pt = [math.exp(v / T) for v in trow]
-        zs, zt = sum(ps), sum(pt)
-        out.append(T * T * sum((b / zt) * math.log((b / zt) / (a / zs)) for a, b in zip(ps, pt)))
-    return torch.tensor(out, dtype=torch.float64)
-
-
 def outs(*logits):
     from mmkd.net import Output
 

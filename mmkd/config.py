@@ -286,6 +286,9 @@ def check_names(cfg: DictConfig) -> None:
     checks += [(f"teachers.{k}.name", MODELS, t.name) for k, t in cfg.teachers.items()]
     checks += [(f"losses.{k}.loss", LOSSES, t.loss or k) for k, t in cfg.losses.items()]
     plugins = [(f"{key}[{i}]", registry, p) for key, registry in PLUGINS.items() for i, p in enumerate(cfg[key])]
+    if plugins and cfg.pipeline != "distill":  # the other pipelines build their stages themselves
+        raise ConfigError(f"{plugins[0][0]}: transforms, policies and callbacks apply to the distill pipeline's "
+                          f"student stage; pipeline {cfg.pipeline!r} does not take them: remove them")
     checks += [(f"{where}.name", registry, p.name) for where, registry, p in plugins]
     for key, registry, name in checks:
         if name not in registry:

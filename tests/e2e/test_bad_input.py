@@ -80,6 +80,8 @@ CASES = [
     ("transforms=[{name:mixup,args:{alpha:-1}}]", "transforms[0].args.alpha=-1; it must be a number > 0"),
     ("transforms=[{name:mixup,args:{beta:1}}]", "transforms[0].args: Mixup.__init__() got an unexpected keyword argument 'beta'"),
     ("policies=[{name:hardest,args:{fraction:2}}]", "policies[0].args.fraction=2; it must be a number in (0, 1]"),
+    ("pipeline=mst_stage1 callbacks=[{name:grad_norm}]",
+     "callbacks[0]: transforms, policies and callbacks apply to the distill pipeline's student stage"),
     ("callbacks=[{name:nope}]", "callbacks[0].name: unknown callback 'nope'; choose from: grad_norm"),
     ("seed=99999999999999999999999", "seed=99999999999999999999999; it must be an integer in [0, 9223372036854775807]"),
     ("seed=-1", "seed=-1; it must be an integer in [0, "),

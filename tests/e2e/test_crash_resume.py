@@ -178,16 +178,26 @@ def test_second_writer_is_refused_naming_the_holder_and_kill_9_releases(tmp_path
 
 
 def test_two_runs_at_once_one_wins(tmp_path):
-    """Two real runs on one run directory with different seeds: one trains, the other is refused,
-    and results.json is the winner's alone."""
+    """Two real runs started at once on one run directory with different seeds: one trains, the
+    other is refused, and results.json is the winner's alone. The first to take the lock is paused
+    (SIGSTOP) until the other has exited, so a short run cannot finish before its rival even starts."""
     procs = {s: mmkd("run", "run_dir=r", *RUN, f"seed={s}", "trainer.max_epochs=3", "teachers.cnn.epochs=2",
                      "baseline=false", cwd=tmp_path) for s in (1, 2)}
-    codes = {s: (p.wait(timeout=300), p.stderr.read()) for s, p in procs.items()}
-    assert sorted(c for c, _ in codes.values()) == [0, 2], codes
-    loser = next(s for s, (c, _) in codes.items() if c == 2)
-    assert "is in use by another mmkd run (pid " in codes[loser][1]
+    lock, deadline = tmp_path / "r" / ".lock", time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text().strip()):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), "no run took the lock"
+        time.sleep(0.005)
+    winner = next(s for s, p in procs.items() if p.pid == int(lock.read_text()))
+    os.kill(procs[winner].pid, signal.SIGSTOP)
+    try:
+        loser = 3 - winner
+        code, err = procs[loser].wait(timeout=300), procs[loser].stderr.read()
+    finally:
+        os.kill(procs[winner].pid, signal.SIGCONT)
+    assert code == 2 and f"is in use by another mmkd run (pid {procs[winner].pid})" in err, err
+    assert procs[winner].wait(timeout=300) == 0, procs[winner].stderr.read()
     results = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert results["seed"] == 3 - loser
+    assert results["seed"] == winner
 
 
 # ---------------------------------------------------------------- a full disk

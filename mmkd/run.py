@@ -40,7 +40,8 @@ def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir
     """Train ``module`` as stage ``name`` (in ``run_dir/name``, with ``callbacks``) and evaluate it on
     the test split."""
     log.info("stage %s", name)
-    trainer = Trainer(trainer_config(cfg, epochs, lr), run_dir / name, resume=cfg.resume, stage=name)
+    trainer = Trainer(trainer_config(cfg, epochs, lr), run_dir / name, resume=cfg.resume, stage=name,
+                      cache_dir=cache_path(cfg))
     result = trainer.fit(module, data.train, data.val, callbacks)
     return result, trainer.evaluate(module, data.test)
 

@@ -187,6 +187,8 @@ class Trainer:
     those of an uninterrupted run with the same seed. Launched with ``torchrun`` it trains with DDP:
     a ``DistributedSampler`` shards the data and only rank 0 writes files. A non-finite loss stops
     training with :class:`NonFiniteLoss`, one line naming ``stage`` (default: ``run_dir``).
+    ``cache_dir`` is a folder that callbacks may keep computed values in across fits (a frozen
+    encoder's embeddings); ``None`` keeps them in memory only.
 
     The loop itself is short: what happens around it is done by :mod:`~mmkd.callbacks` (the module's
     own, those given to :meth:`fit`, then model checkpointing, early stopping, logging and the
@@ -194,7 +196,8 @@ class Trainer:
     """
 
     def __init__(self, config: TrainerConfig | None = None, run_dir: str | os.PathLike = "run",
-                 resume: bool = False, stage: str | None = None, **overrides: Any):
+                 resume: bool = False, stage: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 **overrides: Any):
         self.cfg = config or TrainerConfig()
         for k, v in overrides.items():
             if not hasattr(self.cfg, k):
@@ -204,6 +207,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.stage = stage or str(self.run_dir)  # names the run's stage in errors (teachers/cnn, student, ...)
         self.resume = resume
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None  # for callbacks' caches on disk
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = self._device()
         if self.world > 1 and not dist.is_initialized():

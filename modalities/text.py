@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +46,8 @@ from mmkd.registry import MODELS
 
 MINILM = "minilm"
 IDS, MASK = "input_ids", "attention_mask"
+
+log = logging.getLogger("mmkd")
 
 
 def minilm_dir() -> Path:
@@ -250,15 +253,29 @@ class EmbeddingCache:
     ``stamp`` identifies the encoder weights the entries were computed with (each tensor's identity,
     storage and in-place version counter, which ``load_state_dict``, an optimizer step or ``.to()``
     change); an encoder whose stamp differs clears the table. ``hits`` and ``misses`` count rows.
+
+    On disk: with a folder ``root`` (:meth:`open`), a new stamp loads the entries stored for the
+    encoder's contents (``<root>/<hash>.pt``, the hash over its module tree, its weights and ``tag``),
+    and :meth:`save` writes the table back when it grew, so a later fit (another run, another seed)
+    computes no embedding it has seen. Files are written and checked like the teacher cache's
+    (:func:`mmkd.io.save_checked`); a damaged one is rebuilt with a warning.
     """
 
     def __init__(self):
         self.table: dict[bytes, Tensor] = {}
         self.stamp: tuple | None = None
         self.hits = self.misses = 0
+        self.root: Path | None = None
+        self.tag, self.path, self.stored = "", None, 0
+
+    def open(self, root: str | os.PathLike | None, tag: str = "") -> None:
+        """Back the table with files under ``root`` (``None``: memory only); ``tag`` names what else
+        the embeddings depend on (the pooling)."""
+        self.clear()
+        self.root, self.tag = (Path(root) if root is not None else None), tag
 
     def clear(self) -> None:
-        self.table, self.stamp = {}, None
+        self.table, self.stamp, self.path, self.stored = {}, None, None, 0
 
     def __len__(self) -> int:
         return len(self.table)
@@ -275,12 +292,45 @@ class EmbeddingCache:
         ids_np, mask_np = ids.numpy(), mask.numpy()
         return [ids_np[i, :n].tobytes() + mask_np[i, :n].tobytes() for i, n in enumerate(lengths)]
 
+    def _load(self, encoder: nn.Module) -> None:
+        from mmkd import io
+        from mmkd.data import hash_tensors
+
+        h = hashlib.sha256(f"{type(encoder).__qualname__}|{encoder!r}|{self.tag}".encode())
+        hash_tensors(h, encoder.state_dict())
+        self.path = self.root / f"{h.hexdigest()[:24]}.pt"
+        stored = io.load_checked(self.path, log)
+        if stored is None:
+            log.info("feature cache miss: no stored embeddings of %s in %s", type(encoder).__name__, self.path)
+            return
+        keys, offsets, values = stored["keys"].numpy().tobytes(), stored["offsets"].tolist(), stored["values"]
+        device = next(itertools.chain(encoder.parameters(), encoder.buffers())).device
+        self.table = dict(zip((keys[a:b] for a, b in zip(offsets, offsets[1:])), values.to(device).unbind()))
+        self.stored = len(self.table)
+        log.info("feature cache hit: %d stored embeddings from %s", self.stored, self.path)
+
+    def save(self) -> None:
+        """Write the table to its file if it holds entries the file lacks (a no-op without a root)."""
+        if self.path is None or len(self.table) <= self.stored:
+            return
+        from mmkd import io
+
+        keys = list(self.table)
+        offsets = torch.tensor([0, *itertools.accumulate(map(len, keys))], dtype=torch.int64)
+        blob = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8) if offsets[-1] else torch.zeros(0, dtype=torch.uint8)
+        values = torch.stack([self.table[k] for k in keys]).float().cpu()
+        io.save_checked({"keys": blob, "offsets": offsets, "values": values}, self.path)
+        log.info("feature cache: wrote %d embeddings (%d new) to %s", len(keys), len(keys) - self.stored, self.path)
+        self.stored = len(keys)
+
     def __call__(self, encoder: nn.Module, embed, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The embeddings of the rows of ``input_ids`` / ``attention_mask``; rows not in the table are
         computed by ``embed(ids, mask)`` (without gradient) and stored."""
         stamp = self.weights_stamp(encoder)
         if stamp != self.stamp:
-            self.table, self.stamp = {}, stamp
+            self.table, self.stamp, self.path, self.stored = {}, stamp, None, 0
+            if self.root is not None:
+                self._load(encoder)
         keys = self.row_keys(input_ids, attention_mask)
         first = {}  # each missing key -> its first row
         for i, k in enumerate(keys):
@@ -303,6 +353,8 @@ class FrozenTextClassifier(TextClassifier, Callback):
     It is a :class:`~mmkd.callbacks.Callback` (the Distiller training it runs it): the
     :class:`EmbeddingCache` is filled from the fit's start (training and validation batches) and
     emptied at its end, so evaluations after the fit, latency timings and exports run the encoder.
+    With a trainer ``cache_dir`` (``mmkd run`` passes its cache folder) the embeddings are kept on disk
+    under ``<cache_dir>/embeddings`` at the fit's end and read back by the next fit of the same encoder.
     The encoder runs too while a feature hook watches it or the pooling (``features: [pool]``), and
     under ``torch.compile`` / ``torch.export`` tracing. The frozen encoder is in evaluation mode, so
     the cached embeddings are the ones it would compute again (up to float rounding); the dropout on
@@ -315,8 +367,13 @@ class FrozenTextClassifier(TextClassifier, Callback):
         self.caching = False
 
     def on_fit_start(self, trainer, module: nn.Module) -> None:
-        self.cache.clear()
+        root = trainer.cache_dir
+        self.cache.open(root / "embeddings" if root is not None else None, repr(self.pool))
         self.caching = True
+
+    def on_fit_end(self, trainer, module: nn.Module, result) -> None:
+        if trainer.is_main:
+            self.cache.save()
 
     def teardown(self, trainer) -> None:
         self.cache.clear()

@@ -294,3 +294,11 @@ def test_default_run_dir_uses_the_name(tmp_path):
     named = compose(["name=abl", f"out_dir={tmp_path}"])
     assert Path(default_run_dir(named)).parent == tmp_path / "abl"
     assert Path(default_run_dir(compose([f"out_dir={tmp_path}"]))).parent == tmp_path / "quickstart"
+
+
+def test_the_shipped_example_experiment_file_composes():
+    """examples/agnews_csv.yaml (benchmarks/text_csv.py runs it) is a valid experiment given by path."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "agnews_csv.yaml"
+    cfg = compose([f"experiment={path}"])
+    assert (cfg.experiment, cfg.data.name, cfg.teachers.minilm.args.freeze) == ("agnews_csv", "text_csv", True)
+    assert list(cfg.student.inputs) == ["col0_input_ids", "col0_attention_mask"] == list(cfg.teachers.minilm.inputs)

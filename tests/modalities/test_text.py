@@ -180,6 +180,38 @@ def test_a_frozen_probe_trains_as_the_live_one_and_embeds_each_sentence_once(tmp
     assert rows_c == 9  # cached: the 9 distinct sentences, once (validation rows are among them)
 
 
+def test_the_embeddings_stay_on_disk_for_the_next_fit_of_the_same_encoder(tmp_path, caplog):
+    """With a cache_dir the second fit of the same frozen encoder embeds nothing and trains alike; other
+    weights get their own file, and a damaged file is rebuilt with a warning."""
+    ids, mask = padded([2, 5, 3, 12, 1, 5, 7, 4])
+    labels = torch.arange(8) % 3
+    train = tx.TextDataset("probe", input_ids=ids, attention_mask=mask, label=labels)
+    store = tmp_path / "cache" / "embeddings"
+
+    def fit(name, seed=0):
+        model = probe_pair(seed)[0]
+        seen = count_rows(model)
+        trainer = Trainer(run_dir=tmp_path / name, cache_dir=tmp_path / "cache", max_epochs=2, batch_size=4,
+                          lr=1e-2, device="cpu", progress="off", tensorboard=False, seed=0)
+        history = trainer.fit(Distiller(Net(model, ["input_ids", "attention_mask"]), [], [Term("ce")]), train,
+                              train).history
+        return history, sum(seen)
+
+    with caplog.at_level("INFO", logger="mmkd"):
+        (first, rows_1), (second, rows_2) = fit("a"), fit("b")
+    assert (rows_1, rows_2) == (8, 0)
+    assert [h["train/loss"] for h in first] == [h["train/loss"] for h in second]  # the same floats, exactly
+    files = sorted(store.glob("*.pt"))
+    assert len(files) == 1 and f"feature cache hit: 8 stored embeddings from {files[0]}" in caplog.text
+    assert fit("c", seed=1)[1] == 8 and len(list(store.glob("*.pt"))) == 2  # other weights: another entry
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmkd"):
+        assert fit("d")[1] == 8
+    assert f"{files[0]}: damaged cache file (100 bytes" in caplog.text, caplog.text
+    assert fit("e")[1] == 0  # and the rebuilt entry serves the next fit
+
+
 def test_the_embedding_cache_is_reused_and_invalidated_when_the_weights_change():
     cached, live = probe_pair()
     cached.eval(), live.eval()
@@ -188,7 +220,7 @@ def test_the_embedding_cache_is_reused_and_invalidated_when_the_weights_change()
         before = live(ids, mask)
         torch.testing.assert_close(cached(ids, mask), before)  # outside a fit: live, nothing stored
         assert len(cached.cache) == 0 and cached.cache.misses == 0
-        cached.on_fit_start(None, None)
+        cached.on_fit_start(Trainer(device="cpu"), None)  # no cache_dir: in memory only
         seen = count_rows(cached)
         torch.testing.assert_close(cached(ids, mask), before, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(cached(ids[[2, 0]], mask[[2, 0]]), before[[2, 0]], atol=1e-6, rtol=1e-6)

@@ -18,10 +18,10 @@ from torch import nn
 from mmkd import io
 from mmkd.adapters import make_adapter
 from mmkd.config import PLUGINS, ConfigError, ModelConfig, owner_args
-from mmkd.data import DataSplits, loader
+from mmkd.data import DataError, DataSplits, loader
 from mmkd.distiller import Term, pick
 from mmkd.net import Net
-from mmkd.registry import DATASETS, MODELS, ROUTERS
+from mmkd.registry import DATASETS, GRADIENTS, MODELS, ROUTERS
 from mmkd.trainer import TrainerConfig
 
 log = logging.getLogger("mmkd")
@@ -67,7 +67,12 @@ def load_data(cfg: DictConfig) -> tuple[DataSplits, dict]:
     except TypeError as e:
         valid = [p for p in inspect.signature(factory).parameters if p != "root"]
         raise ConfigError(f"data.args: {e} (data set {cfg.data.name!r} takes: {', '.join(valid)})") from None
-    data: DataSplits = factory(root=cfg.data_root, **args)
+    try:
+        data: DataSplits = factory(root=cfg.data_root, **args)
+    except (DataError, ConfigError):  # they name their file or key already
+        raise
+    except ValueError as e:  # a factory's own refusal of its arguments (a value outside its choices)
+        raise ConfigError(f"data.args: {io.first_line(e, typed=False)}") from None
     return data, data.meta()
 
 
@@ -94,14 +99,19 @@ def build_router(cfg: DictConfig, meta: dict, student: nn.Module, data: DataSpli
 
 def build_plugins(cfg: DictConfig, key: str) -> list:
     """Instances of the registered objects ``cfg[key]`` lists (``key``: ``transforms``, ``policies`` or
-    ``callbacks``), each ``{name, args}``; a factory's refusal of its arguments names ``<key>[i].args``."""
+    ``callbacks``), each ``{name, args}``; a factory's refusal of its arguments names ``<key>[i].args``.
+    The ``callbacks`` end with the backward rule of ``cfg.backward`` (:mod:`mmkd.gradients`; a
+    :class:`~mmkd.gradients.BackwardRule` is a callback the trainer finds among them), when one is set."""
+    entries = [(f"{key}[{i}]", PLUGINS[key], p) for i, p in enumerate(cfg[key])]
+    if key == "callbacks" and cfg.get("backward") is not None:
+        entries.append(("backward", GRADIENTS, cfg.backward))
     out = []
-    for i, p in enumerate(cfg[key]):
+    for where, registry, p in entries:
         args = OmegaConf.to_container(p.args, resolve=True) if OmegaConf.is_config(p.args) else dict(p.args)
         try:
-            out.append(PLUGINS[key][p.name](**args))
+            out.append(registry[p.name](**args))
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{key}[{i}].args: {io.first_line(e, typed=False)}") from None
+            raise ConfigError(f"{where}.args: {io.first_line(e, typed=False)}") from None
     return out
 
 

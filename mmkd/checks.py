@@ -49,7 +49,7 @@ class Range:
     def check(self, key: str, value: Any) -> None:
         from mmkd.schedules import Schedule
 
-        values = [value.start, value.end] if isinstance(value, Schedule) else [value]
+        values = list(value.bounds()) if isinstance(value, Schedule) else [value]
         for v in values:
             if not self.contains(v):
                 raise ValueError(f"{key}={_show(value)}; it must be {self}")
@@ -88,7 +88,7 @@ def _show(value: Any) -> str:
     from mmkd.schedules import Schedule
 
     if isinstance(value, Schedule):
-        return f"{{schedule: {value.kind}, start: {value.start:g}, end: {value.end:g}}}"
+        return value.describe()
     return repr(list(value)) if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)) else repr(value)
 
 

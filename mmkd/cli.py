@@ -353,7 +353,8 @@ def print_results(results: dict) -> None:
 
 def cmd_list(args: Sequence[str], config_dir: str | None = None) -> int:
     from mmkd.config import user_config_dir, user_experiments
-    from mmkd.registry import CALLBACKS, DATASETS, LOSSES, METRICS, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
+    from mmkd.registry import (CALLBACKS, DATASETS, GRADIENTS, LOSSES, METRICS, MODELS, PIPELINES, POLICIES, ROUTERS,
+                               TRANSFORMS)
 
     opts = _options(args, ("module", "modules"), (), "mmkd list [--config-dir DIR] [module=PREFIX] [modules=true]")
     folder = user_config_dir(config_dir) if config_dir is not None else None
@@ -362,7 +363,8 @@ def cmd_list(args: Sequence[str], config_dir: str | None = None) -> int:
         raise ConfigError(f"modules: expected true or false, got {show!r}")
     prefix = opts.get("module")
     registries = {"losses": LOSSES, "routers": ROUTERS, "models": MODELS, "datasets": DATASETS, "pipelines": PIPELINES,
-                  "transforms": TRANSFORMS, "policies": POLICIES, "callbacks": CALLBACKS, "metrics": METRICS}
+                  "transforms": TRANSFORMS, "policies": POLICIES, "callbacks": CALLBACKS, "backward": GRADIENTS,
+                  "metrics": METRICS}
     lines = []
     for title, reg in registries.items():
         names = [n for n in reg.names() if prefix is None or f"{reg.module(n)}.".startswith(f"{prefix}.")]

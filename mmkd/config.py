@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from mmkd.adapters import ADAPTERS
 from mmkd.checks import NON_NEGATIVE_INT, POSITIVE, SEED, check_args
 from mmkd.io import first_line
-from mmkd.registry import CALLBACKS, DATASETS, LOSSES, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
+from mmkd.registry import CALLBACKS, DATASETS, GRADIENTS, LOSSES, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
 from mmkd.schedules import Schedule
 from mmkd.trainer import TrainerConfig, check_config
 
@@ -64,7 +64,7 @@ class TermConfig:
     """A weighted loss term; ``loss`` defaults to the term's key in ``losses``."""
 
     loss: Optional[str] = None
-    weight: float = 1.0
+    weight: Any = 1.0  # a number, or a schedule: {schedule: warmup, epochs: 20} (mmkd.schedules)
     args: Dict[str, Any] = field(default_factory=dict)
     student: str = "logits"  # or features.<module path> (listed in student.features)
     teacher: str = "logits"  # or features.<module path> (listed in each teacher's features)
@@ -124,6 +124,7 @@ class RunConfig:
     transforms: List[PluginConfig] = field(default_factory=list)
     policies: List[PluginConfig] = field(default_factory=list)
     callbacks: List[PluginConfig] = field(default_factory=list)
+    backward: Optional[PluginConfig] = None  # a backward rule (mmkd.gradients), e.g. {name: align, args: {...}}
 
 
 FREE_FORM = ("teachers", "losses", "method", "data.args", "student.args", "router.args")
@@ -286,6 +287,7 @@ def check_names(cfg: DictConfig) -> None:
     checks += [(f"teachers.{k}.name", MODELS, t.name) for k, t in cfg.teachers.items()]
     checks += [(f"losses.{k}.loss", LOSSES, t.loss or k) for k, t in cfg.losses.items()]
     plugins = [(f"{key}[{i}]", registry, p) for key, registry in PLUGINS.items() for i, p in enumerate(cfg[key])]
+    plugins += [("backward", GRADIENTS, cfg.backward)] if cfg.get("backward") is not None else []
     if plugins and cfg.pipeline != "distill":  # the other pipelines build their stages themselves
         raise ConfigError(f"{plugins[0][0]}: transforms, policies and callbacks apply to the distill pipeline's "
                           f"student stage; pipeline {cfg.pipeline!r} does not take them: remove them")
@@ -299,6 +301,12 @@ def check_names(cfg: DictConfig) -> None:
     owner_args("router.args", ROUTERS, cfg.router.name, cfg.router.args)
     for where, registry, p in plugins:
         owner_args(f"{where}.args", registry, p.name, p.args)
+        for arg in registry.meta(p.name).get("reads_losses", ()):  # arguments that name loss terms
+            names = p.args.get(arg) or []
+            for name in [names] if isinstance(names, str) else names:
+                if name not in cfg.losses:
+                    raise ConfigError(f"{where}.args.{arg}: {name!r} is not a loss term; choose from: "
+                                      f"{', '.join(cfg.losses)}")
     for k, t in cfg.teachers.items():
         if t.epochs is not None and not NON_NEGATIVE_INT.contains(t.epochs):
             raise ConfigError(f"teachers.{k}.epochs={t.epochs!r}; give a whole number of epochs >= 0 "
@@ -308,10 +316,7 @@ def check_names(cfg: DictConfig) -> None:
     if not SEED.contains(cfg.seed):
         raise ConfigError(f"seed={cfg.seed!r}; it must be {SEED}")
     for k, t in cfg.losses.items():
-        negative = LOSSES.meta(t.loss or k).get("negative_weight", False)
-        if not math.isfinite(t.weight) or (t.weight < 0 and not negative):
-            raise ConfigError(f"losses.{k}.weight={t.weight!r}; it must be a finite number >= 0 "
-                              f"(loss {t.loss or k!r} has no meaning with a negative weight)")
+        check_weight(f"losses.{k}.weight", t.weight, LOSSES.meta(t.loss or k).get("negative_weight", False), t.loss or k)
         if t.adapter is not None and t.adapter not in ADAPTERS:
             raise ConfigError(f"losses.{k}.adapter: unknown adapter {t.adapter!r}; choose from: {', '.join(ADAPTERS)}")
         for side in ("student", "teacher"):
@@ -340,12 +345,35 @@ def check_names(cfg: DictConfig) -> None:
             raise ConfigError(f"export: unknown format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")
 
 
+def check_weight(key: str, weight: Any, negative: bool, loss: str) -> None:
+    """A term's weight: a finite number (or a schedule of them) >= 0 unless ``negative`` allows it."""
+    if OmegaConf.is_config(weight):
+        weight = OmegaConf.to_container(weight)
+    try:
+        weight = Schedule.parse(weight, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if isinstance(weight, Schedule):
+        low, high = weight.bounds()
+        shown = weight.describe()
+    elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        low = high = weight
+        shown = repr(weight)
+    else:
+        raise ConfigError(f"{key}={weight!r}; give a number or a schedule such as {{schedule: warmup, epochs: 20}}")
+    if not (math.isfinite(low) and math.isfinite(high)) or (low < 0 and not negative):
+        raise ConfigError(f"{key}={shown}; it must be a finite number >= 0 "
+                          f"(loss {loss!r} has no meaning with a negative weight)")
+
+
 def owner_args(where: str, registry: Any, name: str, args: Any) -> None:
     """``args`` of the registered ``name`` against the ranges its registration declares
-    (:mod:`mmkd.checks`); any number must be finite."""
+    (:mod:`mmkd.checks`); any number must be finite. A schedule mapping (``{schedule: ...}``) is
+    checked by the values it takes."""
     if OmegaConf.is_config(args):
         args = OmegaConf.to_container(args)
     try:
+        args = {k: Schedule.parse(v, f"{where}.{k}") for k, v in args.items()}
         check_args(where, registry.meta(name).get("ranges", {}), args)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -302,11 +302,106 @@ class EpochSampler(Sampler[int]):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-def loader(dataset: Dataset, batch_size: int, sampler: Sampler | None = None,
-           num_workers: int = 0, drop_last: bool = False) -> DataLoader:
-    """A ``DataLoader`` that gathers whole batches at once from data sets with ``__getitems__``."""
+def loader(dataset: Dataset, batch_size: int = 1, sampler: Sampler | None = None,
+           num_workers: int = 0, drop_last: bool = False, batch_sampler: Sampler | None = None) -> DataLoader:
+    """A ``DataLoader`` that gathers whole batches at once from data sets with ``__getitems__``; with
+    ``batch_sampler`` (which yields the index lists of the batches) ``batch_size`` and ``sampler`` are unused."""
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_collate,
+                          persistent_workers=num_workers > 0)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=_collate, drop_last=drop_last, persistent_workers=num_workers > 0)
+
+
+EPOCHS = ("shorter", "labelled", "unlabelled")  # which of PairedBatches' two streams sets the epoch
+
+
+class PairedSampler(Sampler[list[int]]):
+    """The batches of :class:`PairedBatches`: step ``i`` is the ``i``-th batch of ``labelled_batch``
+    labelled indices followed by the ``i``-th batch of ``unlabelled_batch`` unlabelled ones, each pool
+    shuffled per epoch with a generator seeded by ``seed + epoch`` (like :class:`EpochSampler`; the two
+    pools draw from separate generators). The last batch of a pool may be smaller (no drop-last).
+    ``epoch``: ``shorter`` stops with the pool that runs out first (``zip`` of two loaders), ``labelled``
+    / ``unlabelled`` after one pass over that pool, the other one starting a new shuffle when it runs out."""
+
+    def __init__(self, labelled: Tensor, unlabelled: Tensor, labelled_batch: int, unlabelled_batch: int,
+                 seed: int, epoch: str = "shorter"):
+        if epoch not in EPOCHS:
+            raise ValueError(f"epoch={epoch!r}; choose from: {', '.join(EPOCHS)}")
+        self.pools, self.sizes = (labelled, unlabelled), (labelled_batch, unlabelled_batch)
+        self.seed, self.mode, self.epoch = seed, epoch, 0
+        self.counts = [-(-len(p) // b) for p, b in zip(self.pools, self.sizes)]  # batches per pass, last one partial
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return {"shorter": min(self.counts), "labelled": self.counts[0], "unlabelled": self.counts[1]}[self.mode]
+
+    def _stream(self, pool: Tensor, size: int, offset: int) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch + offset)
+        while True:
+            order = pool[torch.randperm(len(pool), generator=g)].tolist()
+            yield from (order[i:i + size] for i in range(0, len(order), size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        streams = [self._stream(p, b, k * 1_000_003) for k, (p, b) in enumerate(zip(self.pools, self.sizes))]
+        for _ in range(len(self)):
+            yield next(streams[0]) + next(streams[1])
+
+
+class PairedBatches(Fingerprinted):
+    """A training set read as pairs of batches (semi-supervised recipes with a labelled and an
+    unlabelled loader, e.g. DHO): every step is one batch of labelled items (``trainer.batch_size``) and
+    one of unlabelled items (``unlabelled_batch``, default the same), concatenated, labelled rows first.
+    Items are ``data``'s plus ``"labelled"`` (bool), which marks the rows drawn from the labelled pool.
+
+    The trainer asks it for its batches (:meth:`batch_sampler`, a :class:`PairedSampler`) instead of
+    shuffling it itself; ``epoch`` says which pool sets the epoch's length (``shorter``: as ``zip`` of
+    the two loaders). Under DDP it is refused. Its name and fingerprint are ``data``'s (the items are
+    the same), so cached teacher outputs of ``data`` apply.
+
+    Args:
+        data: the training set (``__getitems__`` gathers a batch at once).
+        labelled: bool ``[len(data)]``, True for the items of the labelled pool; the rest form the unlabelled one.
+    """
+
+    def __init__(self, data: Fingerprinted, labelled: Tensor, unlabelled_batch: Optional[int] = None,
+                 epoch: str = "shorter"):
+        labelled = torch.as_tensor(labelled, dtype=torch.bool)
+        if len(labelled) != len(data):
+            raise ValueError(f"PairedBatches: {len(labelled)} labelled flags for {len(data)} items")
+        if labelled.all() or not labelled.any():
+            raise ValueError(f"PairedBatches: the {'unlabelled' if labelled.all() else 'labelled'} pool is empty; "
+                             "pairing needs labelled and unlabelled items (or use batches=mixed)")
+        if unlabelled_batch is not None and unlabelled_batch < 1:
+            raise ValueError(f"unlabelled_batch={unlabelled_batch!r}; it must be at least 1")
+        if epoch not in EPOCHS:
+            raise ValueError(f"epoch={epoch!r}; choose from: {', '.join(EPOCHS)}")
+        self.data, self.labelled, self.unlabelled_batch, self.epoch = data, labelled, unlabelled_batch, epoch
+        self.name, self.deterministic = data.name, data.deterministic
+
+    @property
+    def fingerprint(self) -> str:
+        return self.data.fingerprint
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {**self.data[i], "labelled": self.labelled[i]}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        items = self.data.__getitems__(indices) if hasattr(self.data, "__getitems__") else _collate(
+            [self.data[i] for i in indices])
+        return {**items, "labelled": self.labelled[idx]}
+
+    def batch_sampler(self, batch_size: int, seed: int) -> PairedSampler:
+        """The batches of one fit: ``batch_size`` labelled items (and ``unlabelled_batch``, default
+        ``batch_size``, unlabelled ones) per step."""
+        return PairedSampler(self.labelled.nonzero().flatten(), (~self.labelled).nonzero().flatten(), batch_size,
+                             self.unlabelled_batch or batch_size, seed, self.epoch)
 
 
 def stratified_split(labels: Tensor, fractions: Sequence[float], seed: int) -> list[Tensor]:
@@ -361,16 +456,34 @@ def keep_labels(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
     return out
 
 
-@DATASETS.register("semi", ranges={"fraction": Range(0, 1, low_open=True), "seed": SEED})
+BATCHES = ("mixed", "paired")  # how semi's training batches mix labelled and unlabelled items
+
+
+@DATASETS.register("semi", ranges={"fraction": Range(0, 1, low_open=True), "seed": SEED,
+                                   "unlabelled_batch": Range(1, integer=True)})
 def semi(root: str, name: str, args: Optional[Mapping[str, Any]] = None, fraction: float = 0.1,
-         seed: int = 0) -> DataSplits:
+         seed: int = 0, batches: str = "mixed", unlabelled_batch: Optional[int] = None,
+         epoch: str = "shorter") -> DataSplits:
     """The registered data set ``name`` (with ``args``) whose training labels are cut to a stratified
     ``fraction`` by :func:`keep_labels`; the rest are -1 (unlabelled). Validation and test are unchanged.
-    The training split must be a ``TensorDictDataset``."""
+    The training split must be a ``TensorDictDataset``.
+
+    ``batches``: ``mixed`` shuffles labelled and unlabelled items together into ``trainer.batch_size``
+    batches; ``paired`` makes every step one labelled batch of ``trainer.batch_size`` and one unlabelled
+    batch of ``unlabelled_batch`` (default the same) with ``epoch`` (``shorter``, ``labelled``,
+    ``unlabelled``) setting the epoch's length (:class:`PairedBatches`; DHO's two loaders)."""
+    if batches not in BATCHES:
+        raise ValueError(f"batches={batches!r}; choose from: {', '.join(BATCHES)}")
+    if epoch not in EPOCHS:
+        raise ValueError(f"epoch={epoch!r}; choose from: {', '.join(EPOCHS)}")
+    if batches == "mixed" and unlabelled_batch is not None:
+        raise ValueError("unlabelled_batch applies to batches=paired; remove it or set batches=paired")
     data = DATASETS[name](root=root, **(args or {}))
     train = data.train
     if not isinstance(train, TensorDictDataset) or data.label_key not in train.tensors:
         raise ValueError(f"semi: data set {name!r} has no in-memory training split with {data.label_key!r} labels")
     tensors = {**train.tensors, data.label_key: keep_labels(train.tensors[data.label_key], fraction, seed)}
     data.train = TensorDictDataset(f"{train.name}/semi-{fraction}-{seed}", train.deterministic, **tensors)
+    if batches == "paired":
+        data.train = PairedBatches(data.train, tensors[data.label_key] >= 0, unlabelled_batch, epoch)
     return data

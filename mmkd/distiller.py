@@ -24,7 +24,7 @@ from mmkd.callbacks import Callback
 from mmkd.net import Batch, Net, Output, Teacher
 from mmkd.registry import LOSSES
 from mmkd.router import Router
-from mmkd.schedules import Clock, Schedule
+from mmkd.schedules import Clock, Schedule, value_at
 from mmkd.trainer import Module
 from mmkd.transforms import BatchTransform
 
@@ -36,13 +36,13 @@ class Term:
     By default the loss compares logits; ``student="features.<path>"`` / ``teacher="features.<path>"``
     make it compare the named intermediate features instead (FitNet-style feature distillation).
     ``adapter`` (e.g. a learned projector from the student's feature width to the teacher's) is
-    applied to the student side first; its parameters train with the student. An ``args`` value may
-    be a :class:`~mmkd.schedules.Schedule` (or its config mapping ``{schedule: cosine, start: ...,
-    end: ...}``): the loss then gets its value at the current training progress.
+    applied to the student side first; its parameters train with the student. The ``weight`` and any
+    ``args`` value may be a :class:`~mmkd.schedules.Schedule` (or its config mapping, e.g.
+    ``{schedule: warmup, epochs: 20}``): the term then uses its value at the current training state.
     """
 
     loss: str
-    weight: float = 1.0
+    weight: float | Schedule = 1.0
     args: dict[str, Any] = field(default_factory=dict)
     name: str | None = None  # key in the returned dict; defaults to ``loss``
     student: str = "logits"
@@ -55,6 +55,7 @@ class Term:
         self.reads_teacher, self.per_sample = meta["teacher"], meta["per_sample"]
         self.reads_batch = meta.get("batch", False)
         self.name = self.name or self.loss
+        self.weight = Schedule.parse(self.weight, f"loss term {self.name!r}, weight")
         self.args = {k: Schedule.parse(v, f"loss term {self.name!r}, {k}") for k, v in self.args.items()}
         for side in (self.student, self.teacher):
             if side != "logits" and not side.startswith("features."):
@@ -110,10 +111,15 @@ class Distiller(Module):
         self.transforms = nn.ModuleList(transforms)
         self.label_key = label_key
         self.register_buffer("progress", torch.zeros(()), persistent=False)
+        self.register_buffer("epoch", torch.zeros(()), persistent=False)
 
-    def set_progress(self, done: float) -> None:
-        """Set the fraction of training done; scheduled loss arguments are evaluated at it."""
+    def set_progress(self, done: float, epoch: int = 0) -> None:
+        """Set the fraction of training done and the 0-based epoch; scheduled term weights and loss
+        arguments are evaluated at them, and a :class:`~mmkd.router.Router`'s schedules too."""
         self.progress.fill_(done)
+        self.epoch.fill_(epoch)
+        if isinstance(self.router, Router):
+            self.router.set_progress(done, epoch)
 
     def callbacks(self) -> list:
         """The :class:`~mmkd.schedules.Clock` that sets the progress before each step, and the student
@@ -130,7 +136,8 @@ class Distiller(Module):
         losses = {}
         for term in self.terms:
             value = self._term(term, s, outs, w, target, batch)
-            losses[term.name] = value if term.weight == 1 else term.weight * value
+            weight = value_at(term.weight, self.progress, self.epoch)
+            losses[term.name] = value if isinstance(weight, (int, float)) and weight == 1 else weight * value
         if outs and isinstance(self.router, Router):  # its own losses (e.g. load balancing), taken once
             losses.update({f"router/{k}": v for k, v in self.router.pop_aux_losses().items()})
         values = list(losses.values())
@@ -143,7 +150,7 @@ class Distiller(Module):
         if term.name in self.adapters:
             s_in = self.adapters[term.name](s_in)
         s_in = s_in.float()
-        kwargs = {k: v(self.progress) if isinstance(v, Schedule) else v for k, v in term.args.items()}
+        kwargs = {k: value_at(v, self.progress, self.epoch) for k, v in term.args.items()}
         if term.reads_batch:
             kwargs["batch"] = batch
         if not term.reads_teacher:

@@ -1,5 +1,5 @@
 """Name -> object registries for losses, routers, models, data sets, callbacks, metrics, batch
-transforms, data policies and run pipelines.
+transforms, data policies, backward rules and run pipelines.
 
 Packages outside the core (``mmkd.routers``, ``mmkd.graphs``, ``mmkd.modalities``, ``mmkd.methods`` and third-party
 plug-ins) declare themselves under the ``mmkd.plugins`` entry-point group; they are imported the
@@ -105,4 +105,5 @@ CALLBACKS = Registry("callback")  # trainer hooks (mmkd.callbacks)
 METRICS = Registry("metric")  # evaluation metrics (mmkd.metrics)
 TRANSFORMS = Registry("batch transform")  # batch -> batch before the loss terms (mmkd.transforms)
 POLICIES = Registry("data policy")  # the training set between epochs (mmkd.policies)
+GRADIENTS = Registry("backward rule")  # losses -> parameter gradients in a training step (mmkd.gradients)
 PIPELINES = Registry("pipeline")  # what `mmkd run` does with a config: "distill" (mmkd.run) or a method's stages

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from mmkd.net import Batch, Output
@@ -21,6 +22,10 @@ class Router(nn.Module):
     A router may also set :attr:`aux_losses` during its forward: named, already weighted loss
     tensors (such as a load-balancing loss) that the :class:`~mmkd.distiller.Distiller` takes out with
     :meth:`pop_aux_losses` and adds to its returned losses as ``"router/<name>"`` and to the total.
+
+    The Distiller passes on the training state before each step (:meth:`set_progress`): a router's
+    own :class:`~mmkd.schedules.Schedule` s (a scheduled balance weight) are evaluated at
+    :attr:`progress` and :attr:`epoch` (``mmkd.schedules.value_at(v, self.progress, self.epoch)``).
     """
 
     mode: str = "soft"
@@ -29,6 +34,13 @@ class Router(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.aux_losses: dict[str, Tensor] = {}
+        self.register_buffer("progress", torch.zeros(()), persistent=False)
+        self.register_buffer("epoch", torch.zeros(()), persistent=False)
+
+    def set_progress(self, done: float, epoch: int = 0) -> None:
+        """Set the fraction of training done and the 0-based epoch (the Distiller's clock calls it)."""
+        self.progress.fill_(done)
+        self.epoch.fill_(epoch)
 
     def forward(self, student: Output, teachers: Sequence[Output], batch: Batch) -> Tensor:
         raise NotImplementedError

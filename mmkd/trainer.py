@@ -26,7 +26,8 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from mmkd import io
 from mmkd.callbacks import Callback, EarlyStopping, MetricsLogger, ModelCheckpoint, ProgressBar
-from mmkd.data import DataError, EpochSampler, loader
+from mmkd.data import DataError, EpochSampler, PairedBatches, loader
+from mmkd.gradients import BackwardRule
 from mmkd.metrics import MetricSet
 from mmkd.net import Batch
 from mmkd.policies import DataPolicy
@@ -260,6 +261,12 @@ class Trainer:
                                                  else after_warmup(step))
 
     def _loader(self, data: Dataset):
+        if isinstance(data, PairedBatches):  # it makes its own batches (one labelled, one unlabelled per step)
+            if self.world > 1:
+                raise ValueError(f"{self.stage}: paired labelled/unlabelled batches (data.args.batches=paired) "
+                                 "cannot be sharded across processes; train on one process or use batches=mixed")
+            sampler = data.batch_sampler(self.cfg.batch_size, self.cfg.seed)
+            return sampler, loader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers)
         if self.world > 1:
             sampler = DistributedSampler(data, self.world, self.rank, shuffle=True, seed=self.cfg.seed)
         else:
@@ -272,7 +279,8 @@ class Trainer:
 
         ``callbacks`` run after the module's own and before the built-in ones (checkpoint, early
         stopping, logging, progress bar); :class:`~mmkd.policies.DataPolicy` s among them choose
-        each epoch's training data.
+        each epoch's training data, and a :class:`~mmkd.gradients.BackwardRule` among them (at most
+        one; not under DDP) computes each step's gradients instead of ``losses["loss"].backward()``.
         """
         _expect_module(module)
         c = self.cfg
@@ -293,6 +301,14 @@ class Trainer:
         self.callbacks = [*module.callbacks(), *callbacks, checkpoint,
                           *([EarlyStopping(c.patience, c.monitor, c.mode, c.ties)] if c.patience else []),
                           MetricsLogger(c.tensorboard, quiet=bar), *([ProgressBar()] if bar else [])]
+        rules = [cb for cb in self.callbacks if isinstance(cb, BackwardRule)]
+        if len(rules) > 1:
+            names = ", ".join(type(r).__name__ for r in rules)
+            raise ValueError(f"{self.stage}: {len(rules)} backward rules ({names}); a fit takes at most one")
+        if rules and self.world > 1:
+            raise ValueError(f"{self.stage}: the backward rule {type(rules[0]).__name__} computes gradients with "
+                             "torch.autograd.grad, which DDP does not synchronise; train on one process or drop it")
+        self._backward = rules[0] if rules else None
 
         seed_everything(c.seed, c.deterministic)  # on resume too (deterministic kernels); RNG restored below
         self._restore(module, opt, sched)
@@ -345,7 +361,10 @@ class Trainer:
             if step % c.finite_check_every == 0 and not torch.isfinite(loss):
                 raise NonFiniteLoss(self._diverged(losses, batch, step, module))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if self._backward is not None:
+                self._backward.backward(losses, params)
+            else:
+                loss.backward()
             if c.grad_clip:
                 nn.utils.clip_grad_norm_(params, c.grad_clip)
             opt.step()

@@ -33,9 +33,10 @@ def test_list(capsys):
     assert code == 0
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
     assert set(lines) == {"losses", "routers", "models", "datasets", "pipelines", "transforms", "policies",
-                          "callbacks", "metrics", "experiments"}
+                          "callbacks", "backward", "metrics", "experiments"}
     # membership, not equality: tests that run earlier (tests/e2e/test_readme.py) register more
     assert "mixup" in lines["transforms"].split(", ") and "hardest" in lines["policies"].split(", ")
+    assert "align" in lines["backward"].split(", ")
     assert {"acc", "loss", "f1", "auroc", "top5"} <= set(lines["metrics"].split(", "))
     assert {"distill", "mst_stage1", "mst_stage2", "mst_stage3"} <= set(lines["pipelines"].split(", "))
     assert {"ce", "kd", "dkd", "nkd", "dist", "pld", "sinkd"} <= set(lines["losses"].split(", "))

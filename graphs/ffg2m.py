@@ -14,6 +14,13 @@ Graph Neural Networks and Injecting it into Graph-free MLPs", AAAI 2023.
 In a run config these are the terms ``ce`` (weight lambda), ``ffg2m_lfd`` and ``ffg2m_hfd`` (weight
 1 - lambda each); dropping one gives the LFD-only / HFD-only ablations. Both read the batch's
 ``edge_index`` (in mini-batch mode: the edges of the sampled subgraph).
+
+The official code (LirongWu/FF-G2M, ``src/train_and_eval.py`` and ``src/models.py``) computes the same
+terms: LFD is ``KLDivLoss(batchmean)`` of the student's log-probabilities against the teacher's over
+the edges with one self-loop per node, without a temperature (T = 1); HFD the same over the edges
+without self-loops of ``log_softmax(|z_i - z_j| / tau)``, teacher as the target; the loss is
+``lamb * CE + (1 - lamb) * (LFD + HFD)`` (``lamb`` = lambda, ``tau`` = tau here, no ``tau^2`` factor).
+``configs/experiment/g2m_ffg2m_<cora|citeseer>_<gcn|sage|gat>.yaml`` carry its best settings.
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ def ffg2m_lfd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | N
     return _kl_rows(log_t[src], log_s[dst]).mean()
 
 
-@register_loss("ffg2m_hfd", teacher=True, per_sample=False, batch=True, ranges={"temperature": TEMPERATURE})
+@register_loss("ffg2m_hfd", teacher=True, per_sample=False, batch=True, ranges={"tau": TEMPERATURE})
 def ffg2m_hfd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, *,
               tau: float = 1.0, batch=None) -> Tensor:
     """High-frequency distillation: mean over edges ``j -> i`` (no self-loops) of

@@ -3,17 +3,28 @@ Distillation from Vision-Language Models via Dual-Head Optimization", arXiv:2505
 
 A :class:`~mmkd.methods.dual_head.DualHead` student (``inference="combine"``): the CE head ``z_ce``
 learns from the labelled instances, the KD head ``z_kd`` matches a (vision-language zero-shot)
-teacher on labelled and unlabelled ones; at inference
+teacher on labelled and unlabelled ones. Each step takes one labelled batch ``L`` and one unlabelled
+batch ``U`` (the official two loaders; the data set ``semi`` with ``batches: paired``,
+:class:`mmkd.data.PairedBatches`) and minimises
+
+    0.5 * CE_L(z_ce, y) + 0.5 * (KD_L(z_kd, z_t) + KD_U(z_kd, z_t)),
+
+``KD = T^2 * KL(softmax(z_t / T) || softmax(z_kd / T))`` averaged over its batch, T = 2: the terms
+``ce`` (weight 0.5; it averages over the labelled rows) and ``kd`` (weight 1: its mean over the
+``|L| + |U|`` rows equals ``0.5 * (KD_L + KD_U)`` when the two batches have the same size). At inference
 
     p = (1 - alpha) * softmax(z_ce) + alpha * softmax(z_kd / beta),
 
 (:func:`combine`), ``alpha`` and ``beta`` picked on the validation split by :func:`search_alpha_beta`
-(:func:`calibrate`) and stored as buffers, so they are in the state dict and in the exported graph.
+(:func:`calibrate`) after every epoch, the checkpoint kept being the epoch of the best searched
+accuracy (``search: epoch``), and stored as buffers, so they are in the state dict and in the
+exported graph. Our variants: ``batches: mixed`` (labelled and unlabelled items shuffled into one
+batch) and ``search: end`` (one search after the fit, on the epoch of the best ``val/acc``).
 
 In a config: ``student: {name: dual_head, features: [kd_head], args: {backbone: ..., inference:
 combine}}``, the terms ``ce`` (on logits; label -1 = unlabelled is ignored) and ``kd`` with
-``student: features.kd_head``; the semi-supervised setting is the data set ``semi`` (in
-:mod:`mmkd.data`), e.g. ``data: {name: semi, args: {name: <data set>, fraction: 0.01}}``.
+``student: features.kd_head``, ``data: {name: semi, args: {name: <data set>, fraction: 0.01,
+batches: paired}}``.
 """
 from __future__ import annotations
 

@@ -2,14 +2,24 @@
 Auxiliary Head", arXiv:2411.08937, 2024).
 
 A :class:`~mmkd.methods.dual_head.DualHead` student (``inference="ce"``): the main head learns with CE,
-the auxiliary head with the binary KL loss (``bkl``, :mod:`mmkd.losses.bkl`); only the main head
-predicts. Optionally (``align=True``) the auxiliary head's gradient on the shared features is
-projected off the CE gradient when they conflict (:func:`align_gradients`):
+the auxiliary head (the official non-linear one: ``aux_head="nonlinear"``) with the binary KL loss
+(``bkl``, :mod:`mmkd.losses.bkl`, T = 2); only the main head predicts:
 
-    g_kd <- g_kd - min(<g_kd, g_ce>, 0) / ||g_ce||^2 * g_ce,   the features receive g_ce + g_kd.
+    L = gamma * CE(z_main, y) + alpha_kd * BKL(z_aux, z_t)       (gamma = alpha_kd = 1)
+
+Gradient alignment (the official ``--ga``): with ``g_ce``, ``g_kd`` the gradients of the two weighted
+terms over all parameters (flattened),
+
+    g_kd <- g_kd - min(<g_kd, g_ce>, 0) / ||g_ce||^2 * g_ce,    theta.grad = g_ce + g_kd,
+
+which is the trainer's backward rule ``align`` (:class:`mmkd.gradients.Align`, ``backward: {name:
+align, args: {primary: [ce], secondary: [bkl]}}``). :func:`align_gradients` (model argument
+``align: features``) is our variant: the same projection of the two heads' gradients on the shared
+features of the batch, inside the model's graph, instead of on the parameters.
 
 In a config: ``student: {name: dual_head, features: [kd_head], args: {backbone: ..., inference: ce,
-align: true}}``, the terms ``ce`` (on logits) and ``bkl`` with ``student: features.kd_head``.
+aux_head: nonlinear}}``, the terms ``ce`` (on logits) and ``bkl`` with ``student: features.kd_head``,
+and the backward rule above.
 """
 from __future__ import annotations
 
@@ -36,7 +46,10 @@ class _AlignGradients(torch.autograd.Function):
 
 
 def align_gradients(h: Tensor) -> tuple[Tensor, Tensor]:
-    """Two copies ``(h_ce, h_kd)`` of the shared features ``h`` for the CE and the KD head. In the
+    """Our feature-level variant of Dual-Head KD's gradient alignment (the official one projects the
+    gradients over all parameters: :class:`mmkd.gradients.Align`).
+
+    Two copies ``(h_ce, h_kd)`` of the shared features ``h`` for the CE and the KD head. In the
     backward pass the KD gradient ``g_kd`` (over the whole batch tensor) is replaced, when
     ``<g_kd, g_ce> < 0``, by its projection ``g_kd - <g_kd, g_ce> / ||g_ce||^2 * g_ce`` orthogonal to
     the CE gradient; ``h`` receives ``g_ce + g_kd``. Trainer-agnostic: it lives in the model's graph."""

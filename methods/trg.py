@@ -11,7 +11,11 @@ with Gaussian-kernel edge weights
 
 and three registered feature losses compare student (S) and teacher (T) token sets:
 
-* ``trg_local``: ``sum_i KL(softmax_j A^S_ij || softmax_j A^T_ij)``, the softmax over i's neighbours;
+* ``trg_local``: ``sum_i KL(P^S_i || P^T_i)`` with ``P_ij = A_ij / sum_{l in N(i)} A_il`` the kernel
+  weights of i's edges normalised over its k neighbours N(i) (in the teacher's graph), that is
+  ``P_ij = softmax_{j in N(i)}(-||t_i - t_j||^2 / (2 sigma))``; on L2-normalised tokens
+  ``||t_i - t_j||^2 = 2 - 2 cos(t_i, t_j)``, so ``P_ij = softmax_j(cos(t_i, t_j) / sigma)`` and sigma is
+  the temperature of the neighbour distribution;
 * ``trg_global``: token-level InfoNCE after a projection, the teacher's token at the same position
   the positive, ``-log exp(<s_i, t_i>/tau) / sum_j exp(<s_i, t_j>/tau)`` on L2-normalised tokens,
   ``tau`` lowered on a schedule (a :class:`~mmkd.schedules.Schedule` in the term's args);
@@ -120,25 +124,34 @@ def knn_graph(tokens: Tensor, k: int, sigma: float = 1.0) -> tuple[Tensor, Tenso
     return torch.exp(-d / (2 * sigma)) * mask, mask
 
 
+def neighbour_log_probs(tokens: Tensor, nb: Tensor, sigma: float) -> Tensor:
+    """``log P_ij`` ``[B, N, k]`` over the neighbours ``nb`` ``[B, N, k]`` of each token: the Gaussian
+    kernel weights ``A_ij = exp(-||t_i - t_j||^2 / (2 sigma))`` normalised over i's neighbours,
+    ``P_ij = A_ij / sum_{l in nb(i)} A_il = softmax_j(-||t_i - t_j||^2 / (2 sigma))``."""
+    return F.log_softmax(-sq_dists(tokens).gather(-1, nb) / (2 * sigma), dim=-1)
+
+
 @register_loss("trg_local", teacher=True, per_sample=True, batch=True,
                ranges={"k": COUNT, "sigma": POSITIVE, "num_tokens": COUNT, "skip": NON_NEGATIVE_INT})
-def trg_local(student_feats, teacher_feats, target=None, *, k: int = 4, sigma: float = 1.0,
+def trg_local(student_feats, teacher_feats, target=None, *, k: int = 4, sigma: float = 0.1,
               num_tokens: int | None = 16, normalize: bool = True, skip: int = 0, mask: str | None = None,
               batch=None, reduction: str = "mean"):
-    """TRG local loss ``sum_i KL(softmax_j A^S_ij || softmax_j A^T_ij)`` per instance.
+    """TRG local loss ``sum_i KL(P^S_i || P^T_i)`` per instance, ``P_ij = A_ij / sum_{l in N(i)} A_il``.
 
-    The direction is as written in the paper: the student's neighbour distribution comes first
-    (``sum_j P^S_ij (log P^S_ij - log P^T_ij)``). Both softmaxes run over the neighbours of i in the
-    teacher's k-NN graph (the two distributions need one support); the student's weights use the
-    student's tokens on those edges. ``normalize`` L2-normalises tokens first, so squared distances lie
-    in ``[0, 4]`` and ``sigma`` needs no tuning per layer.
+    ``A_ij = exp(-||t_i - t_j||^2 / (2 sigma))`` are the k-NN graph's edge weights and ``P_i`` their
+    normalisation over the k neighbours N(i) of token i, so ``P_ij = softmax_j(-||t_i - t_j||^2 /
+    (2 sigma))`` (see :func:`neighbour_log_probs`). N(i) is i's neighbourhood in the teacher's k-NN
+    graph (the two distributions need one support); the student's distribution uses the student's
+    tokens on those edges. The direction is as written in the paper: the student's distribution comes
+    first (``sum_j P^S_ij (log P^S_ij - log P^T_ij)``). ``normalize`` L2-normalises tokens first:
+    squared distances are ``2 - 2 cos`` in ``[0, 4]``, ``P_ij = softmax_j(cos(t_i, t_j) / sigma)`` and
+    ``sigma`` is a temperature on cosine similarities that needs no tuning per layer.
     """
     s, t = paired_tokens(student_feats, teacher_feats, num_tokens, skip, batch_mask(batch, mask))
     if normalize:
         s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
     nb = neighbours(t, k)  # the teacher's edges, [B, N, k]
-    log_p_s = F.log_softmax(torch.exp(-sq_dists(s).gather(-1, nb) / (2 * sigma)), dim=-1)
-    log_p_t = F.log_softmax(torch.exp(-sq_dists(t).gather(-1, nb) / (2 * sigma)), dim=-1)
+    log_p_s, log_p_t = neighbour_log_probs(s, nb, sigma), neighbour_log_probs(t, nb, sigma)
     return reduce((log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=(1, 2)), reduction)
 
 

@@ -20,10 +20,11 @@ Write your own by subclassing :class:`Router` and registering it::
 from mmkd.routers.base import Router, register_router
 from mmkd.routers.confidence import ConfidenceRouter
 from mmkd.routers.constant import ConstantRouter
-from mmkd.routers.gating import cv_balance, hard_top_k, kl_balance, softmax_weights, top_k_gates, top_k_mask
+from mmkd.routers.gating import (cv2_balance, cv_balance, hard_top_k, kl_balance, kl_sum_balance, softmax_weights,
+                                 top_k_gates, top_k_mask)
 from mmkd.routers.learned import GateRouter, LinearRouter, MLPRouter
 from mmkd.routers.noisy_topk import NoisyTopKRouter
 
 __all__ = ["Router", "register_router", "ConstantRouter", "ConfidenceRouter", "GateRouter", "LinearRouter",
            "MLPRouter", "NoisyTopKRouter", "softmax_weights", "top_k_mask", "top_k_gates", "hard_top_k",
-           "kl_balance", "cv_balance"]
+           "kl_balance", "kl_sum_balance", "cv_balance", "cv2_balance"]

@@ -6,7 +6,9 @@ All functions take gate logits or probabilities of shape ``[batch, teachers]``.
 - :func:`top_k_mask`: the ``k`` largest entries of each row (exactly ``k``, ties broken by position).
 - :func:`top_k_gates`: Shazeer et al.'s ``softmax(KeepTopK(H, k))`` = the top-k of ``P`` renormalised.
 - :func:`hard_top_k`: MST-Distill's selection, weight ``1/k`` on each picked teacher, no gradient.
-- :func:`kl_balance`, :func:`cv_balance`: load-balancing losses on the gate probabilities.
+- load-balancing losses on the gate probabilities (:data:`BALANCES`): :func:`kl_balance` and
+  :func:`cv_balance`, MST-Distill's (its reference code's ``load_balancing_loss``), and the variants
+  :func:`kl_sum_balance` (``T`` times ``kl``) and :func:`cv2_balance` (Shazeer et al.'s squared CV).
 """
 from __future__ import annotations
 
@@ -50,28 +52,48 @@ def hard_top_k(scores: Tensor, k: int) -> Tensor:
 
 
 def kl_balance(probs: Tensor) -> Tensor:
-    """``KL(u || m) = sum_t (1/T) log((1/T) / m_t) = -mean_t log(T m_t)`` with ``m = mean_b P[b]`` and ``u`` uniform.
+    """``KL(u || m) / T = (1/T) sum_t (1/T) log((1/T) / m_t)`` with ``m = mean_b P[b]``, ``u`` uniform
+    over the ``T`` teachers.
 
-    Zero when the teachers are used equally over the batch (``m = u``); infinite when the batch
-    never gives some teacher any probability. MST-Distill's reference code evaluates this with
-    ``KLDivLoss(reduction="batchmean")`` on the ``[T]`` vector, i.e. divides it by ``T`` too; that
-    constant factor is left to the loss weight here.
+    MST-Distill's balance loss as its reference code computes it (``load_balancing_loss``, mode
+    ``KL``: ``KLDivLoss(reduction="batchmean")(log m, u)`` on the ``[T]`` vector, whose "batch" is the
+    ``T`` teachers). Zero when the teachers are used equally over the batch (``m = u``); infinite
+    when the batch gives some teacher no probability at all.
     """
+    return kl_sum_balance(probs) / probs.shape[1]
+
+
+def kl_sum_balance(probs: Tensor) -> Tensor:
+    """``KL(u || m) = sum_t (1/T) log((1/T) / m_t) = -mean_t log(T m_t)``: :func:`kl_balance` times ``T``
+    (the KL divergence itself, not divided by the number of teachers)."""
     m = probs.float().mean(dim=0)
     return -(m * m.shape[0]).log().mean()
 
 
 def cv_balance(probs: Tensor) -> Tensor:
-    """``CV(I)^2 = Var(I) / mean(I)^2`` of the importance ``I_t = sum_b P[b, t]``.
+    """``CV(I) = std(I) / mean(I)`` of the importance ``I_t = sum_b P[b, t]``, ``std`` unbiased
+    (``sqrt(sum_t (I_t - mean(I))^2 / (T - 1))``, ``torch.std``).
 
-    Shazeer et al.'s importance loss (ICLR 2017, eq. 6, without its weight), with the population
-    variance ``Var(I) = mean_t (I_t - mean(I))^2`` as in their reference implementation
-    (``cv_squared`` in tensor2tensor). ``torch.std`` (unbiased) would give ``T / (T - 1)`` times
-    this; MST-Distill's reference code uses the unbiased CV itself, not squared.
+    MST-Distill's reference code (``load_balancing_loss``, mode ``CV``): the coefficient of
+    variation itself, not squared. 0 for a single teacher (whose unbiased std is undefined).
+    """
+    importance = probs.float().sum(dim=0)
+    if importance.numel() == 1:
+        return importance.sum() * 0
+    return importance.std() / importance.mean()
+
+
+def cv2_balance(probs: Tensor) -> Tensor:
+    """``CV(I)^2 = Var(I) / mean(I)^2`` of the importance ``I_t = sum_b P[b, t]`` with the population
+    variance ``Var(I) = mean_t (I_t - mean(I))^2``.
+
+    Shazeer et al.'s importance loss (ICLR 2017, eq. 6, without its weight), as in their reference
+    implementation (``cv_squared`` in tensor2tensor); ``(T - 1) / T`` times :func:`cv_balance` squared.
     """
     importance = probs.float().sum(dim=0)
     mean = importance.mean()
     return (importance - mean).pow(2).mean() / mean.pow(2)
 
 
-BALANCES = {"kl": kl_balance, "cv": cv_balance}
+BALANCES = {"kl": kl_balance, "kl_sum": kl_sum_balance, "cv": cv_balance, "cv2": cv2_balance}
+"""The load-balancing losses by name (a learned router's ``balance``); ``kl`` and ``cv`` are MST-Distill's."""

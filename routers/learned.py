@@ -15,8 +15,8 @@ weights follow ``mode``:
   the load-balancing loss.
 
 Every mode adds ``balance_weight * balance(P)`` to the Distiller's losses as ``"router/balance"``
-(``balance="kl"``: :func:`~mmkd.routers.gating.kl_balance`, ``"cv"``:
-:func:`~mmkd.routers.gating.cv_balance`), computed on the dense ``P`` so every teacher's gate gets
+(``balance``: a name of :data:`~mmkd.routers.gating.BALANCES`, ``"kl"`` and ``"cv"`` MST-Distill's,
+``"kl_sum"`` and ``"cv2"`` their variants), computed on the dense ``P`` so every teacher's gate gets
 its gradient.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from mmkd.distiller import pick
 from mmkd.net import Batch, Output
 from mmkd.routers.base import Router, register_router
 from mmkd.routers.gating import BALANCES, hard_top_k, softmax_weights, top_k_gates
+from mmkd.schedules import Schedule, value_at
 
 MODES = ("soft", "topk", "hard")
 
@@ -58,8 +59,9 @@ class GateRouter(Router):
         source: ``"logits"`` or ``"features.<path>"``: what of the student the gate reads.
         mode: ``soft``, ``topk`` or ``hard`` (see the module docstring).
         k: the number of teachers kept per instance (``topk`` and ``hard``).
-        balance: ``kl`` or ``cv``: the load-balancing loss on the gate probabilities.
-        balance_weight: its weight (1.0: MST-Distill's default); must be positive for ``hard``.
+        balance: ``kl``, ``kl_sum``, ``cv`` or ``cv2``: the load-balancing loss on the gate probabilities.
+        balance_weight: its weight (1.0: MST-Distill's default), or a :class:`~mmkd.schedules.Schedule`
+            (``{schedule: step, every: 10, gamma: 0.9}``); must be positive for ``hard``.
         detach: stop gradients from the router into the student.
     """
 
@@ -74,7 +76,8 @@ class GateRouter(Router):
             raise ValueError(f"router balance {balance!r}; choose from: {', '.join(BALANCES)}")
         if mode != "soft" and not 1 <= k <= num_teachers:
             raise ValueError(f"router k={k} must be between 1 and num_teachers={num_teachers}")
-        if mode == "hard" and balance_weight <= 0:
+        balance_weight = Schedule.parse(balance_weight, "router.args.balance_weight")
+        if mode == "hard" and (balance_weight.bounds()[1] if isinstance(balance_weight, Schedule) else balance_weight) <= 0:
             raise ValueError("router mode 'hard' trains the gate through the balance loss only; set balance_weight > 0")
         self.gate, self.num_teachers, self.source, self.mode, self.k = gate, num_teachers, source, mode, k
         self.balance, self.balance_weight, self.detach = balance, balance_weight, detach
@@ -90,7 +93,8 @@ class GateRouter(Router):
         x = pick(student, self.source).flatten(1).float()
         logits = self.gate_logits(x.detach() if self.detach else x).float()
         probs = softmax_weights(logits)
-        self.aux_losses = {"balance": self.balance_weight * BALANCES[self.balance](probs)} if self.balance_weight else {}
+        weight = value_at(self.balance_weight, self.progress, self.epoch)
+        self.aux_losses = {"balance": weight * BALANCES[self.balance](probs)} if self.balance_weight else {}
         if self.mode == "soft":
             return probs
         if self.mode == "topk":

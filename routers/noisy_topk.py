@@ -22,7 +22,7 @@ class NoisyTopKRouter(GateRouter):
 
     ``W_g`` and ``W_noise`` start at zero, as in the paper (no signal, some noise); the noise is
     drawn only in training mode, so evaluation is deterministic. The default ``mode="topk"`` with
-    ``k=2`` is the paper's gate (``k > 1`` lets the distillation terms train the gate); ``balance="cv"``
+    ``k=2`` is the paper's gate (``k > 1`` lets the distillation terms train the gate); ``balance="cv2"``
     with a weight is its importance loss. Other arguments: see :class:`~mmkd.routers.learned.LinearRouter`.
     """
 

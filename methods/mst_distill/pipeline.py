@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from mmkd import io, run
 from mmkd.build import build_model, build_router, build_terms, load_data, load_weights, trainer_config
 from mmkd.cache import cache_teacher
+from mmkd.callbacks import Callback
 from mmkd.config import ConfigError
 from mmkd.data import DataSplits, cacheable, loader
 from mmkd.distiller import Distiller, Term
@@ -30,9 +31,9 @@ from mmkd.report import add_latencies
 from mmkd.router import Router
 from mmkd.routers.gating import top_k_mask
 from mmkd.run import fit
-from mmkd.trainer import Module, Trainer, seed_everything
+from mmkd.trainer import Module, Trainer, seed_everything, to_device
 
-STAGE1 = {"temperature": 4.0, "kd_weight": 1.0}
+STAGE1 = {"temperature": 4.0, "kd_weight": 1.0, "detach": False}
 STAGE2 = {"stage1": None, "layers": None, "temperature": 4.0, "epochs": None, "dim": 32, "heads": 4}
 STAGE3 = {"stage2": None, "init": "stage1"}
 
@@ -105,6 +106,8 @@ def stage1(cfg: DictConfig) -> dict[str, Any]:
     of the student's best validation accuracy (``trainer.monitor``), the state stages 2 and 3 use."""
     t_start = time.perf_counter()
     opts = options(cfg, "mst_stage1", STAGE1)
+    if not isinstance(opts["detach"], bool):
+        raise ConfigError(f"method.detach: {opts['detach']!r}; give true (stop the KL targets' gradients) or false")
     if not cfg.teachers or "student" in cfg.teachers:
         raise ConfigError("teachers: mst_stage1 co-trains the listed teachers with the student; list at least one "
                           "teacher, none of them named 'student'")
@@ -117,7 +120,8 @@ def stage1(cfg: DictConfig) -> dict[str, Any]:
             load_weights(models[name], tc.checkpoint, f"teachers.{name}.checkpoint", name)
     seed_everything(cfg.seed)
     models["student"], keys["student"] = build_model(cfg.student, meta, "student"), cfg.student.inputs
-    co = CoTraining({n: Net(m, keys[n]) for n, m in models.items()}, opts["temperature"], opts["kd_weight"])
+    co = CoTraining({n: Net(m, keys[n]) for n, m in models.items()}, opts["temperature"], opts["kd_weight"],
+                    opts["detach"])
     fitted, test = fit("cotrain", co, data, cfg, run_dir)
     results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir),
                                "pipeline": "mst_stage1", "teachers": {}}
@@ -158,35 +162,75 @@ def check_teachers(cfg: DictConfig, prev: DictConfig, where: str) -> None:
 
 
 class MaskFit(Module):
-    """Trains one specialised teacher's MaskNet: ``forward`` returns ``T^2 KL(p_student || p_masked)``
-    (``"kd"`` and ``"loss"``) and ``predict`` the masked teacher's logits.
+    """Trains the MaskNets of specialised teachers together, each towards the frozen student.
+
+    ``forward`` returns ``"kd/<name>"`` ``= T^2 KL(p_student || p_masked)`` for each mask (the
+    batch mean) and their sum under ``"loss"``: the MaskNets share no parameters, so each one's
+    gradient is its own term's, as with the reference code's one optimiser per MaskNet. ``predict``
+    returns the masked teachers' mean logits (what the trainer's metrics see). Its callback
+    (:class:`ValKL`) adds each epoch's validation KL, by which stage 2 keeps its best epoch.
 
     Args:
-        teacher: a specialised teacher whose only trainable part is its MaskNet.
-        student: the frozen student (or its cached outputs), the target.
+        teachers: specialised teachers whose only trainable parts are their MaskNets.
+        names: their names.
+        groups: for each, the stage-1 teacher it masks.
+        target: the frozen student (or its cached training-set outputs), the training target.
+        student: the frozen student itself, the validation target.
         temperature: ``T``.
     """
 
-    def __init__(self, teacher: Teacher, student: nn.Module, temperature: float = 4.0):
+    def __init__(self, teachers: Sequence[Teacher], names: Sequence[str], groups: Sequence[str],
+                 target: nn.Module, student: nn.Module, temperature: float = 4.0):
         super().__init__()
-        self.teacher, self.student, self.temperature = teacher, student, temperature
+        if not len(teachers) == len(names) == len(groups):
+            raise ValueError(f"MaskFit: {len(teachers)} teachers, {len(names)} names, {len(groups)} groups")
+        self.teachers, self.names, self.groups = nn.ModuleList(teachers), list(names), list(groups)
+        self.target, self.student, self.temperature = target, student, temperature
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         with torch.no_grad():
-            target = self.student(batch).logits.float()
-        loss = kd(self.teacher(batch).logits.float(), target, temperature=self.temperature)
-        return {"kd": loss, "loss": loss}
+            target = self.target(batch).logits.float()
+        losses = {f"kd/{n}": kd(t(batch).logits.float(), target, temperature=self.temperature)
+                  for n, t in zip(self.names, self.teachers)}
+        losses["loss"] = sum(losses.values())
+        return losses
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
-        """The masked teacher's logits."""
-        return self.teacher(batch).logits
+        """The masked teachers' mean logits."""
+        return torch.stack([t(batch).logits.float() for t in self.teachers]).mean(0)
+
+    @torch.no_grad()
+    def validation_kl(self, dataset: Dataset, device: torch.device, batch_size: int = 256) -> dict[str, float]:
+        """On ``dataset``: ``val/kd/<name>``, each mask's mean ``T^2 KL(p_student || p_masked)`` over
+        the items, and ``val/kd``, MST-Distill's selection criterion: the sum over the stage-1
+        teachers of the mean over their masks (its ``Loss_s2_all``: T-masks' mean + A-masks' mean)."""
+        self.eval()
+        sums, count = torch.zeros(len(self.teachers), device=device), 0
+        for batch in loader(dataset, batch_size):
+            batch = to_device(batch, device)
+            target = self.student(batch).logits.float()
+            sums += torch.stack([kd(t(batch).logits.float(), target, temperature=self.temperature, reduction="sum")
+                                 for t in self.teachers])
+            count += len(target)
+        per_mask = (sums / count).tolist()
+        out = {f"val/kd/{n}": v for n, v in zip(self.names, per_mask)}
+        by_group: dict[str, list[float]] = {}
+        for g, v in zip(self.groups, per_mask):
+            by_group.setdefault(g, []).append(v)
+        out["val/kd"] = sum(sum(vs) / len(vs) for vs in by_group.values())
+        return out
+
+    def callbacks(self) -> list[Callback]:
+        return [ValKL()]
 
 
-def frozen_target(student: nn.Module, keys: Sequence[str], data: DataSplits, cache_dir: Path, device) -> nn.Module:
-    """The frozen student as a target: its cached training-set outputs where the data allow it."""
-    target = Teacher(student, keys, frozen=True)
-    return cache_teacher(target, data.train, cache_dir, device=device) if cacheable(data.train) else target
+class ValKL(Callback):
+    """Adds :meth:`MaskFit.validation_kl` on the validation set to each epoch's metrics (before the
+    checkpoint reads them)."""
+
+    def on_epoch_end(self, trainer, module: nn.Module, metrics: dict[str, float]) -> None:
+        metrics.update(module.validation_kl(trainer.val_data, trainer.device))
 
 
 def build_specialized(teachers: Mapping[str, Teacher], layers: Mapping[str, Sequence[str]], data: DataSplits,
@@ -209,8 +253,10 @@ def build_specialized(teachers: Mapping[str, Teacher], layers: Mapping[str, Sequ
 
 @PIPELINES.register("mst_stage2")
 def stage2(cfg: DictConfig) -> dict[str, Any]:
-    """Train one MaskNet per (stage-1 teacher, layer of ``method.layers``) towards the frozen student;
-    write ``masks/<teacher>@<layer>/`` (trainer files) and ``masks.pt`` (the best MaskNet states)."""
+    """Train one MaskNet per (stage-1 teacher, layer of ``method.layers``) towards the frozen student,
+    all together; keep the epoch of the lowest validation criterion ``val/kd`` (MST-Distill's
+    selection: one epoch for all masks, whatever ``trainer.monitor`` says); write ``masks/`` (trainer
+    files) and ``masks.pt`` (the kept MaskNet states)."""
     t_start = time.perf_counter()
     opts = options(cfg, "mst_stage2", STAGE2, ("stage1", "layers"))
     stage1_dir = str(opts["stage1"])
@@ -222,13 +268,19 @@ def stage2(cfg: DictConfig) -> dict[str, Any]:
     teachers, student = load_stage1(stage1_dir, prev, meta)
     seed_everything(cfg.seed)
     names, spec = build_specialized(teachers, opts["layers"], data, opts["dim"], opts["heads"])
+    groups = [n for n, paths in opts["layers"].items() for _ in paths]
     device = Trainer(trainer_config(cfg)).device
-    target = frozen_target(student, prev.student.inputs, data, cache_dir, device)
+    live = Teacher(student, prev.student.inputs, frozen=True)
+    target = cache_teacher(live, data.train, cache_dir, device=device) if cacheable(data.train) else live
+    module = MaskFit(spec, names, groups, target, live, opts["temperature"])
+    selecting = OmegaConf.merge(cfg, {"trainer": {"monitor": "val/kd", "mode": "min"}})
+    fitted, _ = fit("masks", module, data, selecting, run_dir, opts["epochs"])
     results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir),
-                               "pipeline": "mst_stage2", "teachers": {}, "specialized": {}}
+                               "pipeline": "mst_stage2", "teachers": {}, "specialized": {},
+                               "selection": {"epoch": fitted.best_epoch, "val_kd": fitted.metrics["val/kd"]}}
     for name, t in zip(names, spec):
-        fitted, test = fit(f"masks/{name}", MaskFit(t, target, opts["temperature"]), data, cfg, run_dir, opts["epochs"])
-        results["specialized"][name] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"],
+        results["specialized"][name] = {"val_kd": fitted.metrics[f"val/kd/{name}"],
+                                        "test_acc": accuracy(cfg, t.model, t.keys, data.test),
                                         "mask_params": num_params(t.model.masknet)}
     io.save({"layers": opts["layers"], "dim": opts["dim"], "heads": opts["heads"], "names": names,
              "masks": [t.model.masknet.state_dict() for t in spec]}, run_dir / "masks.pt")

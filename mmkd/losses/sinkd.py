@@ -1,24 +1,27 @@
-"""Sinkhorn knowledge distillation (SinKD), batch-wise.
+"""Sinkhorn knowledge distillation (SinKD), batch-wise, at the official code's scale.
 
 With p^s_i = softmax(s_i / T) and p^t_j = softmax(t_j / T) the B student and B teacher rows of a
-batch, the ground cost is the L1 distance C_ij = |p^s_i - p^t_j|_1 (as in the official code,
-torch.cdist(p=1)). The entropic transport plan with uniform marginals 1/B,
+batch, the ground cost is the L1 distance C_ij = |p^s_i - p^t_j|_1 (torch.cdist(p=1), as in the
+official code). Starting from K = exp(-C / epsilon), ``iterations`` Sinkhorn steps each scale every
+row of the plan to sum 1, then every column to sum 1:
 
-    P = argmin_{P 1 = 1/B, P^T 1 = 1/B} <P, C> - epsilon * H(P),
+    P <- P / (P 1) (rows),   P <- P / (1^T P) (columns),   P_0 = K,
 
-is approximated by a fixed number of Sinkhorn iterations (alternating row then column scaling
-of K = exp(-C / epsilon)), run in the log domain and differentiated through, and
+run in the log domain and differentiated through, and
 
     SinKD = <P, C> = sum_ij P_ij C_ij.
 
 Cui, Qin, Gao, Zhang, Xu, Wu, Li, Sun, Zhou and Li, "Sinkhorn Distance Minimization for Knowledge
-Distillation", LREC-COLING 2024. Defaults follow the official code (T = 2, epsilon = 0.1, 20
-iterations as its signature states); that code normalises rows and columns to 1 rather than 1/B,
-which makes its value B times this one (it is then scaled by a small loss weight).
+Distillation", LREC-COLING 2024. Official code (2018cx/SinKD, loss.py, class ``Sinkhorn``):
+``sinkhorn_normalized`` scales rows then columns to 1 (not 1/B), ``sinkhorn_loss`` returns
+``sum(P * Wxy)``, with epsilon = 0.1, 20 iterations and T = 2 (hard-coded; the constructor's T is
+ignored). This function is that ``sinkhorn_loss`` value: a plan with marginals 1/B (a transport plan
+of total mass 1) gives exactly this value divided by B. The official ``forward`` then multiplies by
+0.001 (an earlier version of loss.py by 0.0008 * 20 / 8 = 0.002) and ``glue_train.py`` adds
+``beta * loss`` (``--beta``, e.g. 0.8 in script/student/rte.sh): the official ``--beta b`` is
+``weight = 0.001 * b`` here.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -32,17 +35,16 @@ def sinkd(student_logits, teacher_logits, target=None, *, temperature=2.0, epsil
           iterations=20):
     """``<P, C>`` with C_ij = |softmax(s_i/T) - softmax(t_j/T)|_1 and P the Sinkhorn plan (scalar).
 
-    P has uniform marginals 1/B and comes from ``iterations`` log-domain Sinkhorn steps at
-    entropic regularisation ``epsilon``. Cui et al., "Sinkhorn Distance Minimization for
-    Knowledge Distillation", LREC-COLING 2024.
+    P starts from exp(-C / epsilon) and takes ``iterations`` steps of scaling its rows, then its
+    columns, to sum 1 (the official code's scale: B times a plan with marginals 1/B). Cui et al.,
+    "Sinkhorn Distance Minimization for Knowledge Distillation", LREC-COLING 2024.
     """
     cost = torch.cdist((student_logits / temperature).softmax(1),
                        (teacher_logits / temperature).softmax(1), p=1)
     log_k = -cost / epsilon
-    log_a = -math.log(cost.shape[0])
     f = torch.zeros_like(cost[:, 0])
     g = torch.zeros_like(cost[0])
     for _ in range(iterations):
-        f = log_a - (log_k + g[None, :]).logsumexp(1)
-        g = log_a - (log_k + f[:, None]).logsumexp(0)
+        f = -(log_k + g[None, :]).logsumexp(1)
+        g = -(log_k + f[:, None]).logsumexp(0)
     return ((f[:, None] + log_k + g[None, :]).exp() * cost).sum()

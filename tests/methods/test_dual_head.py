@@ -1,5 +1,7 @@
-"""Dual-head students (DHO, Dual-Head KD): binary KL, gradient alignment, the DHO inference rule and its
-alpha/beta search, export of the combined prediction, label thinning, and the heads' losses in the core."""
+"""Dual-head students (DHO, Dual-Head KD): binary KL, gradient alignment (ours on the features; the
+official all-parameter rule is in tests/mmkd/test_gradients.py), the non-linear auxiliary head, the DHO
+inference rule, its alpha/beta search after every epoch and the checkpoint it keeps, export of the
+combined prediction, label thinning, and the heads' losses in the core."""
 import itertools
 import math
 import os
@@ -9,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmkd.callbacks import Callback
 from mmkd.data import TensorDictDataset, keep_labels, semi
 from mmkd.distiller import Distiller, Term
 from mmkd.export import export_onnx, export_program
@@ -19,6 +22,7 @@ from mmkd.methods.dual_head_kd import align_gradients
 from mmkd.net import Net, Teacher
 from mmkd.registry import DATASETS, LOSSES, MODELS
 from mmkd.routers import ConstantRouter
+from mmkd.trainer import Trainer
 
 DATA = Path(os.environ["MMKD_DATA"]).resolve() if "MMKD_DATA" in os.environ else None
 
@@ -37,6 +41,8 @@ def test_bkl_zero_at_teacher_and_matches_loops():
         want.append(temp**2 * total)
     assert torch.allclose(bkl(s, t, temperature=temp, reduction="none"), torch.tensor(want, dtype=torch.float64))
     assert torch.isclose(bkl(s, t, temperature=temp), torch.tensor(sum(want) / 3, dtype=torch.float64))
+    # the official default temperature (BinaryKLNorm(temperature=2)): the default equals T = 2 given
+    assert torch.equal(bkl(s, t, reduction="none"), bkl(s, t, temperature=2.0, reduction="none"))
     meta = LOSSES.meta("bkl")
     assert {k: meta[k] for k in ("teacher", "per_sample", "batch")} == {"teacher": True, "per_sample": True, "batch": False}
     assert not meta["ranges"]["temperature"].contains(0) and meta["ranges"]["temperature"].contains(2.0)
@@ -140,6 +146,28 @@ def test_forward_modes():
     assert {"alpha", "beta"} <= set(m.state_dict())
     with pytest.raises(ValueError, match="inference"):
         _model(inference="mean")
+    with pytest.raises(ValueError, match=r"^dual_head.align=True; choose from: none, features$"):
+        _model(align=True)
+
+
+def test_nonlinear_aux_head_is_the_official_classifier():
+    torch.manual_seed(4)
+    m, x = _model(aux_head="nonlinear", inference="ce"), torch.randn(5, 6)
+    kinds = [type(layer) for layer in m.kd_head]
+    assert kinds == [torch.nn.Linear, torch.nn.Dropout, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
+    first, drop, norm, _, last = m.kd_head
+    sizes = (first.in_features, first.out_features, drop.p, norm.num_features, last.out_features)
+    assert sizes == (8, 200, 0.1, 200, 3)
+    assert isinstance(m.ce_head, torch.nn.Linear)
+    m.eval()
+    with torch.no_grad():
+        h = m.backbone(x)
+        a = h @ first.weight.T + first.bias
+        a = (a - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+        want = a.clamp(min=0) @ last.weight.T + last.bias
+        assert torch.allclose(m.heads(x)[1], want, atol=1e-6)
+    with pytest.raises(ValueError, match="aux_head='mlp'; choose from: linear, nonlinear"):
+        _model(aux_head="mlp")
 
 
 def test_export_returns_the_combined_prediction(tmp_path):
@@ -189,9 +217,83 @@ def test_calibrate_stores_the_search_result():
     assert m2.alpha.item() == pytest.approx(got["alpha"])
 
 
+def _states():
+    """Two weight states of a DualHead on the identity backbone (width 6, 3 classes) for the 6 one-hot
+    validation items ``x_i = e_i``, ``y = [0, 1, 2, 0, 1, 2]``, whose heads' logits are the weights' columns:
+
+    * A: the KD head right but weak (margin 1), the CE head confidently wrong (10 on class y + 1): at
+      alpha = 0.5, beta = 1 every item is wrong (0.5 + 0.5 * 0.21 on the wrong class against 0.5 * 0.58),
+      but alpha = 1 is right everywhere: searched accuracy 1;
+    * B: both heads right on items 0-3, both wrong on 4 and 5: 4/6 for every alpha and beta.
+
+    Unsearched (alpha = 0.5, beta = 1) B beats A (4/6 against 0); searched, A beats B."""
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    right, wrong = F.one_hot(y, 3).float(), F.one_hot((y + 1) % 3, 3).float()
+    b = torch.cat([right[:4], wrong[4:]]) * 2
+    return y, [{"ce_head.weight": 10 * wrong.T, "kd_head.weight": right.T},
+               {"ce_head.weight": b.T, "kd_head.weight": b.T}]
+
+
+class _SetWeights(Callback):
+    """After every step, the weights of epoch ``trainer.epoch`` (what the epoch "learnt")."""
+
+    def __init__(self, model, states):
+        self.model, self.states = model, states
+
+    def on_step_end(self, trainer, module, losses):
+        with torch.no_grad():
+            for k, v in self.states[trainer.epoch].items():
+                self.model.get_parameter(k).copy_(v)
+            self.model.ce_head.bias.zero_()
+            self.model.kd_head.bias.zero_()
+
+
+def _fit(tmp_path, search, max_epochs=2, resume=False, extra=()):
+    y, states = _states()
+    torch.manual_seed(0)
+    model = DualHead(torch.nn.Identity(), 6, 3, search=search)
+    data = TensorDictDataset("v", x=torch.eye(6), label=y)
+    module = Distiller(Net(model, ["x"]), [], [Term("ce")])
+    trainer = Trainer(max_epochs=max_epochs, batch_size=6, tensorboard=False, progress="off", run_dir=tmp_path,
+                      resume=resume)
+    return model, trainer.fit(module, data, data, callbacks=[_SetWeights(model, states), *extra])
+
+
+def test_per_epoch_search_keeps_the_epoch_with_the_best_searched_accuracy(tmp_path):
+    model, result = _fit(tmp_path / "epoch", "epoch")
+    first, second = result.history
+    assert (first["dho/searched_acc"], second["dho/searched_acc"]) == (1.0, pytest.approx(4 / 6))
+    assert (first["val/acc"], second["val/acc"]) == (1.0, pytest.approx(4 / 6))  # re-evaluated with the picks
+    assert result.best_epoch == 1 and result.metrics["val/acc"] == 1.0
+    # the kept model is epoch 1's with its own pick (alpha = 1: the KD head alone)
+    assert torch.equal(model.ce_head.weight, _states()[1][0]["ce_head.weight"]) and model.alpha.item() == 1.0
+    assert (model.eval()(torch.eye(6)).argmax(1) == _states()[0]).all()
+    # our variant: checkpoint on the unsearched val/acc (epoch 2), one search at the end on its weights
+    model, result = _fit(tmp_path / "end", "end")
+    assert result.best_epoch == 2 and result.history[0]["val/acc"] == 0.0 and "dho/alpha" not in result.history[0]
+    assert result.metrics["val/acc"] == pytest.approx(4 / 6)
+
+
+class _Crash(Callback):
+    def on_epoch_start(self, trainer, module):
+        if trainer.epoch == 1:
+            raise RuntimeError("killed")
+
+
+def test_per_epoch_search_resumes_exactly(tmp_path):
+    _, whole = _fit(tmp_path / "whole", "epoch", max_epochs=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        _fit(tmp_path / "cut", "epoch", extra=[_Crash()])
+    model, resumed = _fit(tmp_path / "cut", "epoch", resume=True)
+    assert resumed.best_epoch == whole.best_epoch == 1 and model.alpha.item() == 1.0
+    drop = ("time/train_s", "time/epoch_s")
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in whole.history]
+
+
 def test_dual_head_factory_strips_the_backbone_head():
     m = MODELS["dual_head"](num_classes=4, in_shape=(1, 8, 8), backbone={"name": "cnn", "args": {"channels": [4, 6]}},
-                            inference="ce", align=True)
+                            inference="ce", align="features")
     assert isinstance(m.backbone.head, torch.nn.Identity) and m.ce_head.in_features == 6
     out = m.train()(torch.randn(2, 1, 8, 8))
     assert out.shape == (2, 4)
@@ -237,15 +339,24 @@ def test_dho_config_runs_and_calibrates_on_validation(run_experiment):
     assert results["student"]["test_acc"] == pytest.approx((test_pred == data.test.tensors["label"]).float().mean().item())
 
 
-def test_dhkd_config_runs_and_predicts_with_the_main_head(run_experiment):
-    """configs/experiment/dhkd_digits.yaml runs for one epoch through `mmkd run`: the auxiliary head
-    trains with bkl, and the reported test accuracy is the main (CE) head's."""
+def test_dhkd_config_runs_and_predicts_with_the_main_head(run_experiment, monkeypatch):
+    """configs/experiment/dhkd_digits.yaml runs for one epoch through `mmkd run`: every student step's
+    gradients come from the backward rule align (ce primary, bkl secondary), the auxiliary head trains
+    with bkl, and the reported test accuracy is the main (CE) head's."""
     import csv
 
+    from mmkd.gradients import Align
+
+    steps, backward = [], Align.backward
+    monkeypatch.setattr(Align, "backward", lambda self, losses, params: (steps.append((self.primary, self.secondary,
+                                                                                       sorted(losses))),
+                                                                         backward(self, losses, params)))
     run_dir, results = run_experiment("dhkd_digits", "teachers.cnn.epochs=1")
+    assert steps == [(["ce"], ["bkl"], ["bkl", "ce", "loss"])] * 17  # 1,078 training items in batches of 64
     row = next(csv.DictReader((run_dir / "student" / "metrics.csv").open()))
     assert float(row["train/bkl"]) > 0 and float(row["train/ce"]) > 0
-    model = dual_head(10, (1, 8, 8), backbone={"name": "cnn", "args": {"channels": [16, 32]}}, inference="ce")
+    model = dual_head(10, (1, 8, 8), backbone={"name": "cnn", "args": {"channels": [16, 32]}}, inference="ce",
+                      aux_head="nonlinear")
     model.load_state_dict(torch.load(run_dir / "student.pt"))
     test = DATASETS["digits"](root="unused").test.tensors
     with torch.no_grad():
@@ -275,3 +386,21 @@ def test_avdigits_configs_chain_on_tiny_data(tmp_path):
     assert "val_acc" not in t2 and t2["test_acc"] == t1["test_acc"]  # loaded, not trained again
     state = torch.load(dho / "student.pt")
     assert round(state["alpha"].item(), 2) in ALPHAS and state["beta"].item() in BETAS
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("student.args.aux_head=mlp", "student.args: dual_head.aux_head='mlp'; choose from: linear, nonlinear"),
+    ("student.args.search=never", "student.args: dual_head.search='never'; choose from: epoch, end"),
+    ("student.args.align=true", "student.args: dual_head.align=True; choose from: none, features"),
+    ("student.args.aux_hidden=0", "student.args.aux_hidden=0; it must be an integer >= 1"),
+])
+def test_bad_dual_head_arguments_are_one_line_errors(override, expected):
+    from mmkd.cli import compose
+    from mmkd.config import ConfigError
+
+    from mmkd.build import build_model, load_data
+
+    with pytest.raises(ConfigError) as e:
+        cfg = compose(["experiment=dhkd_digits", override])
+        build_model(cfg.student, load_data(cfg)[1], "student")
+    assert str(e.value) == expected

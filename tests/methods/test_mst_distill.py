@@ -16,12 +16,15 @@ from torch import nn
 
 from mmkd import Distiller, Net, Teacher, Term, Trainer, cache_teacher
 from mmkd.cache import teacher_hash
+from mmkd.callbacks import Callback
 from mmkd.cli import compose, main
-from mmkd.data import TensorDictDataset
+from mmkd.build import build_model, build_router, build_terms
+from mmkd.data import DataSplits, TensorDictDataset
 from mmkd.models import CNN, MLP
 from mmkd.methods.mst_distill import CoTraining, MaskedModel, MaskNet, specialized_teachers
 from mmkd.methods.mst_distill.pipeline import MaskFit, routing_report
 from mmkd.routers import LinearRouter, top_k_mask
+from mmkd.schedules import StepDecay
 
 # ---------------------------------------------------------------- MaskNets and specialised teachers
 B = 5
@@ -184,29 +187,60 @@ def naive_kl(p_t: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
     return (p_t * (p_t.log() - p_s.log())).sum(1).mean()
 
 
-def test_cotraining_losses_match_a_hand_computation_and_targets_are_detached():
+def cotraining_case(detach: bool):
     torch.manual_seed(0)
     nets = {n: Net(nn.Linear(6, 4), ["x"]) for n in ("fusion", "cross", "student")}
     batch = {"x": torch.randn(8, 6), "label": torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])}
-    co = CoTraining(nets, temperature=T, kd_weight=0.5)
-    losses = co(batch)
-    z = {n: net.model(batch["x"]) for n, net in nets.items()}
-    expected = {}
-    for m in nets:
-        logp = z[m].log_softmax(1)
-        expected[f"{m}/ce"] = -logp[torch.arange(8), batch["label"]].mean()
-        for o in nets:
+    return nets, batch, CoTraining(nets, temperature=T, kd_weight=0.5, detach=detach)
+
+
+def naive_cotraining(weights: dict, batch: dict, detach: bool) -> dict[str, torch.Tensor]:
+    """The co-training losses of linear members ``name -> (W, b)``, written out."""
+    z = {n: batch["x"] @ w.T + b for n, (w, b) in weights.items()}
+    out = {}
+    for m in weights:
+        out[f"{m}/ce"] = -z[m].log_softmax(1)[torch.arange(8), batch["label"]].mean()
+        for o in weights:
             if o != m:
-                expected[f"{m}/kd_{o}"] = 0.5 * T**2 * naive_kl((z[o] / T).softmax(1), (z[m] / T).softmax(1))
+                zo = z[o].detach() if detach else z[o]
+                out[f"{m}/kd_{o}"] = 0.5 * T**2 * naive_kl((zo / T).softmax(1), (z[m] / T).softmax(1))
+    return out
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_cotraining_losses_and_gradients_match_a_hand_computation(detach):
+    nets, batch, co = cotraining_case(detach)
+    assert CoTraining(nets).detach is False  # the official form is the default
+    losses = co(batch)
+    weights = {n: (net.model.weight.detach().clone().requires_grad_(), net.model.bias.detach().clone().requires_grad_())
+               for n, net in nets.items()}
+    expected = naive_cotraining(weights, batch, detach)
     assert set(losses) == set(expected) | {"loss"}
     for k, v in expected.items():
         torch.testing.assert_close(losses[k], v)
     torch.testing.assert_close(losses["loss"], sum(expected.values()))
-    # a member's KL term trains that member only: the other's distribution is a detached target
-    losses["student/kd_fusion"].backward()
-    assert nets["fusion"].model.weight.grad is None and nets["cross"].model.weight.grad is None
+    # one KL term: official (undetached), it trains both members; detached, only the learning one
+    losses["student/kd_fusion"].backward(retain_graph=True)
+    expected["student/kd_fusion"].backward(retain_graph=True)
+    torch.testing.assert_close(nets["student"].model.weight.grad, weights["student"][0].grad)
     assert nets["student"].model.weight.grad.abs().sum() > 0
-    torch.testing.assert_close(co.predict(batch), z["student"].detach())
+    assert nets["cross"].model.weight.grad is None
+    if detach:
+        assert nets["fusion"].model.weight.grad is None
+    else:
+        torch.testing.assert_close(nets["fusion"].model.weight.grad, weights["fusion"][0].grad)
+        torch.testing.assert_close(nets["fusion"].model.bias.grad, weights["fusion"][1].grad)
+        assert nets["fusion"].model.weight.grad.abs().sum() > 0
+    # the total: every member's gradient equals the naive one's
+    co.zero_grad()
+    for w, b in weights.values():
+        w.grad = b.grad = None
+    losses["loss"].backward()
+    sum(expected.values()).backward()
+    for n, net in nets.items():
+        torch.testing.assert_close(net.model.weight.grad, weights[n][0].grad)
+        torch.testing.assert_close(net.model.bias.grad, weights[n][1].grad)
+    torch.testing.assert_close(co.predict(batch), (batch["x"] @ weights["student"][0].T + weights["student"][1]).detach())
 
 
 def toy_data(n: int = 48, classes: int = 3, seed: int = 0) -> TensorDictDataset:
@@ -216,26 +250,80 @@ def toy_data(n: int = 48, classes: int = 3, seed: int = 0) -> TensorDictDataset:
     return TensorDictDataset(f"toy{seed}", x=x, label=y)
 
 
-def test_stage2_trains_only_the_masknet(tmp_path):
+def mask_case():
+    """Three specialised teachers (two on one MLP teacher, one on another), a frozen student, toy data."""
     torch.manual_seed(0)
     data = toy_data()
-    teacher = Teacher(MLP(3, (6,), hidden=[16, 8]), ["x"])
-    student = Teacher(MLP(3, (6,), hidden=[4]), ["x"])
-    backbone = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    (spec,) = specialized_teachers([teacher], [["body.2"]], data[[0, 1]], dim=8, heads=2)
-    mask_before = {k: v.clone() for k, v in spec.model.masknet.state_dict().items()}
-    module = MaskFit(spec, student, temperature=T)
+    teachers = [Teacher(MLP(3, (6,), hidden=[16, 8]), ["x"]), Teacher(MLP(3, (6,), hidden=[8]), ["x"])]
+    student = Teacher(MLP(3, (6,), hidden=[4]), ["x"], frozen=True)
+    spec = specialized_teachers(teachers, [["body.1", "body.2"], ["body.1"]], data[[0, 1]], dim=8, heads=2)
+    module = MaskFit(spec, ["a1", "a2", "b1"], ["a", "a", "b"], student, student, temperature=T)
+    return data, teachers, student, spec, module
+
+
+def test_stage2_loss_is_the_kl_to_the_student_and_trains_only_the_masknets(tmp_path):
+    data, teachers, student, spec, module = mask_case()
+    backbones = [{k: v.clone() for k, v in t.model.state_dict().items()} for t in teachers]
+    masks_before = [{k: v.clone() for k, v in t.model.masknet.state_dict().items()} for t in spec]
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in spec.model.masknet.parameters()}
-    # the loss is T^2 KL(p_student || p_masked teacher)
+    assert trainable == {id(p) for t in spec for p in t.model.masknet.parameters()}
+    # each mask's loss is T^2 KL(p_student || p_masked teacher), the batch mean; the total their sum
     batch = data[list(range(8))]
-    want = T**2 * naive_kl((student(batch).logits / T).softmax(1), (spec(batch).logits / T).softmax(1))
-    torch.testing.assert_close(module(batch)["loss"], want)
-    Trainer(run_dir=tmp_path, max_epochs=3, batch_size=16, lr=1e-2, device="cpu", tensorboard=False,
-            progress="off").fit(module, data, toy_data(seed=1))
-    for k, v in teacher.model.state_dict().items():
-        assert torch.equal(v, backbone[k]), k
-    assert any(not torch.equal(v, mask_before[k]) for k, v in spec.model.masknet.state_dict().items())
+    losses = module(batch)
+    p_s = (student(batch).logits / T).softmax(1)
+    for name, t in zip(["a1", "a2", "b1"], spec):
+        torch.testing.assert_close(losses[f"kd/{name}"], T**2 * naive_kl(p_s, (t(batch).logits / T).softmax(1)))
+    torch.testing.assert_close(losses["loss"], losses["kd/a1"] + losses["kd/a2"] + losses["kd/b1"])
+    Trainer(run_dir=tmp_path, max_epochs=2, batch_size=16, lr=1e-2, device="cpu", tensorboard=False,
+            progress="off", monitor="val/kd", mode="min").fit(module, data, toy_data(seed=1))
+    for t, before in zip(teachers, backbones):
+        assert all(torch.equal(v, before[k]) for k, v in t.model.state_dict().items())
+    for t, before in zip(spec, masks_before):
+        assert any(not torch.equal(v, before[k]) for k, v in t.model.masknet.state_dict().items())
+
+
+class Replay(Callback):
+    """Puts ``states[e]`` into the MaskNets after every step of epoch ``e``: they end it, and are
+    validated, in that state."""
+
+    def __init__(self, spec, states):
+        self.spec, self.states = spec, states
+
+    def on_step_end(self, trainer, module, losses):
+        for t, state in zip(self.spec, self.states[trainer.epoch]):
+            t.model.masknet.load_state_dict(state)
+
+
+def test_stage2_keeps_the_epoch_of_the_lowest_validation_kl(tmp_path):
+    data, _, student, spec, module = mask_case()
+    val = toy_data(seed=1)
+    batch = val[list(range(len(val)))]
+    p_s = (student(batch).logits / T).softmax(1)
+
+    @torch.no_grad()
+    def criterion() -> float:  # mean of teacher a's two masks' KL + teacher b's KL, over all val items
+        for t in spec:
+            t.eval()
+        kl = [float(T**2 * naive_kl(p_s, (t(batch).logits / T).softmax(1))) for t in spec]
+        return (kl[0] + kl[1]) / 2 + kl[2]
+
+    candidates = []
+    for seed in range(3):  # three sets of MaskNet states
+        torch.manual_seed(seed + 10)
+        for t in spec:
+            for p in t.model.masknet.parameters():
+                p.data = torch.randn_like(p) * 2
+        candidates.append(([{k: v.clone() for k, v in t.model.masknet.state_dict().items()} for t in spec], criterion()))
+    candidates.sort(key=lambda c: c[1])
+    order = [candidates[1], candidates[0], candidates[2]]  # the lowest criterion at epoch 1 of 0..2
+    result = Trainer(run_dir=tmp_path, max_epochs=3, batch_size=16, lr=1e-3, device="cpu", tensorboard=False,
+                     progress="off", monitor="val/kd", mode="min").fit(module, data, val, [Replay(spec, [c[0] for c in order])])
+    assert [h["val/kd"] for h in result.history] == pytest.approx([c[1] for c in order], rel=1e-5)
+    assert result.best_epoch == 2  # counted from 1
+    for t, state in zip(spec, order[1][0]):
+        for k, v in t.model.masknet.state_dict().items():
+            torch.testing.assert_close(v, state[k])
+    assert criterion() == pytest.approx(candidates[0][1], rel=1e-5)
 
 
 def routed(mode: str):
@@ -268,6 +356,30 @@ def test_stage3_router_learns_from_kl_in_soft_mode_and_from_balance_only_in_hard
     router.zero_grad()
     losses["router/balance"].backward()
     assert router.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("student", ["image", "audio"])
+def test_stage3_configs_route_one_teacher_and_decay_the_kd_and_balance_weights_in_steps(student):
+    cfg = compose([f"experiment=mst_{student}_stage3"])
+    shape = (1, 4, 4)
+    meta = {"num_classes": 3, "shapes": {k: shape for k in cfg.student.inputs}, "class_names": ["a", "b", "c"]}
+    model = build_model(cfg.student, meta, "student")
+    items = TensorDictDataset("toy", **{k: torch.rand(4, *shape) for k in cfg.student.inputs},
+                              label=torch.arange(4) % 3)
+    data = DataSplits(items, items, items, 3, meta["shapes"])
+    router = build_router(cfg, meta, model, data, 4)
+    assert (router.mode, router.k, router.balance) == ("hard", 1, "kl")
+    assert router.balance_weight == StepDecay(every=10, gamma=0.9, start=1.0)
+    terms = {t.name: t for t in build_terms(cfg, Net(model, cfg.student.inputs, cfg.student.features), [], data)}
+    assert terms["kd"].weight == StepDecay(every=30, gamma=0.5, start=1.0) and terms["ce"].weight == 1.0
+    assert terms["kd"].args == {"temperature": 4.0}
+    assert (cfg.trainer.monitor, cfg.trainer.mode) == ("val/loss", "min")
+    # the official loop: after epoch e (from 0), w_kl *= 0.5 if e % 30 == 0 and w_lb *= 0.9 if e % 10 == 0
+    w_kl, w_lb = 1.0, 1.0
+    for e in range(95):
+        assert terms["kd"].weight(0.0, e) == pytest.approx(w_kl) and router.balance_weight(0.0, e) == pytest.approx(w_lb)
+        w_kl, w_lb = w_kl * (0.5 if e % 30 == 0 else 1), w_lb * (0.9 if e % 10 == 0 else 1)
+    assert [terms["kd"].weight(0.0, e) for e in (0, 1, 30, 31, 61)] == pytest.approx([1, 0.5, 0.5, 0.25, 0.125])
 
 
 def toy_report(mode: str, tmp_path) -> tuple[dict, dict, torch.Tensor]:
@@ -314,6 +426,8 @@ def test_stage_chaining_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert code == 2 and err.startswith("mmkd: error: method.stage2=") and "no such run directory" in err
     code, err = cli(capsys, "experiment=mst_image_stage2", "method.stage1=x", "method.epoch=3")
     assert code == 2 and "method.epoch: unknown option of pipeline mst_stage2" in err
+    code, err = cli(capsys, "experiment=mst_image_stage1", f"out_dir={tmp_path}", "method.detach=maybe")
+    assert code == 2 and err.startswith("mmkd: error: method.detach: 'maybe'; give true") and "\n" not in err
     # an earlier stage's run with another student, other data, or another pipeline
     for name, change in (("student", {"student": {"args": {"hidden": [32]}}}),
                          ("data", {"data": {"args": {"hop": 80}}}), ("pipeline", {"pipeline": "distill"})):
@@ -338,16 +452,18 @@ def test_three_stages_chain_through_mmkd_run_on_tiny_avdigits(tmp_path, capsys):
     assert main(["run", "experiment=mst_image_stage2", f"run_dir={s2}", f"method.stage1={s1}",
                  "method.epochs=2", "method.dim=8", "method.heads=2", *common]) == 0
     assert main(["run", "experiment=mst_image_stage3", f"run_dir={s3}", f"method.stage2={s2}", *common]) == 0
-    # stage 2 keeps each mask's best-validation state: the one in its trainer's best.pt
+    # stage 2 keeps the masks of its epoch of the lowest validation KL: the states in its trainer's best.pt
     masks = torch.load(s2 / "masks.pt", weights_only=True)
-    for name, state in zip(masks["names"], masks["masks"]):
-        best = torch.load(s2 / "masks" / name / "best.pt", weights_only=True)["model"]
-        prefix = "teacher.model.masknet."
-        assert set(state) == {k.removeprefix(prefix) for k in best if k.startswith(prefix)}, name
+    assert masks["names"] == ["fusion@encoders.image.pool", "fusion@encoders.audio.body", "audio@body.2", "audio@body.5"]
+    best = torch.load(s2 / "masks" / "best.pt", weights_only=True)
+    history = torch.load(s2 / "masks" / "last.pt", weights_only=True)["history"]
+    assert best["metrics"]["val/kd"] == min(h["val/kd"] for h in history)
+    for i, (name, state) in enumerate(zip(masks["names"], masks["masks"])):
+        prefix = f"teachers.{i}.model.masknet."
+        assert set(state) == {k.removeprefix(prefix) for k in best["model"] if k.startswith(prefix)}, name
         for k, v in state.items():
-            torch.testing.assert_close(v, best[prefix + k])
-    for run, parts in ((s1, ["cotrain"]), (s2, [f"masks/{m}" for m in ("fusion@encoders.image.pool",
-                        "fusion@encoders.audio.body", "audio@body.2", "audio@body.5")]), (s3, ["student"])):
+            torch.testing.assert_close(v, best["model"][prefix + k])
+    for run, parts in ((s1, ["cotrain"]), (s2, ["masks"]), (s3, ["student"])):
         assert (run / "config.yaml").is_file() and (run / "results.json").is_file()
         for part in parts:
             assert all((run / part / f).is_file() for f in ("metrics.csv", "best.pt", "last.pt")), part
@@ -355,8 +471,8 @@ def test_three_stages_chain_through_mmkd_run_on_tiny_avdigits(tmp_path, capsys):
     results = json.loads((s3 / "results.json").read_text())
     assert len(results["specialized"]) == 4 and 0 <= results["student"]["test_acc"] <= 1
     routing = json.loads((s3 / "routing.json").read_text())
-    assert torch.tensor(routing["counts"]).sum() == 2 * 20  # k=2 picks for each of 20 test items
-    assert (routing["mode"], routing["k"]) == ("hard", 2) and results["routing"]["overall"] == routing["overall"]
+    assert torch.tensor(routing["counts"]).sum() == 20  # k=1 pick for each of 20 test items
+    assert (routing["mode"], routing["k"]) == ("hard", 1) and results["routing"]["overall"] == routing["overall"]
     assert (s3 / "routing.png").is_file()
     # a soft router on a student feature: stage 3 gives it the feature's width
     s3f = tmp_path / "s3f"

@@ -9,9 +9,9 @@ from mmkd.distiller import Distiller, Term
 from mmkd.net import Net, Teacher
 from mmkd.registry import LOSSES
 from mmkd.routers import ConstantRouter
-from mmkd.schedules import Schedule
-from mmkd.methods.trg import (TokenProjector, as_tokens, knn_graph, paired_tokens, trg_context,
-                              trg_global, trg_local)
+from mmkd.schedules import Anneal
+from mmkd.methods.trg import (TokenProjector, as_tokens, knn_graph, neighbour_log_probs, neighbours,
+                              paired_tokens, trg_context, trg_global, trg_local)
 
 
 def test_registered():
@@ -93,10 +93,10 @@ def _naive_local(s, t, k, sigma, normalize):
         d = lambda x, i, j: sum((x[i][c] - x[j][c]) ** 2 for c in range(len(x[i])))  # noqa: E731
         for i in range(n):
             nb = sorted((j for j in range(n) if j != i), key=lambda j: (d(xt, i, j), j))[:k]
-            ws = [math.exp(-d(xs, i, j) / (2 * sigma)) for j in nb]
+            ws = [math.exp(-d(xs, i, j) / (2 * sigma)) for j in nb]  # the kernel weights A_ij on i's edges
             wt = [math.exp(-d(xt, i, j) / (2 * sigma)) for j in nb]
-            ps = [math.exp(w) / sum(math.exp(v) for v in ws) for w in ws]
-            pt = [math.exp(w) / sum(math.exp(v) for v in wt) for w in wt]
+            ps = [w / sum(ws) for w in ws]  # normalised over i's neighbours
+            pt = [w / sum(wt) for w in wt]
             loss += sum(p * (math.log(p) - math.log(q)) for p, q in zip(ps, pt))
         total.append(loss)
     return torch.tensor(total, dtype=torch.float64)
@@ -111,6 +111,49 @@ def test_local_matches_loops(normalize):
     want = _naive_local(s, t, 2, 0.7 if normalize else 4.0, normalize)
     assert torch.allclose(got, want, atol=1e-10)
     assert trg_local(s, s, k=2, num_tokens=None) == 0
+
+
+def test_neighbour_distribution_hand_example():
+    x = torch.tensor([[[0.0], [1.0], [3.0]]], dtype=torch.float64)  # squared distances 1, 9, 4
+    nb = neighbours(x, 2)
+    assert nb[0].tolist() == [[1, 2], [0, 2], [1, 0]]
+    p = neighbour_log_probs(x, nb, sigma=0.5).exp()[0]
+    # token 0: weights exp(-1), exp(-9) normalised; token 2: exp(-4), exp(-9)
+    assert torch.allclose(p[0], torch.tensor([1, math.exp(-8)], dtype=torch.float64) / (1 + math.exp(-8)))
+    assert torch.allclose(p[2], torch.tensor([1, math.exp(-5)], dtype=torch.float64) / (1 + math.exp(-5)))
+
+
+def _clustered_tokens(g, batch=4, clusters=4, per=4, width=8):
+    """Tokens in tight clusters of ``per`` around random centres, their spread growing within a cluster."""
+    centres = torch.randn(batch, clusters, 1, width, generator=g, dtype=torch.float64)
+    spread = torch.linspace(0.1, 0.5, per, dtype=torch.float64).view(1, 1, per, 1)
+    noise = torch.randn(batch, clusters, per, width, generator=g, dtype=torch.float64)
+    return (centres + spread * noise).reshape(batch, clusters * per, width)
+
+
+def test_local_separates_structured_from_shuffled_tokens():
+    """The student's tokens as the teacher's (rotated into another width, slightly perturbed) give a
+    local loss near 0; the same student tokens at shuffled positions break every neighbourhood and
+    give a loss far above it, over 1 nat per token. The old form, a softmax of the kernel weights
+    A_ij in (0, 1], has logits within 1 of each other, near-uniform distributions (entropy within
+    0.02 of log k here) and a value bounded by 2 nats per token; the normalised kernel at the
+    default sigma (a temperature 0.1 on cosine similarities) is informative."""
+    g = torch.Generator().manual_seed(0)
+    t = _clustered_tokens(g)
+    rot, _ = torch.linalg.qr(torch.randn(12, 8, generator=g, dtype=torch.float64))  # distance-preserving
+    s = t @ rot.T
+    structured = trg_local(s + 0.02 * torch.randn(s.shape, generator=g, dtype=torch.float64), t, k=4,
+                           num_tokens=None, reduction="none")
+    shuffled = trg_local(s[:, torch.randperm(16, generator=g)], t, k=4, num_tokens=None, reduction="none")
+    assert (structured < 0.002 * 16).all()
+    assert (shuffled > 1.0 * 16).all()
+    assert (shuffled > 500 * structured).all()
+    tn = torch.nn.functional.normalize(t, dim=-1)
+    log_p = neighbour_log_probs(tn, neighbours(tn, 4), sigma=0.1)
+    entropy = -(log_p.exp() * log_p).sum(-1).mean()
+    assert entropy < math.log(4) - 0.2  # well below uniform over the 4 neighbours
+    old = torch.log_softmax(torch.exp(-torch.cdist(tn, tn).pow(2).gather(-1, neighbours(tn, 4)) / 2), -1)
+    assert -(old.exp() * old).sum(-1).mean() > math.log(4) - 0.02  # the old form: near uniform
 
 
 def test_global_matches_loops():
@@ -181,7 +224,7 @@ def test_terms_in_the_distiller_train_the_projector():
     losses["loss"].backward()
     assert proj.proj.weight.grad is not None and proj.proj.weight.grad.abs().sum() > 0
     assert student.model.body.weight.grad.abs().sum() > 0
-    assert terms[2].args["temperature"] == Schedule(1.0, 0.1)  # the config mapping, parsed
+    assert terms[2].args["temperature"] == Anneal(1.0, 0.1)  # the config mapping, parsed (cosine)
     assert any(k.startswith("adapters.trg_global") for k in d.state_dict())
 
 

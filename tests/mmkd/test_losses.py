@@ -121,8 +121,8 @@ def ref_sinkd(S, T_, Y, temperature=2.0, epsilon=0.1, iterations=20):
     K = [[math.exp(-cost[i][j] / epsilon) for j in range(B)] for i in range(B)]
     u, v = [1.0] * B, [1.0] * B
     for _ in range(iterations):
-        u = [(1 / B) / sum(K[i][j] * v[j] for j in range(B)) for i in range(B)]
-        v = [(1 / B) / sum(u[i] * K[i][j] for i in range(B)) for j in range(B)]
+        u = [1 / sum(K[i][j] * v[j] for j in range(B)) for i in range(B)]  # rows, then columns, to 1
+        v = [1 / sum(u[i] * K[i][j] for i in range(B)) for j in range(B)]
     return sum(u[i] * K[i][j] * v[j] * cost[i][j] for i in range(B) for j in range(B))
 
 

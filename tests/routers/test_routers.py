@@ -1,6 +1,6 @@
-"""The constant and confidence routers, learned routers, routing helpers, load-balancing losses, the
-Distiller's router losses, the run's router factory arguments, config ``imports`` and the custom-router
-example."""
+"""The constant and confidence routers, learned routers, routing helpers (the load-balancing losses
+are in test_gating.py), the Distiller's router losses, the run's router factory arguments, config
+``imports`` and the custom-router example."""
 from __future__ import annotations
 
 import copy
@@ -16,7 +16,7 @@ from torch import nn
 from mmkd import Distiller, Net, Output, Teacher, Term
 from mmkd.config import ConfigError
 from mmkd.routers import (ConfidenceRouter, ConstantRouter, LinearRouter, MLPRouter, NoisyTopKRouter, Router,
-                          cv_balance, hard_top_k, kl_balance, top_k_gates, top_k_mask)
+                          hard_top_k, kl_balance, top_k_gates, top_k_mask)
 from tests.reference import ref_kd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,21 +126,6 @@ def test_top_k_selection_hand_example():
     for k in (0, 4):
         with pytest.raises(ValueError, match="k="):
             top_k_mask(p, k)
-
-
-def test_load_balance_losses_hand_values():
-    # KL(u || m) with m = mean over the batch
-    assert kl_balance(torch.tensor([[0.9, 0.1], [0.5, 0.5]])).item() == pytest.approx(0.5 * math.log(25 / 21), rel=1e-6)
-    m = [(1 / 2 + 1 / 6) / 2, (1 / 4 + 1 / 2) / 2, (1 / 4 + 1 / 3) / 2]
-    want = sum(1 / 3 * math.log((1 / 3) / mt) for mt in m)
-    assert kl_balance(torch.tensor([[1 / 2, 1 / 4, 1 / 4], [1 / 6, 1 / 2, 1 / 3]])).item() == pytest.approx(want, rel=1e-5)
-    assert kl_balance(torch.tensor([[0.8, 0.2], [0.2, 0.8]])).item() == pytest.approx(0.0, abs=1e-7)
-    assert math.isinf(kl_balance(torch.tensor([[1.0, 0.0], [1.0, 0.0]])).item())
-    # CV(I)^2 with I = sum over the batch and the population variance: I = [2, 0] -> 1 / 1 = 1
-    assert cv_balance(torch.tensor([[1.0, 0.0], [1.0, 0.0]])).item() == pytest.approx(1.0)
-    # I = [2.1, 0.9]: mean 1.5, variance 0.36 -> 0.16
-    assert cv_balance(torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.7, 0.3]])).item() == pytest.approx(0.16, rel=1e-5)
-    assert cv_balance(torch.full((3, 4), 0.25)).item() == pytest.approx(0.0, abs=1e-12)
 
 
 # ---------------------------------------------------------------- learned routers

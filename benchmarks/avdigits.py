@@ -1,5 +1,6 @@
 """Cross-modal baselines on AV-digits: teachers (image, audio, multimodal) and image-only /
-audio-only students trained with CE, KD from the multimodal teacher, cross-modal KD, DKD and FitNet.
+audio-only students trained with CE, KD from the multimodal teacher, cross-modal KD, DKD (with
+mdistiller's 20-epoch warm-up of its weight, the official procedure, and without) and FitNet.
 
 The teachers are trained once per seed (experiment ``av_teachers``) and loaded by every method's run
 through ``teachers.<name>.checkpoint=<that run>``; students train with the experiment configs
@@ -20,8 +21,10 @@ from common import fmt, write
 from mmkd.cli import compose
 from mmkd.run import run
 
-METHODS = {"kd_mm": "KD from multimodal", "kd_cross": "KD cross-modal", "dkd": "DKD (multimodal)",
-           "fitnet": "FitNet (multimodal)"}
+METHODS = {"kd_mm": "KD from multimodal", "kd_cross": "KD cross-modal",
+           "dkd": "DKD (multimodal), official procedure (weight warmed up over 20 epochs)",
+           "dkd_nowarm": "DKD (multimodal), no warm-up", "fitnet": "FitNet (multimodal)"}
+VARIANTS = {"dkd_nowarm": ("dkd", ["losses.dkd.weight=1.0"])}  # method -> (experiment's method, overrides)
 TEACHER_OF = {("image", "kd_cross"): "audio", ("audio", "kd_cross"): "image"}
 
 
@@ -55,9 +58,10 @@ def main() -> None:
             for student in ("image", "audio"):
                 for method in METHODS:
                     teacher = TEACHER_OF.get((student, method), "fusion")
-                    cfg = compose([f"experiment=av_{student}_{method}", f"seed={seed}",
+                    base, extra = VARIANTS.get(method, (method, []))
+                    cfg = compose([f"experiment=av_{student}_{base}", f"seed={seed}",
                                    f"teachers.{teacher}.checkpoint={teachers['run_dir']}",
-                                   f"baseline={method == 'kd_mm'}", *common])
+                                   f"baseline={method == 'kd_mm'}", *extra, *common])
                     epochs["students"][cfg.experiment] = cfg.trainer.max_epochs
                     r = run(cfg)
                     acc.setdefault(f"{student} {method}", []).append(r["student"]["test_acc"])

@@ -28,7 +28,7 @@ from mmkd.run import run
 
 BASELINES = {"ce": "CE (labels only)", "kd_mm": "KD from multimodal", "kd_cross": "KD cross-modal",
              "dkd": "DKD (multimodal)", "fitnet": "FitNet (multimodal)"}
-MODES = {"hard": "MST-Distill, hard top-2 (paper)", "soft": "MST-Distill, soft routing"}
+MODES = {"hard": "MST-Distill, hard top-1 (paper)", "soft": "MST-Distill, soft routing"}
 
 
 def main() -> None:
@@ -148,7 +148,7 @@ def report(args: argparse.Namespace, acc: dict[str, list[float]], seeds: int) ->
     budget = (f"; baselines (avdigits.json, its own runs): teachers {epochs['teachers']}, students {epochs['students']} "
               "epochs from scratch" if epochs else "")
     notes = (f"{seeds} seeds, mean ± std, AV-digits test split. Epochs: stage 1 {args.stage1_epochs} (teachers and "
-             f"student co-trained), stage 2 {args.mask_epochs} per mask, stage 3 {args.stage3_epochs} (the student "
+             f"student co-trained), stage 2 {args.mask_epochs} (the masks together), stage 3 {args.stage3_epochs} (the student "
              f"starts from stage 1's){budget}. Margins against the best baseline by mean, paired by seed "
              f"(mean ± std of the per-seed differences, points): {margin_text}.")
     write(args.name, {"overrides": args.overrides, "seeds": seeds, "epochs": {

@@ -14,33 +14,20 @@ def softmax(row, t):
     return [v / sum(e) for v in e]
 
 
-def official_sinkhorn_loss(S, T_, temperature=2.0, epsilon=0.1, n_iters=20):
+def official_sinkhorn_loss(S, T_, temperature=2.0, epsilon=0.1, n_iters=20, mass=1.0):
     """``Sinkhorn.sinkhorn_loss(softmax(s / T), softmax(t / T))`` of the official loss.py, in loops:
     ``x = K``, then ``n_iters`` times ``x /= x.sum(1)`` (rows) and ``x /= x.sum(0)`` (columns);
-    ``sum(x * Wxy)`` (without the 0.001 its ``forward`` multiplies by)."""
+    ``sum(x * Wxy)`` (without the 0.001 its ``forward`` multiplies by). ``mass=1 / B``: the same
+    iterations with marginals 1/B (a plan of total mass 1)."""
     ps = [softmax(s, temperature) for s in S]
     pt = [softmax(t, temperature) for t in T_]
     B = len(ps)
     w = [[sum(abs(a - b) for a, b in zip(ps[i], pt[j])) for j in range(B)] for i in range(B)]
     x = [[math.exp(-w[i][j] / epsilon) for j in range(B)] for i in range(B)]
     for _ in range(n_iters):
-        x = [[x[i][j] / sum(x[i]) for j in range(B)] for i in range(B)]
+        x = [[x[i][j] / sum(x[i]) * mass for j in range(B)] for i in range(B)]
         col = [sum(x[i][j] for i in range(B)) for j in range(B)]
-        x = [[x[i][j] / col[j] for j in range(B)] for i in range(B)]
-    return sum(x[i][j] * w[i][j] for i in range(B) for j in range(B))
-
-
-def unit_mass_plan_value(S, T_, temperature=2.0, epsilon=0.1, n_iters=20):
-    """The same iterations with marginals 1/B (a plan of total mass 1)."""
-    ps = [softmax(s, temperature) for s in S]
-    pt = [softmax(t, temperature) for t in T_]
-    B = len(ps)
-    w = [[sum(abs(a - b) for a, b in zip(ps[i], pt[j])) for j in range(B)] for i in range(B)]
-    x = [[math.exp(-w[i][j] / epsilon) for j in range(B)] for i in range(B)]
-    for _ in range(n_iters):
-        x = [[x[i][j] / sum(x[i]) / B for j in range(B)] for i in range(B)]
-        col = [sum(x[i][j] for i in range(B)) for j in range(B)]
-        x = [[x[i][j] / col[j] / B for j in range(B)] for i in range(B)]
+        x = [[x[i][j] / col[j] * mass for j in range(B)] for i in range(B)]
     return sum(x[i][j] * w[i][j] for i in range(B) for j in range(B))
 
 
@@ -66,7 +53,7 @@ def test_matches_the_official_sinkhorn_loss(b, c, kwargs):
 def test_is_batch_size_times_the_unit_mass_plan(b):
     s, t = logits(b, 4, seed=b)
     got = sinkd(s, t).item()
-    assert got == pytest.approx(b * unit_mass_plan_value(s.tolist(), t.tolist()), rel=1e-9, abs=1e-12)
+    assert got == pytest.approx(b * official_sinkhorn_loss(s.tolist(), t.tolist(), mass=1 / b), rel=1e-9, abs=1e-12)
 
 
 def test_defaults_are_the_official_ones():

@@ -38,6 +38,10 @@ def test_config_carries_the_official_settings(dataset, teacher):
     assert (gnn.args.hidden, gnn.args.layers, gnn.args.dropout) == (hidden, layers, dropout_s)
     if teacher == "gat":
         assert (gnn.args.heads, gnn.args.attn_dropout) == (heads, 0.3)
+    # src/models.py: ReLU between GAT layers; DGL GraphConv / SAGEConv('gcn') stacks drop out between layers
+    official_layers = {"gat": {"activation": "relu"}, "gcn": {"input_dropout": False},
+                       "sage": {"aggr": "gcn", "input_dropout": False}}[teacher]
+    assert official_layers.items() <= dict(gnn.args).items()
     assert (gnn.epochs, gnn.lr) == (epochs, 0.01)  # the teacher's lr is hard-coded in src/train.py
 
     student = cfg.student

@@ -159,6 +159,11 @@ def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits)
     """The loss terms of ``cfg.losses``; adapters are sized by one forward pass on a training batch."""
     terms, outs = [], None
     for k, t in cfg.losses.items():
+        if t.group is not None:
+            keys = set(next(iter(loader(data.train, 2))))
+            if t.group not in keys:
+                raise ConfigError(f"losses.{k}.group={t.group!r} is not an entry of the training batches; "
+                                  f"they have: {', '.join(sorted(keys))}")
         adapter = None
         if t.adapter:
             if outs is None:
@@ -172,5 +177,6 @@ def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits)
                 adapter = make_adapter(t.adapter, s_shape, t_shape)
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"losses.{k}: {e.args[0]}") from None
-        terms.append(Term(t.loss or k, t.weight, dict(t.args), name=k, student=t.student, teacher=t.teacher, adapter=adapter))
+        terms.append(Term(t.loss or k, t.weight, dict(t.args), name=k, student=t.student, teacher=t.teacher, adapter=adapter,
+                          group=t.group))
     return terms

@@ -69,6 +69,7 @@ class TermConfig:
     student: str = "logits"  # or features.<module path> (listed in student.features)
     teacher: str = "logits"  # or features.<module path> (listed in each teacher's features)
     adapter: Optional[str] = None  # linear | conv | token: a learned projector on the student side
+    group: Optional[str] = None  # a batch key (e.g. labelled): mean within each group of rows, summed
 
 
 @dataclass

@@ -39,6 +39,10 @@ class Term:
     applied to the student side first; its parameters train with the student. The ``weight`` and any
     ``args`` value may be a :class:`~mmkd.schedules.Schedule` (or its config mapping, e.g.
     ``{schedule: warmup, epochs: 20}``): the term then uses its value at the current training state.
+    ``group`` names a batch entry (e.g. ``"labelled"`` of :class:`~mmkd.data.PairedBatches`): a
+    per-instance loss is then averaged within each group of rows that share its value and the group
+    means are summed, ``sum_g mean_{b in g} loss_b`` (DHO's ``KD(labelled) + KD(unlabelled)``), instead
+    of one mean over the batch.
     """
 
     loss: str
@@ -48,6 +52,7 @@ class Term:
     student: str = "logits"
     teacher: str = "logits"
     adapter: nn.Module | None = None
+    group: str | None = None
 
     def __post_init__(self) -> None:
         self.fn = LOSSES[self.loss]
@@ -57,6 +62,9 @@ class Term:
         self.name = self.name or self.loss
         self.weight = Schedule.parse(self.weight, f"loss term {self.name!r}, weight")
         self.args = {k: Schedule.parse(v, f"loss term {self.name!r}, {k}") for k, v in self.args.items()}
+        if self.group is not None and not self.per_sample:
+            raise ValueError(f"loss term {self.name!r}: group={self.group!r} needs a per-instance loss; "
+                             f"{self.loss!r} is computed over the whole batch")
         for side in (self.student, self.teacher):
             if side != "logits" and not side.startswith("features."):
                 raise ValueError(f"loss term {self.name!r}: {side!r} is neither 'logits' nor 'features.<path>'")
@@ -71,6 +79,19 @@ def pick(out: Output, what: str) -> Tensor:
         raise KeyError(f"no feature {path!r}; the model exposes: {', '.join(out.features) or 'none'} "
                        "(list the path in the Net's/Teacher's features)")
     return out.features[path]
+
+
+def group_mean(batch: Batch, term: Term):
+    """``values -> sum_g mean_{b in g} values_b`` over the groups of rows sharing ``batch[term.group]``."""
+    if term.group not in batch:
+        raise KeyError(f"loss term {term.name!r}: group={term.group!r} is not a batch entry; the batch has: "
+                       f"{', '.join(sorted(batch))}")
+    _, inverse, counts = torch.unique(batch[term.group].reshape(-1), return_inverse=True, return_counts=True)
+
+    def mean(values: Tensor) -> Tensor:
+        sums = values.new_zeros(len(counts)).index_add(0, inverse.to(values.device), values)
+        return (sums / counts.to(values.device)).sum()
+    return mean
 
 
 class Distiller(Module):
@@ -153,13 +174,16 @@ class Distiller(Module):
         kwargs = {k: value_at(v, self.progress, self.epoch) for k, v in term.args.items()}
         if term.reads_batch:
             kwargs["batch"] = batch
+        mean = Tensor.mean if term.group is None else group_mean(batch, term)
         if not term.reads_teacher:
-            return term.fn(s_in, None, target, **kwargs)
+            if term.group is None:
+                return term.fn(s_in, None, target, **kwargs)
+            return mean(term.fn(s_in, None, target, reduction="none", **kwargs))
         parts = []
         for i, t in enumerate(outs):
             t_in = pick(t, term.teacher).float()
             if term.per_sample:
-                parts.append((w[:, i] * term.fn(s_in, t_in, target, reduction="none", **kwargs)).mean())
+                parts.append(mean(w[:, i] * term.fn(s_in, t_in, target, reduction="none", **kwargs)))
             else:
                 parts.append(w[:, i].mean() * term.fn(s_in, t_in, target, **kwargs))
         return sum(parts[1:], parts[0])

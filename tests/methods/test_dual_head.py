@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkd.callbacks import Callback
+from mmkd.cli import compose
 from mmkd.data import TensorDictDataset, keep_labels, semi
 from mmkd.distiller import Distiller, Term
 from mmkd.export import export_onnx, export_program
@@ -201,6 +202,30 @@ def test_heads_get_their_own_losses_through_the_core():
     m.zero_grad(set_to_none=True)
     d({"x": x, "label": torch.tensor([0, 1, 2, 0])})["ce"].backward()
     assert m.ce_head.weight.grad.abs().sum() > 0 and m.kd_head.weight.grad is None
+
+
+def test_dho_config_loss_is_the_official_two_batch_loss():
+    """dho_digits' terms on one paired step with 3 labelled and 5 unlabelled rows (the last, short
+    labelled batch of an epoch) give train_others.py's 0.5 * CE(L) + 0.5 * (KD(L) + KD(U)), each KD a
+    batchmean over its own batch: not 0.5 * CE + mean over the 8 rows."""
+    cfg = compose(["experiment=dho_digits"])
+    terms = [Term(t.loss or k, t.weight, dict(t.args), name=k, student=t.student, group=t.group)
+             for k, t in cfg.losses.items()]
+    m = _model()
+    teacher = Teacher(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)), ["x"])
+    d = Distiller(Net(m, ["x"], ["kd_head"]), [teacher], terms, ConstantRouter())
+    torch.manual_seed(0)
+    x, labels = torch.randn(8, 6), torch.tensor([0, 2, 1, -1, -1, -1, -1, -1])
+    got = d({"x": x, "label": labels, "labelled": labels >= 0})["loss"]
+    z_ce, z_kd = m.heads(x)
+    z_t = teacher({"x": x}).logits
+
+    def kd(rows):
+        return F.kl_div(F.log_softmax(z_kd[rows] / 2, 1), F.softmax(z_t[rows] / 2, 1), reduction="batchmean") * 4
+
+    want = 0.5 * F.cross_entropy(z_ce[:3], labels[:3]) + 0.5 * (kd(slice(0, 3)) + kd(slice(3, 8)))
+    assert torch.isclose(got, want, atol=1e-5)
+    assert not torch.isclose(got, 0.5 * F.cross_entropy(z_ce[:3], labels[:3]) + kd(slice(0, 8)), atol=1e-3)
 
 
 def test_calibrate_stores_the_search_result():
@@ -395,7 +420,6 @@ def test_avdigits_configs_chain_on_tiny_data(tmp_path):
     ("student.args.aux_hidden=0", "student.args.aux_hidden=0; it must be an integer >= 1"),
 ])
 def test_bad_dual_head_arguments_are_one_line_errors(override, expected):
-    from mmkd.cli import compose
     from mmkd.config import ConfigError
 
     from mmkd.build import build_model, load_data

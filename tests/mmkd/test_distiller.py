@@ -196,3 +196,42 @@ def test_batch_reading_loss_receives_the_batch():
     x, scale = torch.randn(3, 2), torch.tensor(2.5)
     got = d({"x": x, "scale": scale})["test_uses_batch"]
     assert torch.allclose(got, d.student.model(x).sum() * 2.5)
+
+
+# ---------------------------------------------------------------- grouped means
+def test_grouped_term_sums_the_mean_of_each_group():
+    """DHO's 0.5 * (KD(labelled) + KD(unlabelled)) on batches of unequal size: 2 labelled rows, 5 not."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(7, C, generator=g), torch.randn(7, C, generator=g)
+    labelled = torch.tensor([True, True, False, False, False, False, False])
+    batch = {"s": s, "t1": t, "labelled": labelled}
+    grouped = Distiller(passthrough("s"), [passthrough("t1", Teacher)],
+                        [Term("kd", 0.5, {"temperature": 2.0}, group="labelled")], ConstantRouter())
+    per_row = ref_kd(s, t, 2.0)
+    expect = 0.5 * (per_row[:2].mean() + per_row[2:].mean())
+    assert grouped(batch)["kd"].item() == pytest.approx(expect.item(), rel=1e-5)
+    flat = Distiller(passthrough("s"), [passthrough("t1", Teacher)],
+                     [Term("kd", 0.5, {"temperature": 2.0})], ConstantRouter())
+    assert flat(batch)["kd"].item() == pytest.approx(0.5 * per_row.mean().item(), rel=1e-5)
+    # one group: the plain mean
+    assert grouped({**batch, "labelled": torch.ones(7, dtype=torch.bool)})["kd"].item() == pytest.approx(
+        flat(batch)["kd"].item(), rel=1e-6)
+
+
+def test_grouped_term_weighs_rows_by_the_router_and_groups_any_values(batch):
+    w = torch.tensor([[1.0, 0.0], [0.2, 0.8], [0.5, 0.5], [0.9, 0.1], [0.0, 1.0]])
+    domain = torch.tensor([2, 0, 2, 2, 7])
+    d = Distiller(passthrough("s"), [passthrough("t1", Teacher), passthrough("t2", Teacher)],
+                  [Term("kd", group="domain")], router=FixedRouter(w))
+    k = torch.stack([ref_kd(batch["s"], batch["t1"]), ref_kd(batch["s"], batch["t2"])], 1)
+    rows = (w * k).sum(1)
+    expect = rows[[0, 2, 3]].mean() + rows[1] + rows[4]
+    assert d({**batch, "domain": domain})["kd"].item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+def test_grouped_term_errors(batch):
+    with pytest.raises(ValueError, match="group='labelled' needs a per-instance loss"):
+        Term("dist", group="labelled")
+    d = Distiller(passthrough("s"), [passthrough("t1", Teacher)], [Term("kd", group="labelled")], ConstantRouter())
+    with pytest.raises(KeyError, match="group='labelled' is not a batch entry; the batch has: label, s, t1, t2"):
+        d(batch)

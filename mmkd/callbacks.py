@@ -101,16 +101,17 @@ def monitored(metrics: dict[str, float], monitor: str) -> float:
 class ModelCheckpoint(Callback):
     """Keeps the best epoch by ``monitor``: its weights and metrics in ``run_dir/best.pt``; at the end
     of the fit the module gets them back. ``ties="first"`` keeps the earliest of equal scores,
-    ``"last"`` the latest."""
+    ``"last"`` the latest; ``keep="last"`` keeps the last epoch whatever its score (procedures that
+    report the final weights, e.g. MST-Distill's stage 1)."""
 
-    def __init__(self, monitor: str = "val/acc", mode: str = "max", ties: str = "first"):
-        self.monitor, self.mode, self.ties = monitor, mode, ties
+    def __init__(self, monitor: str = "val/acc", mode: str = "max", ties: str = "first", keep: str = "best"):
+        self.monitor, self.mode, self.ties, self.keep = monitor, mode, ties, keep
         self.best: float | None = None
         self.best_epoch = -1
 
     def on_epoch_end(self, trainer, module, metrics):
         score = monitored(metrics, self.monitor)
-        if better(score, self.best, self.mode, self.ties):
+        if self.keep == "last" or better(score, self.best, self.mode, self.ties):
             self.best, self.best_epoch = score, metrics["epoch"]
             if trainer.is_main:
                 io.save({"epoch": metrics["epoch"], "model": module.state_dict(), "metrics": metrics},

@@ -46,7 +46,7 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # cosine | step | none (stepped every batch)
+    scheduler: str = "cosine"  # cosine | linear | step | none (stepped every batch)
     warmup_epochs: float = 0.0
     step_epochs: int = 30  # step scheduler: decay by `gamma` every `step_epochs`
     gamma: float = 0.1
@@ -56,6 +56,7 @@ class TrainerConfig:
     mode: str = "max"  # max | min
     patience: Optional[int] = None  # stop after this many epochs without improvement
     ties: str = "first"  # first | last: which of several epochs with the best score is kept
+    keep: str = "best"  # best (by monitor) | last: the epoch whose weights the fit ends with
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile the module
@@ -67,8 +68,8 @@ class TrainerConfig:
     finite_check_every: int = 1  # check the loss for NaN/inf every N steps
 
 
-CHOICES = {"optimizer": ("adamw", "adam", "sgd"), "scheduler": ("cosine", "step", "none"), "mode": ("max", "min"),
-           "ties": ("first", "last"), "precision": ("auto", "bf16", "fp32"), "progress": ("auto", "on", "off")}
+CHOICES = {"optimizer": ("adamw", "adam", "sgd"), "scheduler": ("cosine", "linear", "step", "none"), "mode": ("max", "min"),
+           "ties": ("first", "last"), "keep": ("best", "last"), "precision": ("auto", "bf16", "fp32"), "progress": ("auto", "on", "off")}
 AT_LEAST = {"max_epochs": 1, "batch_size": 1, "step_epochs": 1, "finite_check_every": 1, "num_workers": 0,
             "warmup_epochs": 0, "weight_decay": 0, "momentum": 0, "patience": 1}
 
@@ -248,12 +249,14 @@ class Trainer:
         return adam(params, lr=c.lr, weight_decay=c.weight_decay)
 
     def _scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int):
-        """LR factor per step: linear warm-up over ``warmup_epochs``, then cosine decay to 0 over the
-        rest of the run, a step decay by ``gamma`` every ``step_epochs``, or constant (``none``)."""
+        """LR factor per step: linear warm-up over ``warmup_epochs``, then cosine or linear decay to 0 over
+        the rest of the run (``linear``: Hugging Face's ``get_linear_schedule_with_warmup``), a step decay
+        by ``gamma`` every ``step_epochs``, or constant (``none``)."""
         c = self.cfg
         total, warmup = c.max_epochs * steps_per_epoch, int(c.warmup_epochs * steps_per_epoch)
         after_warmup = {
             "cosine": lambda step: 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))),
+            "linear": lambda step: max(0.0, (total - step) / max(1, total - warmup)),
             "step": lambda step: c.gamma ** (step // (c.step_epochs * steps_per_epoch)),
             "none": lambda step: 1.0,
         }[c.scheduler]
@@ -296,7 +299,7 @@ class Trainer:
         self.should_stop = False
         opt = self._optimizer(params)
         sched = self._scheduler(opt, self.steps_per_epoch)
-        checkpoint = ModelCheckpoint(c.monitor, c.mode, c.ties)
+        checkpoint = ModelCheckpoint(c.monitor, c.mode, c.ties, c.keep)
         bar = ProgressBar.wanted(c.progress) and self.is_main
         self.callbacks = [*module.callbacks(), *callbacks, checkpoint,
                           *([EarlyStopping(c.patience, c.monitor, c.mode, c.ties)] if c.patience else []),

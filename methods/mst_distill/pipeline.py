@@ -103,7 +103,9 @@ def stage1(cfg: DictConfig) -> dict[str, Any]:
     ``cotrain/`` (trainer files), ``teachers/<name>/best.pt`` and ``student.pt``.
 
     The co-trained models are one module, checkpointed together: every member is kept at the epoch
-    of the student's best validation accuracy (``trainer.monitor``), the state stages 2 and 3 use."""
+    ``trainer.keep`` picks, the state stages 2 and 3 use: the shipped configs keep the last epoch (the
+    official procedure: stage 1 has no validation); ``trainer.keep=best`` keeps the epoch of the
+    student's best ``trainer.monitor``."""
     t_start = time.perf_counter()
     opts = options(cfg, "mst_stage1", STAGE1)
     if not isinstance(opts["detach"], bool):

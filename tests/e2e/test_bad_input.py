@@ -61,7 +61,7 @@ CASES = [
     ("trainer.max_epochs=", "trainer.max_epochs: expected integer"),
     # the trainer's settings
     ("trainer.optimizer=foo", "trainer.optimizer='foo'; choose from: adamw, adam, sgd"),
-    ("trainer.scheduler=x", "trainer.scheduler='x'; choose from: cosine, step, none"),
+    ("trainer.scheduler=x", "trainer.scheduler='x'; choose from: cosine, linear, step, none"),
     ("trainer.mode=x", "trainer.mode='x'; choose from: max, min"),
     ("trainer.precision=fp16", "trainer.precision='fp16'; choose from: auto, bf16, fp32"),
     ("trainer.progress=foo", "trainer.progress='foo'; choose from: auto, on, off"),

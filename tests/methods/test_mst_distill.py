@@ -359,6 +359,12 @@ def test_stage3_router_learns_from_kl_in_soft_mode_and_from_balance_only_in_hard
 
 
 @pytest.mark.parametrize("student", ["image", "audio"])
+def test_stage1_configs_co_train_undetached_and_keep_the_last_epoch(student):
+    cfg = compose([f"experiment=mst_{student}_stage1"])
+    assert cfg.method.detach is False and cfg.trainer.keep == "last"
+
+
+@pytest.mark.parametrize("student", ["image", "audio"])
 def test_stage3_configs_route_one_teacher_and_decay_the_kd_and_balance_weights_in_steps(student):
     cfg = compose([f"experiment=mst_{student}_stage3"])
     shape = (1, 4, 4)

@@ -236,6 +236,24 @@ def test_ties_last_keeps_the_later_of_equal_epochs(tmp_path, data, monkeypatch):
         trainer(tmp_path, max_epochs=1, ties="middle").fit(make_module(), train, val)
 
 
+def test_keep_last_ends_with_the_last_epoch_whatever_its_score(tmp_path, data, monkeypatch):
+    train, val = data
+    values = [0.5, 0.9, 0.6, 0.4]  # best at epoch 2, last at 4
+    snapshots = []
+
+    def scripted_evaluate(self, module, dataset):
+        snapshots.append(clone_state(module))
+        return {"acc": values[len(snapshots) - 1], "loss": 0.0}
+
+    monkeypatch.setattr(Trainer, "evaluate", scripted_evaluate)
+    mod = make_module()
+    res = trainer(tmp_path, max_epochs=len(values), keep="last").fit(mod, train, val)
+    assert (res.best_epoch, res.best_score) == (4, 0.4)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 4
+    assert_same_state(clone_state(mod), snapshots[3])
+    assert not torch.equal(snapshots[1]["student.model.0.weight"], snapshots[3]["student.model.0.weight"])
+
+
 @pytest.mark.parametrize("ties,stop,best", [
     ("first", 6, 3),  # the tie at epoch 5 is no improvement: epochs 4-6 are bad -> stop after 6
     ("last", 8, 5),  # the tie at epoch 5 becomes the best and resets patience -> stop after 8
@@ -272,9 +290,10 @@ def test_unknown_monitor_fails(tmp_path, data):
 
 @pytest.mark.parametrize("key,value,message", [
     ("mode", "best", "trainer.mode='best'; choose from: max, min"),
-    ("scheduler", "linear", "trainer.scheduler='linear'; choose from: cosine, step, none"),
+    ("scheduler", "poly", "trainer.scheduler='poly'; choose from: cosine, linear, step, none"),
     ("optimizer", "lamb", "trainer.optimizer='lamb'; choose from: adamw, adam, sgd"),
     ("ties", "middle", "trainer.ties='middle'; choose from: first, last"),
+    ("keep", "first", "trainer.keep='first'; choose from: best, last"),
     ("device", "gpu", "trainer.device='gpu'; choose from: auto, cpu, cuda, cuda:N"),
     ("batch_size", 0, "trainer.batch_size=0; it must be at least 1"),
     ("grad_clip", -1.0, "trainer.grad_clip=-1.0; it must be a positive finite number"),
@@ -519,6 +538,8 @@ def expected_lr(scheduler, warmup_epochs, step, step_epochs=1, gamma=0.5):
         return BASE_LR * (step + 1) / w
     if scheduler == "cosine":
         return BASE_LR * 0.5 * (1 + math.cos(math.pi * (step - w) / (total - w)))
+    if scheduler == "linear":
+        return BASE_LR * (total - step) / (total - w)
     if scheduler == "step":
         return BASE_LR * gamma ** (step // (step_epochs * SPE))
     return BASE_LR
@@ -528,6 +549,8 @@ def expected_lr(scheduler, warmup_epochs, step, step_epochs=1, gamma=0.5):
     ("cosine", 0, 1, {0: 1.0, 3: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 11: 0.5 * (1 + math.cos(11 * math.pi / 12))}),
     ("cosine", 1, 1, {0: 0.25, 3: 1.0, 4: 1.0, 8: 0.5}),
     ("cosine", 0.5, 1, {0: 0.5, 1: 1.0, 2: 1.0, 7: 0.5}),
+    ("linear", 0, 1, {0: 1.0, 3: 0.75, 6: 0.5, 11: 1 / 12}),
+    ("linear", 1, 1, {0: 0.25, 3: 1.0, 4: 1.0, 8: 0.5, 11: 1 / 8}),
     ("step", 0, 1, {0: 1.0, 3: 1.0, 4: 0.5, 7: 0.5, 8: 0.25, 11: 0.25}),
     ("step", 1, 2, {0: 0.25, 2: 0.75, 4: 1.0, 7: 1.0, 8: 0.5, 11: 0.5}),
     ("none", 0, 1, {0: 1.0, 5: 1.0, 11: 1.0}),

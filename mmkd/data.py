@@ -350,14 +350,26 @@ class PairedSampler(Sampler[list[int]]):
             yield next(streams[0]) + next(streams[1])
 
 
-class PairedBatches(Fingerprinted):
+class SelfBatching:
+    """A training set that makes its own batches: the trainer asks :meth:`batch_sampler` for each fit's
+    index lists (the epoch is their count) instead of shuffling it into ``trainer.batch_size`` batches.
+    Such batches are not sharded across DDP processes; ``ddp_hint`` says what to use there instead."""
+
+    ddp_hint = "train on one process"
+
+    def batch_sampler(self, batch_size: int, seed: int) -> Sampler:
+        """The sampler of one fit's batches (with ``set_epoch(epoch)`` when epochs differ)."""
+        raise NotImplementedError
+
+
+class PairedBatches(SelfBatching, Fingerprinted):
     """A training set read as pairs of batches (semi-supervised recipes with a labelled and an
     unlabelled loader, e.g. DHO): every step is one batch of labelled items (``trainer.batch_size``) and
     one of unlabelled items (``unlabelled_batch``, default the same), concatenated, labelled rows first.
     Items are ``data``'s plus ``"labelled"`` (bool), which marks the rows drawn from the labelled pool.
 
-    The trainer asks it for its batches (:meth:`batch_sampler`, a :class:`PairedSampler`) instead of
-    shuffling it itself; ``epoch`` says which pool sets the epoch's length (``shorter``: as ``zip`` of
+    It makes its own batches (:class:`SelfBatching`; :meth:`batch_sampler`, a :class:`PairedSampler`);
+    ``epoch`` says which pool sets the epoch's length (``shorter``: as ``zip`` of
     the two loaders). Under DDP it is refused. Its name and fingerprint are ``data``'s (the items are
     the same), so cached teacher outputs of ``data`` apply.
 
@@ -380,6 +392,8 @@ class PairedBatches(Fingerprinted):
             raise ValueError(f"epoch={epoch!r}; choose from: {', '.join(EPOCHS)}")
         self.data, self.labelled, self.unlabelled_batch, self.epoch = data, labelled, unlabelled_batch, epoch
         self.name, self.deterministic = data.name, data.deterministic
+
+    ddp_hint = "train on one process or use batches=mixed"
 
     @property
     def fingerprint(self) -> str:

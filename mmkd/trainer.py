@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from mmkd import io
 from mmkd.callbacks import Callback, EarlyStopping, MetricsLogger, ModelCheckpoint, ProgressBar
-from mmkd.data import DataError, EpochSampler, PairedBatches, loader
+from mmkd.data import DataError, EpochSampler, SelfBatching, loader
 from mmkd.gradients import BackwardRule
 from mmkd.metrics import MetricSet
 from mmkd.net import Batch
@@ -264,10 +264,10 @@ class Trainer:
                                                  else after_warmup(step))
 
     def _loader(self, data: Dataset):
-        if isinstance(data, PairedBatches):  # it makes its own batches (one labelled, one unlabelled per step)
+        if isinstance(data, SelfBatching):  # e.g. PairedBatches: one labelled, one unlabelled batch per step
             if self.world > 1:
-                raise ValueError(f"{self.stage}: paired labelled/unlabelled batches (data.args.batches=paired) "
-                                 "cannot be sharded across processes; train on one process or use batches=mixed")
+                raise ValueError(f"{self.stage}: {type(data).__name__} makes its own batches, which cannot be "
+                                 f"sharded across processes; {data.ddp_hint}")
             sampler = data.batch_sampler(self.cfg.batch_size, self.cfg.seed)
             return sampler, loader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers)
         if self.world > 1:

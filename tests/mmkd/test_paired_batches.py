@@ -71,6 +71,15 @@ def test_trainer_trains_on_the_paired_steps(tmp_path):
     assert trainer.steps_per_epoch == 3 and seen == [(4, 8), (4, 8), (2, 6)] * 2
 
 
+def test_trainer_refuses_to_shard_self_made_batches(tmp_path):
+    trainer = Trainer(max_epochs=1, batch_size=4, tensorboard=False, progress="off", run_dir=tmp_path)
+    trainer.world = 2  # as under torchrun with two processes
+    ds = PairedBatches(data(), data().tensors["label"] >= 0)
+    with pytest.raises(ValueError, match="PairedBatches makes its own batches, which cannot be sharded across "
+                                         "processes; train on one process or use batches=mixed"):
+        trainer.fit(Distiller(Net(nn.Linear(1, 3), ["x"]), [], [Term("ce")]), ds, data())
+
+
 def test_semi_paired_and_its_refusals():
     d = semi(root="unused", name="digits", fraction=0.1, seed=0, batches="paired", unlabelled_batch=32)
     assert isinstance(d.train, PairedBatches)

@@ -13,7 +13,11 @@ Every student of a seed is the same ``dual_head`` model from the same initialisa
 KD use its CE head alone (``inference: ce``, the KD term on its logits).
 
     OMP_NUM_THREADS=1 MMKD_DATA=../shared/data python benchmarks/dual_head.py [--seeds 3]
-        [--parts dho dhkd] [--fractions 0.01 0.1] [overrides ...]
+        [--parts dho dhkd] [--fractions 0.01 0.1] [--dho OVERRIDE ...] [--name NAME] [overrides ...]
+
+``--dho`` changes the official-procedure DHO rows and their KD / CE baselines only (an ablation): e.g.
+``--parts dho --dho data.args.epoch=unlabelled trainer.max_epochs=40 trainer.warmup_epochs=4 --name
+dual_head_epochs`` makes an epoch one pass over the unlabelled pool instead of the (tiny) labelled one.
 """
 from __future__ import annotations
 
@@ -50,6 +54,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--parts", nargs="+", choices=["dho", "dhkd"], default=["dho", "dhkd"])
     p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1])
+    p.add_argument("--dho", nargs="*", default=[], metavar="OVERRIDE",
+                   help="config overrides for the official-procedure DHO rows and their KD / CE baselines only "
+                        "(an ablation, e.g. data.args.epoch=unlabelled trainer.max_epochs=40)")
     p.add_argument("--name", default="dual_head")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -88,12 +95,12 @@ def main() -> None:
             if "dho" in args.parts:
                 for frac in args.fractions:
                     data = [f"data.args.fraction={frac}", f"data.args.seed={seed}"]
-                    for key, extra in (("dho", []), ("dho_ours", DHO_OURS)):
+                    for key, extra in (("dho", args.dho), ("dho_ours", DHO_OURS)):
                         r = run(compose(["experiment=dho_avdigits", f"seed={seed}", *data, *extra, *teacher,
                                          "baseline=false", *common]))
                         record(f"{frac} {key}", r["student"]["test_acc"], seed)
                         alpha_beta(f"{frac} {key}", r, seed)
-                    r = run(compose(["experiment=dho_avdigits", f"seed={seed}", *data, *SINGLE,
+                    r = run(compose(["experiment=dho_avdigits", f"seed={seed}", *data, *SINGLE, *args.dho,
                                      "losses.kd.student=logits", "baseline=true", *teacher, *common]))
                     record(f"{frac} kd", r["student"]["test_acc"], seed)
                     record(f"{frac} ce", r["baseline"]["test_acc"], seed)
@@ -102,7 +109,8 @@ def main() -> None:
 
 def report(args: argparse.Namespace, acc: dict[str, list[float]], picked: dict[str, list[list[float]]],
            minutes: float) -> None:
-    dho, dhkd = (compose([f"experiment={e}", *args.overrides]) for e in ("dho_avdigits", "dhkd_avdigits"))
+    dho = compose(["experiment=dho_avdigits", *args.overrides, *args.dho])
+    dhkd = compose(["experiment=dhkd_avdigits", *args.overrides])
     rows = [["both", "teacher: CNN, all training labels", "", fmt(acc["teacher"], 100), ""]]
     for frac in args.fractions if "dho" in args.parts else []:
         setting = f"semi-supervised, {100 * frac:g}% labels"
@@ -120,17 +128,21 @@ def report(args: argparse.Namespace, acc: dict[str, list[float]], picked: dict[s
                 margins[f"{key} - {base}"] = 100 * (mean_std(acc[key])[0] - mean_std(acc[f"{setting} {base}"])[0])
     t, td, teacher = dho.trainer, dhkd.trainer, dhkd.teachers.cnn
     labels = ", ".join(f"{100 * f:g}%: {10 * max(1, round(240 * f))}" for f in args.fractions)
+    epoch_end = {"shorter": "shorter pool, the labelled one", "labelled": "labelled pool",
+                 "unlabelled": "unlabelled pool"}[dho.data.args.get("epoch") or "shorter"]
     notes = (
-        f"{len(acc['teacher'])} seeds (mean ± std of test accuracy, AV-digits test split, 300 images; image key "
+        (f"Ablation: the DHO rows and their KD / CE baselines with {' '.join(args.dho)}. " if args.dho else "")
+        + f"{len(acc['teacher'])} seeds (mean ± std of test accuracy, AV-digits test split, 300 images; image key "
         f"only). The teacher (CNN {list(teacher.args.channels)}, {teacher.epochs} epochs) is trained on all 2,400 "
         "training labels once per seed; it stands in for DHO's zero-shot vision-language teacher. Students: "
         f"`dual_head` on an MLP {list(dho.student.args.backbone.args.hidden)} backbone, AdamW, "
         "the same initialisation for every method of a seed. DHO rows (official procedure): every step one "
-        f"labelled and one unlabelled batch of {t.batch_size} (an epoch ends with the labelled pool), "
+        f"labelled and one unlabelled batch of {t.batch_size} (an epoch ends with the {epoch_end}), "
         f"{t.max_epochs} epochs, lr {t.lr} with a linear warm-up over {t.warmup_epochs:g} epochs and linear decay, "
         f"weight decay {t.weight_decay}; loss {dho.losses.ce.weight} * CE (labelled rows) + "
         f"{dho.losses.kd.weight} * (KD_L + KD_U), each KD the mean over its own batch (kl at T = "
-        f"{dho.losses.kd.args.temperature}, T^2-scaled); alpha / beta searched on the validation split (300 labelled images) after every epoch and the "
+        f"{dho.losses.kd.args.temperature}, T^2-scaled); alpha / beta searched on the validation split (300 "
+        "labelled images) after every epoch and the "
         "epoch of the best searched accuracy kept. Our DHO variant: one batch of labelled and unlabelled items "
         "mixed, CE weight 1, KD weight 1 over the mixed batch, 40 epochs, cosine schedule (the earlier config), "
         "one search after the fit. Single-head KD and CE in "
@@ -144,7 +156,7 @@ def report(args: argparse.Namespace, acc: dict[str, list[float]], picked: dict[s
         "on a pretrained ResNet-18; Dual-Head KD: SGD lr 0.05, 240 epochs on CIFAR-100) "
         "are not used: they belong to other models and data. Margins (mean, points): "
         + "; ".join(f"{k} {v:+.2f}" for k, v in margins.items()) + f". Total wall time {minutes:.1f} min.")
-    write(args.name, {"overrides": args.overrides, "seeds": len(acc["teacher"]), "fractions": args.fractions,
+    write(args.name, {"overrides": args.overrides, "dho_overrides": args.dho, "seeds": len(acc["teacher"]), "fractions": args.fractions,
                       "test_acc": acc, "dho_alpha_beta": picked, "margins_pct_points": margins,
                       "wall_min": minutes},
           ["setting", "method", "procedure", "test accuracy %", "DHO alpha / beta per seed"], rows, notes)

@@ -477,21 +477,22 @@ BATCHES = ("mixed", "paired")  # how semi's training batches mix labelled and un
                                    "unlabelled_batch": Range(1, integer=True)})
 def semi(root: str, name: str, args: Optional[Mapping[str, Any]] = None, fraction: float = 0.1,
          seed: int = 0, batches: str = "mixed", unlabelled_batch: Optional[int] = None,
-         epoch: str = "shorter") -> DataSplits:
+         epoch: Optional[str] = None) -> DataSplits:
     """The registered data set ``name`` (with ``args``) whose training labels are cut to a stratified
     ``fraction`` by :func:`keep_labels`; the rest are -1 (unlabelled). Validation and test are unchanged.
     The training split must be a ``TensorDictDataset``.
 
     ``batches``: ``mixed`` shuffles labelled and unlabelled items together into ``trainer.batch_size``
     batches; ``paired`` makes every step one labelled batch of ``trainer.batch_size`` and one unlabelled
-    batch of ``unlabelled_batch`` (default the same) with ``epoch`` (``shorter``, ``labelled``,
-    ``unlabelled``) setting the epoch's length (:class:`PairedBatches`; DHO's two loaders)."""
+    batch of ``unlabelled_batch`` (default the same) with ``epoch`` (``shorter``, the default,
+    ``labelled``, ``unlabelled``) setting the epoch's length (:class:`PairedBatches`; DHO's two loaders)."""
     if batches not in BATCHES:
         raise ValueError(f"batches={batches!r}; choose from: {', '.join(BATCHES)}")
-    if epoch not in EPOCHS:
+    if epoch is not None and epoch not in EPOCHS:
         raise ValueError(f"epoch={epoch!r}; choose from: {', '.join(EPOCHS)}")
-    if batches == "mixed" and unlabelled_batch is not None:
-        raise ValueError("unlabelled_batch applies to batches=paired; remove it or set batches=paired")
+    for key, value in (("unlabelled_batch", unlabelled_batch), ("epoch", epoch)):
+        if batches == "mixed" and value is not None:
+            raise ValueError(f"{key} applies to batches=paired; remove it or set batches=paired")
     data = DATASETS[name](root=root, **(args or {}))
     train = data.train
     if not isinstance(train, TensorDictDataset) or data.label_key not in train.tensors:
@@ -499,5 +500,5 @@ def semi(root: str, name: str, args: Optional[Mapping[str, Any]] = None, fractio
     tensors = {**train.tensors, data.label_key: keep_labels(train.tensors[data.label_key], fraction, seed)}
     data.train = TensorDictDataset(f"{train.name}/semi-{fraction}-{seed}", train.deterministic, **tensors)
     if batches == "paired":
-        data.train = PairedBatches(data.train, tensors[data.label_key] >= 0, unlabelled_batch, epoch)
+        data.train = PairedBatches(data.train, tensors[data.label_key] >= 0, unlabelled_batch, epoch or "shorter")
     return data

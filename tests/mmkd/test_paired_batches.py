@@ -92,6 +92,12 @@ def test_semi_paired_and_its_refusals():
         semi(root="unused", name="digits", batches="zip")
     with pytest.raises(ValueError, match="unlabelled_batch applies to batches=paired"):
         semi(root="unused", name="digits", unlabelled_batch=8)
+    with pytest.raises(ValueError, match="epoch applies to batches=paired"):
+        semi(root="unused", name="digits", epoch="unlabelled")
+    with pytest.raises(ValueError, match="epoch='longest'; choose from: shorter, labelled, unlabelled"):
+        semi(root="unused", name="digits", batches="paired", epoch="longest")
+    longer = semi(root="unused", name="digits", fraction=0.1, seed=0, batches="paired", epoch="unlabelled")
+    assert len(longer.train.batch_sampler(64, 0)) == -(-n_u // 64)
     with pytest.raises(ValueError, match="the unlabelled pool is empty"):
         semi(root="unused", name="digits", fraction=1.0, batches="paired")
     with pytest.raises(ValueError, match="epoch='longest'; choose from: shorter, labelled, unlabelled"):

@@ -190,6 +190,20 @@ def test_early_stop_when_lr_zero(tmp_path, data, monkeypatch):
     assert_same_state(clone_state(mod), before)
 
 
+def scripted_scores(monkeypatch, values, keys=("acc",)) -> list:
+    """Make ``Trainer.evaluate`` score epoch ``e`` with ``values[e - 1]`` under each metric of ``keys``
+    (0 under the other) and record the module's state at each evaluation; returns those snapshots."""
+    snapshots = []
+
+    def scripted_evaluate(self, module, dataset):
+        snapshots.append(clone_state(module))
+        v = values[len(snapshots) - 1]
+        return {"acc": v if "acc" in keys else 0.0, "loss": v if "loss" in keys else 0.0}
+
+    monkeypatch.setattr(Trainer, "evaluate", scripted_evaluate)
+    return snapshots
+
+
 @pytest.mark.parametrize("monitor,mode,values,stop,best", [
     # best at epoch 2; ties do not count as improvement; 3 epochs without improvement -> stop at 5
     ("val/acc", "max", [0.5, 0.7, 0.6, 0.65, 0.7, 0.99, 0.99], 5, 2),
@@ -197,14 +211,7 @@ def test_early_stop_when_lr_zero(tmp_path, data, monkeypatch):
 ])
 def test_early_stop_on_chosen_metric(tmp_path, data, monkeypatch, monitor, mode, values, stop, best):
     train, val = data
-    snapshots = []
-
-    def scripted_evaluate(self, module, dataset):
-        snapshots.append(clone_state(module))
-        v = values[len(snapshots) - 1]
-        return {"acc": v, "loss": v}
-
-    monkeypatch.setattr(Trainer, "evaluate", scripted_evaluate)
+    snapshots = scripted_scores(monkeypatch, values, ("acc", "loss"))
     mod = make_module()
     res = trainer(tmp_path, max_epochs=len(values), monitor=monitor, mode=mode, patience=3).fit(mod, train, val)
 
@@ -221,13 +228,7 @@ def test_early_stop_on_chosen_metric(tmp_path, data, monkeypatch, monitor, mode,
 def test_ties_last_keeps_the_later_of_equal_epochs(tmp_path, data, monkeypatch):
     train, val = data
     values = [0.5, 0.7, 0.6, 0.7, 0.65, 0.6, 0.6, 0.99]  # tie at epoch 4 resets patience; stop after 7
-    snapshots = []
-
-    def scripted_evaluate(self, module, dataset):
-        snapshots.append(clone_state(module))
-        return {"acc": values[len(snapshots) - 1], "loss": 0.0}
-
-    monkeypatch.setattr(Trainer, "evaluate", scripted_evaluate)
+    snapshots = scripted_scores(monkeypatch, values)
     mod = make_module()
     res = trainer(tmp_path, max_epochs=len(values), patience=3, ties="last").fit(mod, train, val)
     assert len(res.history) == 7 and res.best_epoch == 4
@@ -239,13 +240,7 @@ def test_ties_last_keeps_the_later_of_equal_epochs(tmp_path, data, monkeypatch):
 def test_keep_last_ends_with_the_last_epoch_whatever_its_score(tmp_path, data, monkeypatch):
     train, val = data
     values = [0.5, 0.9, 0.6, 0.4]  # best at epoch 2, last at 4
-    snapshots = []
-
-    def scripted_evaluate(self, module, dataset):
-        snapshots.append(clone_state(module))
-        return {"acc": values[len(snapshots) - 1], "loss": 0.0}
-
-    monkeypatch.setattr(Trainer, "evaluate", scripted_evaluate)
+    snapshots = scripted_scores(monkeypatch, values)
     mod = make_module()
     res = trainer(tmp_path, max_epochs=len(values), keep="last").fit(mod, train, val)
     assert (res.best_epoch, res.best_score) == (4, 0.4)
@@ -261,13 +256,7 @@ def test_keep_last_ends_with_the_last_epoch_whatever_its_score(tmp_path, data, m
 def test_ties_on_a_minimised_loss(tmp_path, data, monkeypatch, ties, stop, best):
     train, val = data
     values = [2.0, 1.5, 1.2, 1.3, 1.2, 1.25, 1.3, 1.4, 0.1]
-    snapshots = []
-
-    def scripted_evaluate(self, module, dataset):
-        snapshots.append(clone_state(module))
-        return {"acc": 0.0, "loss": values[len(snapshots) - 1]}
-
-    monkeypatch.setattr(Trainer, "evaluate", scripted_evaluate)
+    snapshots = scripted_scores(monkeypatch, values, ("loss",))
     mod = make_module()
     res = trainer(tmp_path, max_epochs=len(values), monitor="val/loss", mode="min", patience=3,
                   ties=ties).fit(mod, train, val)

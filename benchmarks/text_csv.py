@@ -44,7 +44,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for seed in range(args.seeds):
             keep = [f"teachers.minilm.checkpoint={runs[0]['run_dir']}"] if runs else []
-            runs.append(run(compose([f"experiment={CONFIG}", f"seed={seed}", f"out_dir={out}",
+            # one split for every seed: the seed-0 teacher serves them all, so no seed's test rows trained it
+            runs.append(run(compose([f"experiment={CONFIG}", f"seed={seed}", "data.args.split_seed=0", f"out_dir={out}",
                                      "trainer.tensorboard=false", *keep, *args.overrides])))
             print(f"seed {seed}: {runs[-1]['time_s']:.1f} s", flush=True)
         first, later = epoch_times(runs[0]["run_dir"])

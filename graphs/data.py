@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mmkd.config import ConfigError
 from mmkd.data import DataError
 
 
@@ -31,7 +32,9 @@ class Graph:
         edge_index: directed edges ``[2, edges]`` (source row 0, target row 1), int64.
         y: node labels ``[nodes]``, int64; a negative label marks a node without one.
         name: identifies the graph (part of its data sets' fingerprints).
-        masks: splits that ship with the data (``train``/``val``/``test`` boolean ``[nodes]``), if any.
+        masks: splits that ship with the data (``train``/``val``/``test`` boolean ``[nodes]``, or
+            ``[splits, nodes]`` for a file that ships several, as the heterophilous benchmarks'
+            ten), if any; :meth:`split` picks one.
         class_names: one name per class, if known.
     """
 
@@ -51,6 +54,21 @@ class Graph:
     def num_classes(self) -> int:
         """``max(label) + 1``."""
         return int(self.y.max()) + 1
+
+    @property
+    def num_splits(self) -> int:
+        """How many train/val/test splits ship with the graph (0 without masks)."""
+        return max((m.shape[0] if m.ndim == 2 else 1 for m in self.masks.values()), default=0)
+
+    def split(self, index: int = 0) -> dict[str, Tensor]:
+        """The ``index``-th shipped split's masks, each ``[nodes]`` (a part that ships one mask serves
+        every split); a :class:`~mmkd.config.ConfigError` naming ``data.args.split_index`` when there
+        is no such split."""
+        k = self.num_splits
+        if not 0 <= index < max(k, 1):
+            have = f"ships {k} splits (split_index 0-{k - 1})" if k > 1 else f"ships {'one split' if k else 'no split'}"
+            raise ConfigError(f"data.args.split_index={index}: {self.name} {have}; choose an index in that range")
+        return {p: m[index] if m.ndim == 2 else m for p, m in self.masks.items()}
 
 
 def check_graph(x: Tensor, edge_index: Tensor, y: Tensor, name: str = "graph") -> Graph:
@@ -106,19 +124,27 @@ def to_undirected(edge_index: Tensor, n: int) -> Tensor:
 
 
 def check_masks(masks: dict[str, Tensor], n: int, name: str = "graph") -> None:
-    """Raise :class:`GraphError` unless every mask is boolean ``[n]`` and no node is in two parts
-    (``train``/``val``/``test``); identical train and validation masks are named as such."""
+    """Raise :class:`GraphError` unless every mask is boolean ``[n]`` or ``[splits, n]`` (the same
+    ``splits`` for all) and, in each split, no node is in two parts (``train``/``val``/``test``);
+    identical train and validation masks are named as such."""
+    splits = {m.shape[0] for m in masks.values() if m.ndim == 2}
     for part, m in masks.items():
-        if m.dtype != torch.bool or m.shape != (n,):
+        if m.dtype != torch.bool or m.ndim not in (1, 2) or m.shape[-1] != n:
             raise GraphError(f"{name}: the {part} mask has shape {tuple(m.shape)} and dtype {m.dtype}; "
-                             f"expected a boolean mask of shape ({n},)")
-    if "train" in masks and "val" in masks and torch.equal(masks["train"], masks["val"]):
-        raise GraphError(f"{name}: the train and val masks are identical ({int(masks['train'].sum())} nodes), so "
-                         f"validation would score the training nodes; give disjoint splits or use data.args.split=glnn")
-    parts = [p for p in ("train", "val", "test") if p in masks]
-    for i, a in enumerate(parts):
-        for b in parts[i + 1:]:
-            both = masks[a] & masks[b]
-            if both.any():
-                raise GraphError(f"{name}: {int(both.sum())} nodes are in both the {a} and the {b} mask (first: node "
-                                 f"{int(both.nonzero()[0])}); give disjoint splits or use data.args.split=glnn")
+                             f"expected a boolean mask of shape ({n},) or (splits, {n})")
+    if len(splits) > 1:
+        shapes = ", ".join(f"{p} {tuple(m.shape)}" for p, m in masks.items())
+        raise GraphError(f"{name}: the masks ship different numbers of splits ({shapes}); give each part the same")
+    for i in range(max(splits, default=1)):
+        one = {p: m[i] if m.ndim == 2 else m for p, m in masks.items()}
+        at = f" (split {i})" if splits else ""
+        if "train" in one and "val" in one and torch.equal(one["train"], one["val"]):
+            raise GraphError(f"{name}: the train and val masks are identical{at} ({int(one['train'].sum())} nodes), so "
+                             f"validation would score the training nodes; give disjoint splits or use data.args.split=glnn")
+        parts = [p for p in ("train", "val", "test") if p in one]
+        for j, a in enumerate(parts):
+            for b in parts[j + 1:]:
+                both = one[a] & one[b]
+                if both.any():
+                    raise GraphError(f"{name}: {int(both.sum())} nodes are in both the {a} and the {b} mask{at} (first: "
+                                     f"node {int(both.nonzero()[0])}); give disjoint splits or use data.args.split=glnn")

@@ -33,6 +33,7 @@ from mmkd.graphs import splits as S
 from mmkd.graphs.data import Graph, check_masks
 from mmkd.graphs.io import planetoid, read_npz
 from mmkd.graphs.sampling import CSC, sample
+from mmkd.metrics import task_metrics
 
 log = logging.getLogger("mmkd")
 
@@ -128,15 +129,19 @@ def masked(y: Tensor, nodes: Tensor) -> Tensor:
     return out
 
 
-def graph_splits(g: Graph, split: str = "public", setting: str = "transductive", split_seed: int = 0,
-                 held_out: float = 0.2, train_per_class: int = 20, val_per_class: int = 30,
+def graph_splits(g: Graph, split: str | None = None, setting: str = "transductive", split_seed: int = 0,
+                 split_index: int = 0, held_out: float = 0.2, train_per_class: int = 20, val_per_class: int = 30,
                  normalize: str | bool = "auto", batching: str = "full", num_neighbors: Sequence[int] = (10, 10),
                  eval_neighbors: Sequence[int] | None = None) -> DataSplits:
     """Train/val/test data sets of graph ``g``.
 
     Args:
-        split: ``public`` (the split that ships with the data) or ``glnn`` (``train_per_class`` /
-            ``val_per_class`` random labelled nodes per class, the rest as test; seeded by ``split_seed``).
+        split: ``public`` (a split that ships with the data: Planetoid's, an npz file's masks) or
+            ``glnn`` (``train_per_class`` / ``val_per_class`` random labelled nodes per class, the
+            rest as test; seeded by ``split_seed``); default: ``public`` when the graph ships a
+            split, ``glnn`` otherwise.
+        split_index: which shipped split ``public`` uses, for files that ship several (the
+            heterophilous benchmarks' ten); sweep them with ``--multirun data.args.split_index=0,...,9``.
         setting: ``transductive`` (all nodes and edges visible, only labels split) or ``inductive``
             (a ``held_out`` fraction of the test nodes and their edges invisible in training; the
             test set is those nodes, evaluated on the full graph).
@@ -150,7 +155,8 @@ def graph_splits(g: Graph, split: str = "public", setting: str = "transductive",
         batching: ``full`` (one item: the whole graph) or ``neighbor`` (sampled neighbourhoods of
             ``num_neighbors`` per hop for training; ``eval_neighbors`` for val/test, default all).
     """
-    parts = node_split(g, split, setting, split_seed, held_out, train_per_class, val_per_class)
+    split = split or default_split(g)
+    parts = node_split(g, split, setting, split_seed, held_out, train_per_class, val_per_class, split_index)
     if batching not in ("full", "neighbor"):
         raise ConfigError(f"data.args.batching={batching!r}; choose from: full, neighbor")
     n = g.num_nodes
@@ -160,7 +166,7 @@ def graph_splits(g: Graph, split: str = "public", setting: str = "transductive",
     local = torch.full((n,), -1, dtype=torch.long)
     local[obs] = torch.arange(len(obs))
     x_obs, edges_obs, y_obs = x[obs], S.subgraph(g.edge_index, obs, n), g.y[obs]
-    tag = f"{g.name}/{split}/{setting}/{split_seed}"
+    tag = f"{g.name}/{split}/{setting}/{split_seed}" + (f"/{split_index}" if split == "public" and split_index else "")
     hops = list(eval_neighbors) if eval_neighbors is not None else [-1] * len(num_neighbors)
 
     def build(part: str, xs: Tensor, edges: Tensor, label: Tensor, node: Tensor | None, seeds: Tensor,
@@ -177,16 +183,26 @@ def graph_splits(g: Graph, split: str = "public", setting: str = "transductive",
     test = build("test", x, g.edge_index, masked(g.y, test_nodes), None, test_nodes, hops)
     return DataSplits(train, val, test, num_classes=g.num_classes, shapes={"x": (g.x.shape[1],), "edge_index": (2,)},
                       class_names=g.class_names or [str(c) for c in range(g.num_classes)],
-                      preprocessing={"x": steps} if steps else {})
+                      preprocessing={"x": steps} if steps else {}, metrics=task_metrics(g.y, g.num_classes))
 
 
-def node_split(g: Graph, split: str = "public", setting: str = "transductive", split_seed: int = 0,
-               held_out: float = 0.2, train_per_class: int = 20, val_per_class: int = 30) -> S.Split:
+def default_split(g: Graph) -> str:
+    """``public`` when a split ships with ``g``, else ``glnn``."""
+    return "public" if set(g.masks) == {"train", "val", "test"} else "glnn"
+
+
+def node_split(g: Graph, split: str | None = None, setting: str = "transductive", split_seed: int = 0,
+               held_out: float = 0.2, train_per_class: int = 20, val_per_class: int = 30,
+               split_index: int = 0) -> S.Split:
     """The node split :func:`graph_splits` uses (its arguments of the same names); it reads only the
     labels and shipped masks of ``g``, so a loader can check a split before computing features."""
+    split = split or default_split(g)
+    if split != "public" and split_index:
+        raise ConfigError(f"data.args.split_index={split_index} picks a shipped split; it needs data.args.split=public "
+                          f"(the split is {split!r})")
     if split == "public":
         check_masks(g.masks, g.num_nodes, g.name)  # shipped masks must not overlap (npz files are checked on read)
-        parts = S.public(g)
+        parts = S.public(g, split_index)
     elif split == "glnn":
         parts = S.per_class(g, train_per_class, val_per_class, split_seed)
     else:
@@ -245,7 +261,7 @@ def feature_steps(x: Tensor, normalize: str | bool = "auto", nodes: Tensor | Non
     return []
 
 
-GRAPH_RANGES = {"split_seed": SEED, "held_out": Range(0, 1, low_open=True, high_open=True), "train_per_class": COUNT,
+GRAPH_RANGES = {"split_seed": SEED, "split_index": SEED, "held_out": Range(0, 1, low_open=True, high_open=True), "train_per_class": COUNT,
                 "val_per_class": COUNT}  # graph_splits' numeric arguments, for every graph data set
 
 
@@ -286,7 +302,7 @@ for _name in ("cora", "citeseer", "pubmed"):
 @DATASETS.register("npz", ranges=GRAPH_RANGES)
 def npz_splits(root: str, path: str, undirected: bool = True, **kwargs) -> DataSplits:
     """A graph from an ``.npz`` file (see :func:`mmkd.graphs.io.read_npz`); ``path`` is relative to the
-    data root unless absolute; ``kwargs`` go to :func:`graph_splits` (default split: ``glnn``)."""
+    data root unless absolute; ``kwargs`` go to :func:`graph_splits` (default split: the file's
+    masks when it ships them, else ``glnn``)."""
     check_args(kwargs)
-    kwargs.setdefault("split", "glnn")
     return graph_splits(read_npz(Path(root) / path, undirected), **kwargs)

@@ -85,7 +85,6 @@ def dgl_splits(root: str, path: str, feat: str = "feat", label: str = "label", *
                           f"into {str(file.parent)!r} or set data_root / MMKD_DATA")
     graphs, _ = import_dgl().load_graphs(str(file))
     g = from_dgl(graphs[0], feat, label, file.stem)
-    kwargs.setdefault("split", "public" if set(g.masks) == {"train", "val", "test"} else "glnn")
     return graph_splits(g, **kwargs)
 
 

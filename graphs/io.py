@@ -111,8 +111,7 @@ def _mask(a: np.ndarray, key: str, where: str) -> Tensor:
     if a.dtype.kind != "b" and not (a.dtype.kind in "iuf" and np.isin(a, (0, 1)).all()):
         raise GraphError(f"{where}: {key} must be a boolean mask (or 0/1), got dtype {a.dtype}; "
                          f"store it as np.array(mask, dtype=bool)")
-    m = torch.as_tensor(a.astype(bool))
-    return m[0] if m.ndim == 2 else m
+    return torch.as_tensor(a.astype(bool))
 
 
 def _csr(z: Any, prefix: str, where: str) -> Any:
@@ -178,7 +177,8 @@ def read_npz(path: str | os.PathLike, undirected: bool = True) -> Graph:
       (a string array);
     - the node/edge-list layout: ``node_features [nodes, features]``, ``node_labels [nodes]``,
       ``edges [edges, 2]`` (or ``[2, edges]``) and optional ``train_masks``/``val_masks``/``test_masks``
-      (``[nodes]``, or ``[splits, nodes]`` of which the first is used) shipped as the ``public`` split,
+      (``[nodes]``, or several splits as ``[splits, nodes]`` or ``[nodes, splits]``; ``data.args.split_index``
+      picks one) shipped as the ``public`` split,
       and optional ``class_names``.
 
     Class names found in the file become the data set's ``class_names`` (what ``mmkd predict``
@@ -224,10 +224,13 @@ def read_npz(path: str | os.PathLike, undirected: bool = True) -> Graph:
         names = _class_names(z, where) if "class_names" in keys else []
     try:
         g = check_graph(torch.as_tensor(x), torch.as_tensor(edges), torch.as_tensor(y), path.stem)
+        n = g.num_nodes
         for part, m in masks.items():
-            if m.shape != (g.num_nodes,):
-                raise GraphError(f"{part}_masks has shape {tuple(m.shape)}; expected ({g.num_nodes},)")
-        check_masks(masks, g.num_nodes, path.stem)
+            if m.ndim == 2 and m.shape[0] == n != m.shape[1]:  # [nodes, splits], as Geom-GCN's files
+                masks[part] = m = m.T.contiguous()
+            if m.ndim not in (1, 2) or m.shape[-1] != n:
+                raise GraphError(f"{part}_masks has shape {tuple(m.shape)}; expected ({n},) or (splits, {n})")
+        check_masks(masks, n, path.stem)
     except GraphError as e:  # name the file, not only the graph
         raise GraphError(f"{where}: {str(e).removeprefix(f'{path.stem}: ')}") from None
     if undirected:

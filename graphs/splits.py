@@ -42,11 +42,13 @@ class Split:
         return self
 
 
-def public(g: Graph) -> Split:
-    """The split that ships with the data (Planetoid's public split, or the masks of an npz file)."""
+def public(g: Graph, index: int = 0) -> Split:
+    """The ``index``-th split that ships with the data (Planetoid's public split, the masks of an npz
+    file; see :meth:`Graph.split`)."""
     if set(g.masks) != {"train", "val", "test"}:
         raise GraphError(f"{g.name}: no split ships with this graph; use data.args.split=glnn")
-    return Split(*(g.masks[p].nonzero().flatten() for p in ("train", "val", "test"))).check(g, "public")
+    masks = g.split(index)
+    return Split(*(masks[p].nonzero().flatten() for p in ("train", "val", "test"))).check(g, "public")
 
 
 def per_class(g: Graph, train_per_class: int = 20, val_per_class: int = 30, seed: int = 0) -> Split:

@@ -464,7 +464,6 @@ def text_graph(root: str, nodes: str, edges: str, id_column: str = "id", text_co
     io.check_writable(folder, "data.args.cache_dir")
     tg = read_text_graph(root_path / nodes, root_path / edges, id_column, text_column, label_column,
                          split_column, _plain(classes))
-    kwargs.setdefault("split", "public" if tg.masks else "glnn")
     # the split from the labels alone, so that a split this graph cannot give fails before the encoder runs
     probe = Graph(torch.zeros(len(tg.ids), 1), tg.edge_index, tg.y, tg.name, tg.masks)
     node_split(probe, **{k: v for k, v in kwargs.items() if k in inspect.signature(node_split).parameters})

@@ -60,8 +60,11 @@ def build_model(mc: ModelConfig, meta: dict, where: str) -> nn.Module:
 
 
 def load_data(cfg: DictConfig) -> tuple[DataSplits, dict]:
-    """The data set of ``cfg.data`` under ``cfg.data_root``, and its description (``meta``)."""
+    """The data set of ``cfg.data`` under ``cfg.data_root``, and its description (``meta``). A data set
+    that takes a ``split_seed`` gets the run's ``seed`` unless ``data.args.split_seed`` is set."""
     factory, args = DATASETS[cfg.data.name], dict(cfg.data.args)
+    if "split_seed" in inspect.signature(factory).parameters or "split_seed" in DATASETS.meta(cfg.data.name).get("ranges", {}):
+        args.setdefault("split_seed", cfg.seed)  # a seed names a split as well as an initialisation
     try:
         inspect.signature(factory).bind(root=cfg.data_root, **args)
     except TypeError as e:
@@ -145,8 +148,14 @@ def load_weights(model: nn.Module, path: str, where: str, teacher: str | None = 
     log.info("%s: loaded trained weights from %s (not trained again)", where, path)
 
 
-def trainer_config(cfg: DictConfig, epochs: int | None = None, lr: float | None = None) -> TrainerConfig:
+def trainer_config(cfg: DictConfig, epochs: int | None = None, lr: float | None = None,
+                   data: DataSplits | None = None) -> TrainerConfig:
+    """The :class:`TrainerConfig` of ``cfg.trainer`` with the run's seed; ``epochs`` and ``lr``
+    replace ``max_epochs`` and ``lr`` (a teacher's own), and unless ``trainer.metrics`` is set the
+    metrics are ``data``'s (:attr:`DataSplits.metrics`)."""
     tc = TrainerConfig(**OmegaConf.to_container(cfg.trainer))
+    if tc.metrics is None and data is not None:
+        tc.metrics = list(data.metrics)
     tc.seed = cfg.seed
     if epochs is not None:
         tc.max_epochs = epochs

@@ -327,27 +327,33 @@ def cmd_run(overrides: Sequence[str], config_dir: str | None = None) -> int:
 
 
 def print_results(results: dict) -> None:
-    """A table of test accuracy, parameters and inference time for teachers and students."""
+    """A table of the test metrics (all but the loss), parameters and inference time for teachers and
+    students."""
     from rich.console import Console
     from rich.table import Table
 
     n = results["latency_batch"]
     title = results.get("name") or results["experiment"]
     table = Table(title=f"{title} (seed {results['seed']}) - {results['run_dir']}")
-    for col in ("model", "test acc", "params", f"ms / {n} items"):
+    names = [m for m in results.get("metrics", ["acc"]) if m != "loss"] or ["loss"]
+    for col in ("model", *(f"test {m}" for m in names), "params", f"ms / {n} items"):
         table.add_column(col, justify="left" if col == "model" else "right")
     student = results["student"]
-    for name, row in results.get("teachers", {}).items():
-        table.add_row(f"teacher {name}", f"{row['test_acc']:.4f}", f"{row['params']:,}", f"{row['latency_ms']:.3f}")
+
+    def row(label: str, scores: dict, size: dict) -> None:
+        table.add_row(label, *(f"{scores[f'test_{m}']:.4f}" if f"test_{m}" in scores else "-" for m in names),
+                      f"{size['params']:,}", f"{size['latency_ms']:.3f}")
+
+    for name, r in results.get("teachers", {}).items():
+        row(f"teacher {name}", r, r)
     if "baseline" in results:
-        table.add_row("student, labels only", f"{results['baseline']['test_acc']:.4f}", f"{student['params']:,}",
-                      f"{student['latency_ms']:.3f}")
-    table.add_row("student, distilled", f"{student['test_acc']:.4f}", f"{student['params']:,}", f"{student['latency_ms']:.3f}")
+        row("student, labels only", results["baseline"], student)
+    row("student, distilled", student, student)
     console = Console()
     console.print(table)
-    for name, row in results.get("teachers", {}).items():
-        console.print(f"student is {row['latency_ms'] / student['latency_ms']:.1f}x faster than teacher {name}; "
-                      f"{row['params'] / student['params']:.1f}x fewer parameters")
+    for name, r in results.get("teachers", {}).items():
+        console.print(f"student is {r['latency_ms'] / student['latency_ms']:.1f}x faster than teacher {name}; "
+                      f"{r['params'] / student['params']:.1f}x fewer parameters")
     console.print(f"exported: {', '.join(results['export']) or 'nothing'}  ({results['time_s']:.1f} s)")
 
 
@@ -497,7 +503,7 @@ def _options(args: Sequence[str], valid: Sequence[str], required: Sequence[str],
 
 
 def cmd_predict(args: Sequence[str]) -> int:
-    from mmkd.deploy import predict, write_predictions
+    from mmkd.predict import predict, write_predictions
     from mmkd.io import check_writable
 
     usage = ("mmkd predict run_dir=DIR input=FEATURES.npy|.csv|.pt|.npz|SENTENCES.txt [column=TEXT_COLUMN] "

@@ -215,6 +215,8 @@ class DataSplits:
     # per raw text input, the text step that made stored keys from sentences (see mmkd.preprocess):
     # {"title": {"op": "tokenize", **params, "keys": ["title_input_ids", "title_attention_mask"]}}
     text_inputs: dict[str, dict] = field(default_factory=dict)
+    # what evaluations report by default (mmkd.metrics; the first is monitored): task_metrics picks them
+    metrics: list[str] = field(default_factory=lambda: ["acc", "loss"])
 
     def meta(self) -> dict:
         """JSON-serialisable description (saved in every run directory, read by export).
@@ -225,7 +227,7 @@ class DataSplits:
         """
         return {"num_classes": self.num_classes, "shapes": {k: list(v) for k, v in self.shapes.items()},
                 "class_names": self.class_names, "label_key": self.label_key,
-                "preprocessing": self.preprocessing, "text_inputs": self.text_inputs,
+                "preprocessing": self.preprocessing, "text_inputs": self.text_inputs, "metrics": self.metrics,
                 "inputs": input_stats(self.train, list(self.shapes))}
 
 

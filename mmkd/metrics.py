@@ -14,6 +14,12 @@ processes in ``compute()``.
 ``top5``   top-5 accuracy
 ========  ==========================================================================
 
+A data set declares the metrics that suit its task (:attr:`mmkd.data.DataSplits.metrics`, used unless
+``trainer.metrics`` is set); :func:`task_metrics` chooses them from the labels: ROC-AUC first for two
+classes (the usual figure for binary node classification, where a majority guess scores a high
+accuracy), macro-F1 first when the largest class is at least :data:`IMBALANCED` times the smallest,
+accuracy otherwise; accuracy and the loss are always reported too.
+
 Add one with :func:`register_metric`::
 
     from torchmetrics.classification import MulticlassPrecision
@@ -81,6 +87,21 @@ register_metric("loss")(lambda num_classes: CrossEntropy())
 register_metric("f1")(lambda num_classes: MulticlassF1Score(num_classes, average="macro"))
 register_metric("auroc")(lambda num_classes: MulticlassAUROC(num_classes, average="macro"))
 register_metric("top5")(lambda num_classes: MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"))
+
+
+IMBALANCED = 10.0  # largest / smallest class size from which macro-F1 leads a multi-class data set's metrics
+
+
+def task_metrics(labels: Tensor, num_classes: int) -> list[str]:
+    """The metrics that suit a classification task with these ``labels`` (``[items]``, ``-1``: no
+    label; ignored): ``[auroc, acc, loss]`` for two classes, ``[f1, acc, loss]`` when the largest class
+    has at least :data:`IMBALANCED` times the labelled items of the smallest, ``[acc, loss]`` otherwise."""
+    if num_classes == 2:
+        return ["auroc", "acc", "loss"]
+    counts = torch.bincount(labels[labels >= 0], minlength=num_classes)
+    if counts.min() == 0 or counts.max() >= IMBALANCED * counts.min():
+        return ["f1", "acc", "loss"]
+    return ["acc", "loss"]
 
 
 class MetricSet:

@@ -40,10 +40,16 @@ def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir
     """Train ``module`` as stage ``name`` (in ``run_dir/name``, with ``callbacks``) and evaluate it on
     the test split."""
     log.info("stage %s", name)
-    trainer = Trainer(trainer_config(cfg, epochs, lr), run_dir / name, resume=cfg.resume, stage=name,
+    trainer = Trainer(trainer_config(cfg, epochs, lr, data), run_dir / name, resume=cfg.resume, stage=name,
                       cache_dir=cache_path(cfg))
     result = trainer.fit(module, data.train, data.val, callbacks)
     return result, trainer.evaluate(module, data.test)
+
+
+def scores(test: dict[str, float], fitted: FitResult | None = None) -> dict[str, float]:
+    """A results row: ``val_<metric>`` of the kept epoch (when ``fitted``) and ``test_<metric>``."""
+    row = {f"val_{k[4:]}": v for k, v in fitted.metrics.items() if k.startswith("val/")} if fitted else {}
+    return {**row, **{f"test_{k}": v for k, v in test.items()}}
 
 
 def label(cfg: DictConfig) -> str:
@@ -144,17 +150,17 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     transforms, policies, callbacks = (build_plugins(cfg, k) for k in ("transforms", "policies", "callbacks"))
     run_dir = start(cfg, meta)
 
-    results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir)}
+    results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir),
+                               "metrics": trainer_config(cfg, data=data).metrics}
     teachers = []
     for name, tc in cfg.teachers.items():
-        model, row = teacher_models[name], {}
+        model, fitted = teacher_models[name], None
         if not tc.checkpoint and tc.epochs != 0:  # epochs: 0 uses the model as built (pretrained)
             fitted, _ = fit(f"teachers/{name}", Distiller(Net(model, tc.inputs), [], ce), data, cfg, run_dir,
                             tc.epochs, tc.lr)
-            row["val_acc"] = fitted.metrics["val/acc"]
         teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen)
-        row["test_acc"] = Trainer(trainer_config(cfg)).evaluate(Distiller(teacher, [], ce), data.test)["acc"]
-        row["params"] = num_params(model)
+        test = Trainer(trainer_config(cfg, data=data)).evaluate(Distiller(teacher, [], ce), data.test)
+        row = {**scores(test, fitted), "params": num_params(model)}
         if tc.frozen and tc.cache and cacheable(data.train) and all(t.keeps_inputs for t in transforms):
             teacher = cache_teacher(teacher, data.train, cache_dir, device=device)
         teachers.append(teacher)
@@ -164,14 +170,14 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     terms = build_terms(cfg, student_net, teachers, data)
     distiller = Distiller(student_net, teachers, terms, router, transforms=transforms)
     fitted, test = fit("student", distiller, data, cfg, run_dir, callbacks=[*policies, *callbacks])
-    results["student"] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"], "params": num_params(student)}
+    results["student"] = {**scores(test, fitted), "params": num_params(student)}
     io.save(student.state_dict(), run_dir / "student.pt")
 
     if cfg.baseline:
         baseline = build_model(cfg.student, meta, "student")
         baseline.load_state_dict(init)
         fitted, test = fit("baseline", Distiller(Net(baseline, cfg.student.inputs), [], ce), data, cfg, run_dir)
-        results["baseline"] = {"val_acc": fitted.metrics["val/acc"], "test_acc": test["acc"]}
+        results["baseline"] = scores(test, fitted)
 
     add_latencies(results, data, {"student": (student, cfg.student.inputs),
                                   **{n: (m, cfg.teachers[n].inputs) for n, m in teacher_models.items()}})

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import time
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +52,9 @@ class TrainerConfig:
     step_epochs: int = 30  # step scheduler: decay by `gamma` every `step_epochs`
     gamma: float = 0.1
     grad_clip: Optional[float] = None  # max global gradient norm
-    metrics: List[str] = field(default_factory=lambda: ["acc", "loss"])  # evaluated as val/<name> (mmkd.metrics)
-    monitor: str = "val/acc"  # metric that picks the best checkpoint and drives early stopping
-    mode: str = "max"  # max | min
+    metrics: Optional[List[str]] = None  # evaluated as val/<name> (mmkd.metrics); None: the data set's
+    monitor: str = "auto"  # metric that picks the best checkpoint and drives early stopping; auto: val/<metrics[0]>
+    mode: str = "auto"  # max | min | auto (min for a loss, max otherwise)
     patience: Optional[int] = None  # stop after this many epochs without improvement
     ties: str = "first"  # first | last: which of several epochs with the best score is kept
     keep: str = "best"  # best (by monitor) | last: the epoch whose weights the fit ends with
@@ -68,7 +69,23 @@ class TrainerConfig:
     finite_check_every: int = 1  # check the loss for NaN/inf every N steps
 
 
-CHOICES = {"optimizer": ("adamw", "adam", "sgd"), "scheduler": ("cosine", "linear", "step", "none"), "mode": ("max", "min"),
+DEFAULT_METRICS = ("acc", "loss")  # when neither the config nor the data set names any
+
+
+def resolved(c: TrainerConfig, metrics: Sequence[str] | None = None) -> TrainerConfig:
+    """A copy of ``c`` with its automatic choices made: ``metrics`` (``None``: the data set's
+    ``metrics``, else :data:`DEFAULT_METRICS`), ``monitor`` (``auto``: ``val/<first metric>``; a
+    ``val/<m>`` outside the set adds ``m`` to it) and ``mode`` (``auto``: ``min`` when the monitored
+    value is a loss, else ``max``)."""
+    names = list(c.metrics if c.metrics is not None else metrics or DEFAULT_METRICS)
+    monitor = f"val/{names[0]}" if c.monitor == "auto" else c.monitor
+    if monitor.startswith("val/") and monitor[4:] not in names:
+        names.append(monitor[4:])
+    mode = c.mode if c.mode != "auto" else ("min" if monitor.endswith("loss") else "max")
+    return dataclasses.replace(c, metrics=names, monitor=monitor, mode=mode)
+
+
+CHOICES = {"optimizer": ("adamw", "adam", "sgd"), "scheduler": ("cosine", "linear", "step", "none"), "mode": ("max", "min", "auto"),
            "ties": ("first", "last"), "keep": ("best", "last"), "precision": ("auto", "bf16", "fp32"), "progress": ("auto", "on", "off")}
 AT_LEAST = {"max_epochs": 1, "batch_size": 1, "step_epochs": 1, "finite_check_every": 1, "num_workers": 0,
             "warmup_epochs": 0, "weight_decay": 0, "momentum": 0, "patience": 1}
@@ -89,8 +106,11 @@ def check_config(c: Any) -> None:
     for key in ("warmup_epochs", "weight_decay", "momentum"):
         if not math.isfinite(getattr(c, key)):
             raise ValueError(f"trainer.{key}={getattr(c, key)!r}; give a finite number")
-    if unknown := [m for m in c.metrics if m not in METRICS]:
+    if unknown := [m for m in c.metrics or () if m not in METRICS]:
         raise ValueError(f"trainer.metrics: unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS.names())}")
+    if c.monitor.startswith("val/") and c.monitor[4:] not in METRICS:
+        raise ValueError(f"trainer.monitor={c.monitor!r}: {c.monitor[4:]!r} is not a metric; choose from: auto, "
+                         f"train/loss, {', '.join(f'val/{m}' for m in METRICS.names())}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"trainer.device={c.device!r}; choose from: auto, cpu, cuda, cuda:N")
     if c.device.startswith("cuda") and not torch.cuda.is_available():
@@ -206,6 +226,7 @@ class Trainer:
                 raise TypeError(f"unknown trainer option {k!r}")
             setattr(self.cfg, k, v)
         check_config(self.cfg)
+        self.cfg = resolved(self.cfg)
         self.run_dir = Path(run_dir)
         self.stage = stage or str(self.run_dir)  # names the run's stage in errors (teachers/cnn, student, ...)
         self.resume = resume

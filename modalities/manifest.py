@@ -26,6 +26,7 @@ from torch import Tensor
 from mmkd.checks import COUNT, POSITIVE, SEED, Range
 from mmkd.config import ConfigError
 from mmkd.data import DELIMITERS, DataError, DataSplits, stratified_split
+from mmkd.metrics import task_metrics
 from mmkd.registry import DATASETS
 
 from . import audio_io
@@ -202,4 +203,4 @@ def manifest(root: str | os.PathLike = "data", columns: dict[str, str] | None = 
             text_inputs[c] = text_input(f"{c}_", tokenizer, max_length)
     sets = [text_dataset(f"manifest/{s}", dynamic_padding, **tensors[s], label=labels[s]) for s in SPLITS]
     return DataSplits(*sets, num_classes=len(names), shapes=shapes, class_names=names, preprocessing=preprocessing,
-                      text_inputs=text_inputs)
+                      text_inputs=text_inputs, metrics=task_metrics(torch.cat(list(labels.values())), len(names)))

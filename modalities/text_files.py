@@ -25,6 +25,7 @@ import torch
 from mmkd.checks import COUNT, SEED, Fractions, Range
 from mmkd.config import ConfigError
 from mmkd.data import DataError, DataSplits, read_table, stratified_split
+from mmkd.metrics import task_metrics
 from mmkd.registry import DATASETS
 
 from .manifest import class_names
@@ -160,4 +161,5 @@ def text_csv(root: str | os.PathLike = "data", file: Optional[str] = None,
         shapes.update({k: (max_length,) for k in text_inputs[name(c)]["keys"]})
     sets = [text_dataset(f"text_csv/{s}", dynamic_padding, **tensors[s], label=y[idx[s]], row=idx[s])
             for s in SPLITS]
-    return DataSplits(*sets, num_classes=len(names), shapes=shapes, class_names=names, text_inputs=text_inputs)
+    return DataSplits(*sets, num_classes=len(names), shapes=shapes, class_names=names, text_inputs=text_inputs,
+                      metrics=task_metrics(y, len(names)))

@@ -12,6 +12,8 @@ import scipy.sparse as sp
 import torch
 from torch_geometric.utils import k_hop_subgraph
 
+from mmkd.build import load_data
+from mmkd.cli import compose
 from mmkd.config import ConfigError
 from mmkd.graphs import FullGraph, GraphError, NeighborGraph, check_graph, from_networkx, graph_splits, read_npz
 from mmkd.graphs.io import planetoid
@@ -86,18 +88,65 @@ def test_npz_gnn_benchmark_layout(tmp_path):
     assert torch.equal(read_npz(tmp_path / "dense.npz").x, g.x)
 
 
-def test_npz_edge_list_layout_with_masks(tmp_path):
+def ten_split_npz(path, n=12, splits=3, transpose=False):
+    """An edge-list npz file shipping ``splits`` splits: split i trains on nodes {i, i+1, i+2} (mod n),
+    validates on the next three and tests on the rest."""
+    masks = np.zeros((3, splits, n), dtype=bool)  # [part, split, node]
+    for i in range(splits):
+        order = (np.arange(n) + i) % n
+        masks[0, i, order[:3]] = masks[1, i, order[3:6]] = masks[2, i, order[6:]] = True
+    layout = (lambda m: m.T) if transpose else (lambda m: m)  # [nodes, splits] as Geom-GCN's files
+    np.savez(path, node_features=np.eye(n, 5, dtype=np.float32) + 1, node_labels=np.arange(n) % 3,
+             edges=np.array([[0, 1], [1, 2], [2, 3], [5, 4]]),
+             **{f"{p}_masks": layout(masks[k]) for k, p in enumerate(("train", "val", "test"))})
+    return masks
+
+
+def labelled(d):
+    return [(ds[0]["label"] >= 0).nonzero().flatten().tolist() for ds in (d.train, d.val, d.test)]
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_npz_shipped_splits_are_the_default_and_split_index_picks_one(tmp_path, transpose):
     n = 12
-    masks = np.zeros((3, 2, n), dtype=bool)  # [part, splits, nodes]: the first split is used
-    masks[0, 0, [0, 1, 2]] = masks[1, 0, [3, 4, 5]] = masks[2, 0, 6:] = True
-    masks[:, 1] = ~masks[:, 0]
-    np.savez(tmp_path / "h.npz", node_features=np.eye(n, 5, dtype=np.float32) + 1,
-             node_labels=np.arange(n) % 3, edges=np.array([[0, 1], [1, 2], [2, 3], [5, 4]]),
-             train_masks=masks[0], val_masks=masks[1], test_masks=masks[2])
-    d = DATASETS["npz"](root=str(tmp_path), path="h.npz", split="public")
-    assert [(ds[0]["label"] >= 0).nonzero().flatten().tolist() for ds in (d.train, d.val, d.test)] == \
-        [[0, 1, 2], [3, 4, 5], list(range(6, n))]
+    masks = ten_split_npz(tmp_path / "h.npz", n, splits=3, transpose=transpose)
+    assert read_npz(tmp_path / "h.npz").num_splits == 3
+    d = DATASETS["npz"](root=str(tmp_path), path="h.npz")  # no split named: the file's own
+    assert labelled(d) == [[0, 1, 2], [3, 4, 5], list(range(6, n))]
     assert d.train[0]["edge_index"].shape == (2, 8)
+    for i in range(3):
+        d = DATASETS["npz"](root=str(tmp_path), path="h.npz", split_index=i)
+        assert labelled(d) == [np.flatnonzero(masks[k, i]).tolist() for k in range(3)]
+    assert DATASETS["npz"](root=str(tmp_path), path="h.npz", split_index=2).train.name == "h/public/transductive/0/2/train"
+    with pytest.raises(ConfigError, match=r"^data.args.split_index=3: h ships 3 splits \(split_index 0-2\); choose"):
+        DATASETS["npz"](root=str(tmp_path), path="h.npz", split_index=3)
+    with pytest.raises(ConfigError, match="split_index=1 picks a shipped split; it needs data.args.split=public"):
+        DATASETS["npz"](root=str(tmp_path), path="h.npz", split="glnn", split_index=1, train_per_class=1,
+                        val_per_class=1)
+
+
+def test_split_index_through_the_config_and_its_range(tmp_path):
+    ten_split_npz(tmp_path / "h.npz", splits=3)
+    base = [f"data_root={tmp_path}", "data.name=npz", "data.args.path=h.npz"]
+    cfg = compose(["experiment=g2m_glnn", *base, "data.args.split_index=1"])
+    assert labelled(load_data(cfg)[0])[0] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="data.args.split_index=-1"):
+        compose(["experiment=g2m_glnn", *base, "data.args.split_index=-1"])
+    ten_split_npz(tmp_path / "one.npz", splits=1)
+    with pytest.raises(ConfigError, match="data.args.split_index=1: one ships one split"):
+        load_data(compose(["experiment=g2m_glnn", *base[:2], "data.args.path=one.npz", "data.args.split_index=1"]))
+
+
+def test_npz_masks_that_overlap_in_a_later_split_are_refused(tmp_path):
+    masks = ten_split_npz(tmp_path / "h.npz", splits=2)
+    masks[1, 1, 0] = masks[0, 1, 0] = True  # node 0 in train and val of split 1
+    np.savez(tmp_path / "bad.npz", node_features=np.ones((12, 2), np.float32), node_labels=np.arange(12) % 3,
+             edges=np.array([[0, 1]]), train_masks=masks[0], val_masks=masks[1], test_masks=masks[2])
+    with pytest.raises(GraphError, match=r"nodes are in both the train and the val mask \(split 1\)"):
+        read_npz(tmp_path / "bad.npz")
+
+
+def test_unknown_npz_layout(tmp_path):
     with pytest.raises(GraphError, match="unknown npz layout"):
         np.savez(tmp_path / "bad.npz", features=np.ones((2, 2)))
         read_npz(tmp_path / "bad.npz")

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from mmkd.cli import main
 from mmkd.config import ConfigError
 from mmkd.data import DataSplits, TensorDictDataset
-from mmkd.deploy import predict, write_predictions
+from mmkd.predict import predict, write_predictions
 from mmkd.io import check_writable
 from mmkd.export import example_inputs, export_onnx, export_student
 from mmkd.registry import MODELS
@@ -57,7 +57,7 @@ def wave(n, g):
 
 # family -> (args, items, formats): torch.export for all; ONNX (about 3 s an export, whatever the model)
 # for the multi-input ones, text among them (the MLP, CNN and dual-head ONNX exports are covered in
-# test_cli.py, test_deploy.py and tests/methods/test_dual_head.py)
+# test_cli.py, test_predict.py and tests/methods/test_dual_head.py)
 FAMILIES = {
     "mlp": ({"hidden": [8]}, image((1, 8, 8)), ["pt2"]),
     "cnn": ({"channels": [4, 8]}, image((1, 8, 8)), ["pt2"]),
@@ -380,10 +380,10 @@ def test_bad_outputs_are_one_line_and_nothing_is_written(exports, tmp_path, caps
     (tmp_path / "file.txt").write_text("not a folder")
     locked = unwritable_folder(tmp_path)
     ran = []
-    import mmkd.deploy
+    import mmkd.predict
 
-    real = mmkd.deploy.load_runtime
-    monkeypatch.setattr(mmkd.deploy, "load_runtime", lambda *a, **k: ran.append(1) or real(*a, **k))
+    real = mmkd.predict.load_runtime
+    monkeypatch.setattr(mmkd.predict, "load_runtime", lambda *a, **k: ran.append(1) or real(*a, **k))
     before = sorted(tmp_path.rglob("*"))
     for output, expected in ((tmp_path / "taken", f"output: {str(tmp_path / 'taken')!r} is a directory; give a file path"),
                              (tmp_path / "file.txt" / "preds.csv", "output: cannot write "),

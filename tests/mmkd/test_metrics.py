@@ -8,7 +8,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
 from mmkd import Distiller, Net, TensorDictDataset, Term, Trainer
-from mmkd.metrics import MetricSet
+from mmkd.metrics import IMBALANCED, MetricSet, task_metrics
 
 
 def batches(seed=0, n=200, c=6, parts=3):
@@ -40,6 +40,23 @@ def test_f1_auroc_top5_against_references():
     assert got["auroc"] == pytest.approx(roc_auc_score(y, logits.softmax(1), multi_class="ovr", average="macro"), abs=1e-5)
     top5 = sum(int(y[i] in logits[i].topk(5).indices) for i in range(len(y))) / len(y)
     assert got["top5"] == pytest.approx(top5)
+
+
+def test_binary_auroc_is_the_roc_auc_of_the_positive_class():
+    g = torch.Generator().manual_seed(3)
+    logits, y = torch.randn(300, 2, generator=g), (torch.rand(300, generator=g) < 0.2).long()  # 20% positives
+    got = compute(["auroc", "acc"], list(zip(logits.chunk(4), y.chunk(4))))
+    assert got["auroc"] == pytest.approx(roc_auc_score(y, logits.softmax(1)[:, 1]), abs=1e-6)
+
+
+def test_task_metrics_follow_the_labels():
+    assert task_metrics(torch.tensor([0, 1, 1, 1, -1]), 2) == ["auroc", "acc", "loss"]
+    balanced = torch.arange(3).repeat(10)
+    assert task_metrics(balanced, 3) == ["acc", "loss"]
+    small = int(IMBALANCED)  # class 2 has 1 item, class 0 has IMBALANCED - 1 and IMBALANCED
+    assert task_metrics(torch.tensor([0] * (small - 1) + [1] * 3 + [2]), 3) == ["acc", "loss"]
+    assert task_metrics(torch.tensor([0] * small + [1] * 3 + [2] + [-1] * 50), 3) == ["f1", "acc", "loss"]
+    assert task_metrics(torch.tensor([0, 0, 1, 1]), 3) == ["f1", "acc", "loss"]  # a class without items
 
 
 def test_perfect_predictions():

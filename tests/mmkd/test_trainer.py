@@ -17,7 +17,7 @@ from torch import nn
 import mmkd.io
 from mmkd import Distiller, Net, TensorDictDataset, Term, Trainer
 from mmkd.callbacks import Callback
-from mmkd.trainer import NonFiniteLoss
+from mmkd.trainer import NonFiniteLoss, TrainerConfig, resolved
 
 D, C = 8, 3
 
@@ -271,14 +271,27 @@ def test_ties_on_a_minimised_loss(tmp_path, data, monkeypatch, ties, stop, best)
     assert last["callbacks"]["ModelCheckpoint"]["best_epoch"] == best
 
 
-def test_unknown_monitor_fails(tmp_path, data):
+def test_a_monitored_metric_joins_the_set_and_an_unknown_one_fails(tmp_path, data):
     train, val = data
-    with pytest.raises(KeyError, match="val/f1"):
-        trainer(tmp_path, max_epochs=1, monitor="val/f1").fit(make_module(), train, val)
+    fitted = trainer(tmp_path, max_epochs=1, metrics=["acc"], monitor="val/f1").fit(make_module(), train, val)
+    assert {"val/acc", "val/f1"} <= set(fitted.metrics) and "val/loss" not in fitted.metrics
+    assert fitted.best_score == fitted.metrics["val/f1"]
+    with pytest.raises(ValueError, match="trainer.monitor='val/nope': 'nope' is not a metric"):
+        trainer(tmp_path, monitor="val/nope")
+
+
+def test_automatic_monitor_and_mode_follow_the_metric_set():
+    assert (resolved(TrainerConfig()).metrics, resolved(TrainerConfig()).monitor) == (["acc", "loss"], "val/acc")
+    c = resolved(TrainerConfig(), metrics=["auroc", "acc", "loss"])
+    assert (c.metrics, c.monitor, c.mode) == (["auroc", "acc", "loss"], "val/auroc", "max")
+    c = resolved(TrainerConfig(metrics=["loss", "acc"]), metrics=["f1"])  # the config's set wins
+    assert (c.metrics, c.monitor, c.mode) == (["loss", "acc"], "val/loss", "min")
+    assert resolved(TrainerConfig(monitor="train/loss")).mode == "min"
+    assert resolved(TrainerConfig(monitor="val/loss", mode="max")).mode == "max"  # an explicit mode stays
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("mode", "best", "trainer.mode='best'; choose from: max, min"),
+    ("mode", "best", "trainer.mode='best'; choose from: max, min, auto"),
     ("scheduler", "poly", "trainer.scheduler='poly'; choose from: cosine, linear, step, none"),
     ("optimizer", "lamb", "trainer.optimizer='lamb'; choose from: adamw, adam, sgd"),
     ("ties", "middle", "trainer.ties='middle'; choose from: first, last"),

@@ -14,7 +14,7 @@ import torch
 from mmkd import preprocess
 from mmkd.cli import main
 from mmkd.config import ConfigError
-from mmkd.deploy import predict
+from mmkd.predict import predict
 from mmkd.registry import MODELS
 
 POS, NEG = ["great", "lovely", "superb", "wonderful"], ["awful", "terrible", "dreadful", "boring"]

@@ -14,7 +14,7 @@ import torch
 from mmkd import preprocess
 from mmkd.cli import main
 from mmkd.config import ConfigError
-from mmkd.deploy import load_features, predict
+from mmkd.predict import load_features, predict
 from mmkd.registry import MODELS
 
 DATA = Path(os.environ.get("MMKD_DATA", "data"))

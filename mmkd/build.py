@@ -149,11 +149,12 @@ def load_weights(model: nn.Module, path: str, where: str, teacher: str | None = 
 
 
 def trainer_config(cfg: DictConfig, epochs: int | None = None, lr: float | None = None,
-                   data: DataSplits | None = None) -> TrainerConfig:
-    """The :class:`TrainerConfig` of ``cfg.trainer`` with the run's seed; ``epochs`` and ``lr``
-    replace ``max_epochs`` and ``lr`` (a teacher's own), and unless ``trainer.metrics`` is set the
-    metrics are ``data``'s (:attr:`DataSplits.metrics`)."""
-    tc = TrainerConfig(**OmegaConf.to_container(cfg.trainer))
+                   data: DataSplits | None = None, teacher: DictConfig | None = None) -> TrainerConfig:
+    """The :class:`TrainerConfig` of ``cfg.trainer`` with the run's seed. For a ``teacher``'s fit, its
+    ``trainer`` settings replace the run's, and ``epochs`` and ``lr`` (its own) ``max_epochs`` and
+    ``lr``. Unless set, the metrics are ``data``'s (:attr:`DataSplits.metrics`)."""
+    own = OmegaConf.to_container(teacher.trainer) if teacher is not None else {}
+    tc = TrainerConfig(**{**OmegaConf.to_container(cfg.trainer), **own})
     if tc.metrics is None and data is not None:
         tc.metrics = list(data.metrics)
     tc.seed = cfg.seed

@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from mmkd.adapters import ADAPTERS
 from mmkd.checks import NON_NEGATIVE_INT, POSITIVE, SEED, check_args
 from mmkd.io import first_line
-from mmkd.registry import CALLBACKS, DATASETS, GRADIENTS, LOSSES, METRICS, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
+from mmkd.registry import CALLBACKS, DATASETS, GRADIENTS, LOSSES, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
 from mmkd.schedules import Schedule
 from mmkd.trainer import TrainerConfig, check_config
 
@@ -57,6 +57,8 @@ class TeacherConfig(ModelConfig):
     epochs: Optional[int] = None  # training epochs when trained here (default: trainer.max_epochs);
     # 0: no training, the model is used as built (pretrained or zero-shot, e.g. clip)
     lr: Optional[float] = None  # learning rate when trained here (default: trainer.lr), e.g. to fine-tune
+    trainer: Dict[str, Any] = field(default_factory=dict)  # its own fit's settings over trainer.* (patience, ...)
+    reuse: bool = True  # load it from the trained-teacher store (mmkd.store) when an identical one was trained
 
 
 @dataclass
@@ -337,10 +339,14 @@ def check_names(cfg: DictConfig) -> None:
         check_config(cfg.trainer)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    monitor = cfg.trainer.monitor
-    if monitor not in ("auto", "train/loss") and not (monitor.startswith("val/") and monitor[4:] in METRICS):
-        raise ConfigError(f"trainer.monitor={monitor!r}; choose from: auto, train/loss, "
-                          f"{', '.join(f'val/{m}' for m in METRICS.names())}")
+    settings = [f.name for f in fields(TrainerConfig) if f.name != "seed"]  # the run's seed is a teacher's
+    for k, t in cfg.teachers.items():
+        if unknown := sorted(set(t.trainer) - set(settings)):
+            raise ConfigError(f"teachers.{k}.trainer.{unknown[0]}: not a trainer setting; choose from: {', '.join(settings)}")
+        try:
+            check_config(TrainerConfig(**{**OmegaConf.to_container(cfg.trainer), **OmegaConf.to_container(t.trainer)}))
+        except ValueError as e:
+            raise ConfigError(f"teachers.{k}.{e}") from None
     for fmt in cfg.export:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export: unknown format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from mmkd import io
+from mmkd import io, store
 from mmkd.build import build_model, build_plugins, build_router, build_terms, load_data, load_weights, trainer_config
 from mmkd.cache import cache_teacher
 from mmkd.config import ConfigError
@@ -46,9 +47,33 @@ def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir
     return result, trainer.evaluate(module, data.test)
 
 
-def scores(test: dict[str, float], fitted: FitResult | None = None) -> dict[str, float]:
-    """A results row: ``val_<metric>`` of the kept epoch (when ``fitted``) and ``test_<metric>``."""
-    row = {f"val_{k[4:]}": v for k, v in fitted.metrics.items() if k.startswith("val/")} if fitted else {}
+def train_teacher(name: str, tc: DictConfig, model: nn.Module, data: DataSplits, cfg: DictConfig,
+                  run_dir: Path) -> dict[str, float]:
+    """Train teacher ``name`` on labels as stage ``teachers/<name>`` (its ``trainer`` settings over the
+    run's), or load it from the trained-teacher store (:mod:`mmkd.store`) when an identical teacher
+    was trained before; return the kept epoch's metrics."""
+    stage = f"teachers/{name}"
+    tcfg = trainer_config(cfg, tc.epochs, tc.lr, data, teacher=tc)
+    spec = {"name": tc.name, "args": OmegaConf.to_container(tc.args), "inputs": list(tc.inputs)}
+    key = store.teacher_key(spec, model, tcfg, [data.train, data.val]) if tc.reuse else None
+    hit = store.load(cache_path(cfg), key, run_dir / stage) if key else None
+    module = Distiller(Net(model, tc.inputs), [], [Term("ce")])
+    if hit is not None:
+        module.load_state_dict(hit["model"])
+        log.info("teachers.%s: loaded from the trained-teacher store, %s (same model, trainer, data and seed; "
+                 "teachers.%s.reuse=false trains it again)", name, store.entry(cache_path(cfg), key), name)
+        return hit["metrics"]
+    log.info("stage %s", stage)
+    trainer = Trainer(tcfg, run_dir / stage, resume=cfg.resume, stage=stage, cache_dir=cache_path(cfg))
+    fitted = trainer.fit(module, data.train, data.val)
+    if key and trainer.is_main:
+        log.info("teachers.%s: stored as %s", name, store.save(cache_path(cfg), key, run_dir / stage))
+    return fitted.metrics
+
+
+def scores(test: dict[str, float], fitted: dict[str, float] | None = None) -> dict[str, float]:
+    """A results row: ``val_<metric>`` of the kept epoch's metrics ``fitted`` and ``test_<metric>``."""
+    row = {f"val_{k[4:]}": v for k, v in (fitted or {}).items() if k.startswith("val/")}
     return {**row, **{f"test_{k}": v for k, v in test.items()}}
 
 
@@ -156,8 +181,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     for name, tc in cfg.teachers.items():
         model, fitted = teacher_models[name], None
         if not tc.checkpoint and tc.epochs != 0:  # epochs: 0 uses the model as built (pretrained)
-            fitted, _ = fit(f"teachers/{name}", Distiller(Net(model, tc.inputs), [], ce), data, cfg, run_dir,
-                            tc.epochs, tc.lr)
+            fitted = train_teacher(name, tc, model, data, cfg, run_dir)
         teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen)
         test = Trainer(trainer_config(cfg, data=data)).evaluate(Distiller(teacher, [], ce), data.test)
         row = {**scores(test, fitted), "params": num_params(model)}
@@ -170,14 +194,14 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     terms = build_terms(cfg, student_net, teachers, data)
     distiller = Distiller(student_net, teachers, terms, router, transforms=transforms)
     fitted, test = fit("student", distiller, data, cfg, run_dir, callbacks=[*policies, *callbacks])
-    results["student"] = {**scores(test, fitted), "params": num_params(student)}
+    results["student"] = {**scores(test, fitted.metrics), "params": num_params(student)}
     io.save(student.state_dict(), run_dir / "student.pt")
 
     if cfg.baseline:
         baseline = build_model(cfg.student, meta, "student")
         baseline.load_state_dict(init)
         fitted, test = fit("baseline", Distiller(Net(baseline, cfg.student.inputs), [], ce), data, cfg, run_dir)
-        results["baseline"] = scores(test, fitted)
+        results["baseline"] = scores(test, fitted.metrics)
 
     add_latencies(results, data, {"student": (student, cfg.student.inputs),
                                   **{n: (m, cfg.teachers[n].inputs) for n, m in teacher_models.items()}})

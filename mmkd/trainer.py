@@ -108,9 +108,9 @@ def check_config(c: Any) -> None:
             raise ValueError(f"trainer.{key}={getattr(c, key)!r}; give a finite number")
     if unknown := [m for m in c.metrics or () if m not in METRICS]:
         raise ValueError(f"trainer.metrics: unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS.names())}")
-    if c.monitor.startswith("val/") and c.monitor[4:] not in METRICS:
-        raise ValueError(f"trainer.monitor={c.monitor!r}: {c.monitor[4:]!r} is not a metric; choose from: auto, "
-                         f"train/loss, {', '.join(f'val/{m}' for m in METRICS.names())}")
+    if c.monitor not in ("auto", "train/loss") and not (c.monitor.startswith("val/") and c.monitor[4:] in METRICS):
+        raise ValueError(f"trainer.monitor={c.monitor!r}; choose from: auto, train/loss, "
+                         f"{', '.join(f'val/{m}' for m in METRICS.names())} (a val/ metric joins trainer.metrics)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"trainer.device={c.device!r}; choose from: auto, cpu, cuda, cuda:N")
     if c.device.startswith("cuda") and not torch.cuda.is_available():

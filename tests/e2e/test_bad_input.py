@@ -42,6 +42,8 @@ CASES = [
     ("losses.kd.loss=kdd", "losses.kd.loss: unknown loss 'kdd'; choose from: "),
     ("student.name=zzz", "student.name: unknown model 'zzz'; choose from: "),
     ("teachers.cnn.name=zzz", "teachers.cnn.name: unknown model 'zzz'; choose from:"),
+    ("teachers.cnn.trainer.foo=1", "teachers.cnn.trainer.foo: not a trainer setting; choose from: max_epochs, batch_size"),
+    ("teachers.cnn.trainer.patience=0", "teachers.cnn.trainer.patience=0; it must be at least 1"),
     ("data.name=zzz", "data.name: unknown dataset 'zzz'; choose from: "),
     ("router.name=zzz", "router.name: unknown router 'zzz'; choose from:"),
     ("export=[pdf]", "export: unknown format 'pdf'; choose from: onnx, pt2, torchscript"),
@@ -71,9 +73,8 @@ CASES = [
     ("trainer.lr=inf", "trainer.lr=inf; it must be a positive finite number"),
     ("trainer.gamma=-1", "trainer.gamma=-1.0; it must be a positive finite number"),
     ("trainer.weight_decay=nan", "trainer.weight_decay=nan; give a finite number"),
-    ("trainer.monitor=val/zz", "trainer.monitor='val/zz'; choose from: val/acc, val/loss, train/loss"),
-    ("trainer.monitor=val/f1", "trainer.monitor='val/f1'; choose from: val/acc, val/loss, train/loss "
-                               "(the metrics every stage of a run has; trainer.metrics adds val/<metric>)"),
+    ("trainer.monitor=val/zz", "trainer.monitor='val/zz'; choose from: auto, train/loss, val/acc, val/auroc, val/f1, "
+                               "val/loss, val/top5 (a val/ metric joins trainer.metrics)"),
     ("trainer.metrics=[acc,f2]", "trainer.metrics: unknown metric 'f2'; choose from: acc, auroc, f1, loss, top5"),
     # batch transforms, data policies, callbacks
     ("transforms=[{name:mixupp}]", "transforms[0].name: unknown batch transform 'mixupp'; choose from: mixup"),

@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from mmkd.adapters import ADAPTERS
 from mmkd.checks import NON_NEGATIVE_INT, POSITIVE, SEED, check_args
 from mmkd.io import first_line
-from mmkd.registry import CALLBACKS, DATASETS, GRADIENTS, LOSSES, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
+from mmkd.registry import CALLBACKS, DATASETS, GRADIENTS, LOSSES, METRICS, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
 from mmkd.schedules import Schedule
 from mmkd.trainer import TrainerConfig, check_config
 
@@ -339,6 +339,10 @@ def check_names(cfg: DictConfig) -> None:
         check_config(cfg.trainer)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    monitor = cfg.trainer.monitor
+    if monitor not in ("auto", "train/loss") and not (monitor.startswith("val/") and monitor[4:] in METRICS):
+        raise ConfigError(f"trainer.monitor={monitor!r}; choose from: auto, train/loss, "
+                          f"{', '.join(f'val/{m}' for m in METRICS.names())} (a val/ metric joins trainer.metrics)")
     settings = [f.name for f in fields(TrainerConfig) if f.name != "seed"]  # the run's seed is a teacher's
     for k, t in cfg.teachers.items():
         if unknown := sorted(set(t.trainer) - set(settings)):

@@ -75,11 +75,11 @@ DEFAULT_METRICS = ("acc", "loss")  # when neither the config nor the data set na
 def resolved(c: TrainerConfig, metrics: Sequence[str] | None = None) -> TrainerConfig:
     """A copy of ``c`` with its automatic choices made: ``metrics`` (``None``: the data set's
     ``metrics``, else :data:`DEFAULT_METRICS`), ``monitor`` (``auto``: ``val/<first metric>``; a
-    ``val/<m>`` outside the set adds ``m`` to it) and ``mode`` (``auto``: ``min`` when the monitored
+    registered metric ``val/<m>`` outside the set adds ``m`` to it; a module may also report its own) and ``mode`` (``auto``: ``min`` when the monitored
     value is a loss, else ``max``)."""
     names = list(c.metrics if c.metrics is not None else metrics or DEFAULT_METRICS)
     monitor = f"val/{names[0]}" if c.monitor == "auto" else c.monitor
-    if monitor.startswith("val/") and monitor[4:] not in names:
+    if monitor.startswith("val/") and monitor[4:] in METRICS and monitor[4:] not in names:
         names.append(monitor[4:])
     mode = c.mode if c.mode != "auto" else ("min" if monitor.endswith("loss") else "max")
     return dataclasses.replace(c, metrics=names, monitor=monitor, mode=mode)
@@ -108,9 +108,6 @@ def check_config(c: Any) -> None:
             raise ValueError(f"trainer.{key}={getattr(c, key)!r}; give a finite number")
     if unknown := [m for m in c.metrics or () if m not in METRICS]:
         raise ValueError(f"trainer.metrics: unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS.names())}")
-    if c.monitor not in ("auto", "train/loss") and not (c.monitor.startswith("val/") and c.monitor[4:] in METRICS):
-        raise ValueError(f"trainer.monitor={c.monitor!r}; choose from: auto, train/loss, "
-                         f"{', '.join(f'val/{m}' for m in METRICS.names())} (a val/ metric joins trainer.metrics)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise ValueError(f"trainer.device={c.device!r}; choose from: auto, cpu, cuda, cuda:N")
     if c.device.startswith("cuda") and not torch.cuda.is_available():

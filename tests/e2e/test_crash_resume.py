@@ -21,7 +21,8 @@ import torch
 from mmkd.cli import main
 
 RUN = ["trainer.max_epochs=12", "teachers.cnn.epochs=12", "teachers.cnn.args.channels=[8,16]",
-       "student.args.hidden=[32]", "trainer.tensorboard=false", "trainer.progress=off", "export=[]", "seed=7"]
+       "student.args.hidden=[32]", "trainer.tensorboard=false", "trainer.progress=off", "export=[]", "seed=7",
+       "teachers.cnn.reuse=false"]  # the teacher stage runs (and is killed) in both runs, not loaded from the store
 STAGES = ("teachers/cnn", "student", "baseline")
 TIMING = ("time/", "latency_ms", "time_s", "run_dir")  # what may differ between two runs of the same config
 

@@ -31,6 +31,7 @@ from typing import Sequence
 
 from mmkd.config import ConfigError, config_dir as shipped_config_dir, experiments
 
+log = logging.getLogger("mmkd")
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_EXPORT = 2, 3, 4
 
 
@@ -313,17 +314,60 @@ def _schema_keys(path: str) -> list[str]:
     return list(node.keys()) if OmegaConf.is_dict(node) else []
 
 
-def cmd_run(overrides: Sequence[str], config_dir: str | None = None) -> int:
+def cmd_run(overrides: Sequence[str], config_dir: str | None = None, multirun: bool = False) -> int:
     from mmkd.run import ExportFailed, run
 
-    cfg = compose(overrides, config_dir)
-    try:
-        results = run(cfg)
-    except ExportFailed as e:
-        print_results(e.results)  # the run itself finished
-        raise
-    print_results(results)
+    sweep_dir = [o.partition("=")[2] for o in overrides if o.startswith("sweep_dir=")]
+    overrides = [o for o in overrides if not o.startswith("sweep_dir=")]
+    if sweep_dir and not multirun:
+        raise ConfigError("sweep_dir: names the folder of a sweep; add --multirun (or give run_dir for one run)")
+    if multirun:
+        from mmkd import sweep
+
+        jobs, swept = sweep.expand(overrides)
+        cfgs = [compose(job, config_dir) for job in jobs]  # every job checked before anything runs
+        root = sweep.plan(jobs, swept, cfgs, sweep_dir[-1] if sweep_dir else None)
+        log.info("sweep of %d jobs (swept: %s) in %s", len(jobs), ", ".join(swept) or "nothing", root)
+    else:
+        cfgs = [compose(overrides, config_dir)]
+    for cfg in cfgs:
+        try:
+            results = run(cfg)
+        except ExportFailed as e:
+            print_results(e.results)  # the run itself finished
+            raise
+        print_results(results)
+    if multirun:
+        print_summary(sweep.summarize(root))
     return 0
+
+
+def cmd_summary(args: Sequence[str]) -> int:
+    from mmkd import sweep
+
+    opts = _options(args, ("sweep_dir",), ("sweep_dir",), "mmkd summary sweep_dir=DIR")
+    print_summary(sweep.summarize(opts["sweep_dir"]))
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    """The sweep summary's table (:func:`mmkd.sweep.summarize`), and where it was written."""
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = sorted({k for g in summary["groups"] for m in g["models"].values() for k in m if k != "loss"})
+    table = Table(title=f"sweep {summary['sweep_dir']} (swept: {', '.join(summary['swept']) or 'nothing'})")
+    for col in ("setting", "model", "runs", *(f"test {m}" for m in metrics)):
+        table.add_column(col, justify="left" if col in ("setting", "model") else "right")
+    for g in summary["groups"]:
+        for model, ms in g["models"].items():
+            table.add_row(" ".join(g["setting"]) or "-", model, str(len(g["runs"])),
+                          *(f"{ms[m]['mean']:.4f} ± {ms[m]['std']:.4f}" if m in ms else "-" for m in metrics))
+    console = Console()
+    console.print(table)
+    if summary["missing"]:
+        console.print(f"jobs without results: {', '.join(summary['missing'])}")
+    console.print(f"summary: {Path(summary['sweep_dir']) / 'summary.json'}, summary.md")
 
 
 def print_results(results: dict) -> None:
@@ -555,9 +599,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     dir_help = ("a folder of your own experiments (DIR/experiment/NAME.yaml or DIR/NAME.yaml), searched before the "
                 "shipped ones; it may stand anywhere among the arguments")
-    cmd = sub.add_parser("run", help="run an experiment: mmkd run [--config-dir DIR] [experiment=NAME|PATH.yaml] "
-                         "[key=value ...]")
+    cmd = sub.add_parser("run", help="run an experiment: mmkd run [--config-dir DIR] [--multirun [sweep_dir=DIR]] "
+                         "[experiment=NAME|PATH.yaml] [key=value ...] (with --multirun, key=a,b,c runs one job each)")
     cmd.add_argument("overrides", nargs="*")
+    cmd.add_argument("--multirun", "-m", action="store_true", help="one run per combination of swept values")
     cmd.add_argument("--config-dir", "-cd", metavar="DIR", help=dir_help)
     cmd = sub.add_parser("list", help="registered losses, routers, models, data sets and experiments: mmkd list "
                          "[--config-dir DIR] [module=PREFIX] [modules=true]")
@@ -569,9 +614,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd.add_argument("--config-dir", "-cd", metavar="DIR", help="write DIR/experiment/NAME.yaml")
     sub.add_parser("export", help="export a run's student: mmkd export run_dir=DIR format=onnx|pt2").add_argument(
         "options", nargs="*")
+    sub.add_parser("summary", help="mean ± std of a sweep's runs: mmkd summary sweep_dir=DIR").add_argument(
+        "options", nargs="*")
     sub.add_parser("predict", help="classify raw features with a run's exported student: mmkd predict run_dir=DIR "
                    "input=FEATURES [output=preds.csv] [batch_size=N] [format=onnx|pt2]").add_argument(
         "options", nargs="*")
+    multirun = bool(argv) and argv[0] == "run" and any(a in ("--multirun", "-m") for a in argv)
+    argv = [a for a in argv if not (multirun and a in ("--multirun", "-m"))]  # anywhere among the overrides
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()  # for this call only: a second main() in one process adds no duplicate
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -586,11 +635,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            return cmd_run(args.overrides, config_dir)
+            return cmd_run(args.overrides, config_dir, multirun)
         if args.command == "list":
             return cmd_list(args.options, config_dir)
         if args.command == "init":
             return cmd_init(args.options, config_dir)
+        if args.command == "summary":
+            return cmd_summary(args.options)
         if args.command == "predict":
             return cmd_predict(args.options)
         return cmd_export(args.options)

@@ -215,10 +215,69 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def measure(spec: dict) -> dict:
-    """Run :func:`worker` for ``spec`` in a fresh process (so peaks do not mix)."""
+def peak(fn):
+    """``fn()``, its seconds and the growth of the resident set during it (MB, see :func:`worker`)."""
+    release_freed_memory()
+    rss = status_kb("VmRSS")
+    reset_peak()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, (status_kb("VmHWM") - rss) / 1024
+
+
+def train_worker(spec: dict) -> dict:
+    """Training cost on ``spec['graph']`` (``cora``, ``pubmed`` or ``csbm``): the SAGE teacher on
+    neighbour-sampled mini-batches of its labelled nodes, its inference on every node (whole graph,
+    CSR adjacency), and the MLP student full-batch on every node with the teacher's soft labels."""
+    torch.set_num_threads(1)
+    from mmkd import Distiller, Net, Teacher, TensorDictDataset, Term, Trainer
+    from mmkd.cache import CachedTeacher
+    from mmkd.graphs import splits as S
+    from mmkd.graphs.datasets import NeighborGraph, masked
+    from mmkd.graphs.io import planetoid
+    from mmkd.graphs.synthetic import csbm
+    from mmkd.registry import MODELS as REGISTRY
+    from mmkd.routers import ConstantRouter
+    from torch_geometric.utils import to_torch_csr_tensor
+
+    if spec["graph"] == "csbm":
+        g = csbm(spec["nodes"], spec["classes"], spec["degree"], 0.8, spec["features"], 0.3)
+        from mmkd.graphs.data import to_undirected
+        g.edge_index = to_undirected(g.edge_index, g.num_nodes)
+    else:
+        g = planetoid(Path(os.environ.get("MMKD_DATA", ROOT / "data")) / "planetoid", spec["graph"])
+    parts = S.per_class(g, 20, 30, 0)
+    n, c = g.num_nodes, g.num_classes
+    quiet = dict(tensorboard=False, progress="off", scheduler="none", optimizer="adam", lr=0.01)
+    torch.manual_seed(0)
+    sage = REGISTRY["sage"](num_classes=c, in_shape=(g.x.shape[1],), hidden=spec["hidden"], dropout=0.0)
+    train = NeighborGraph("t/train", g.x, g.edge_index, masked(g.y, parts.train), parts.train, spec["fanout"])
+    val = NeighborGraph("t/val", g.x, g.edge_index, masked(g.y, parts.val), parts.val, [-1] * len(spec["fanout"]))
+    out_dir = tempfile.mkdtemp()
+    teacher = Distiller(Net(sage, ["x", "edge_index"]), [], [Term("ce")])
+    fit, _, teacher_mb = peak(lambda: Trainer(run_dir=f"{out_dir}/t", max_epochs=spec["epochs"], batch_size=512,
+                                              **quiet).fit(teacher, train, val))
+    adj_t = to_torch_csr_tensor(g.edge_index.flip(0), size=(n, n))
+    with torch.no_grad():
+        logits, infer_s, infer_mb = peak(lambda: sage.eval()(g.x, adj_t))
+    mlp = REGISTRY["mlp"](num_classes=c, in_shape=(g.x.shape[1],), hidden=spec["mlp_hidden"])
+    nodes = TensorDictDataset("s/train", x=g.x, label=masked(g.y, parts.train))
+    cached = CachedTeacher(Teacher(sage, ["x", "edge_index"]), logits, {}, Path(out_dir))
+    student = Distiller(Net(mlp, ["x"]), [cached], [Term("ce"), Term("kd", args={"temperature": 1.0})], ConstantRouter())
+    sfit, _, student_mb = peak(lambda: Trainer(run_dir=f"{out_dir}/s", max_epochs=spec["epochs"], batch_size=n,
+                                               **quiet).fit(student, nodes, TensorDictDataset(
+                                                   "s/val", x=g.x[parts.val], label=g.y[parts.val])))
+    return {"nodes": n, "edges": g.edge_index.shape[1], "classes": c,
+            "teacher_epoch_s": [h["time/train_s"] for h in fit.history], "teacher_peak_mb": teacher_mb,
+            "inference_s": infer_s, "inference_peak_mb": infer_mb,
+            "student_epoch_s": [h["time/train_s"] for h in sfit.history], "student_peak_mb": student_mb}
+
+
+def measure(spec: dict, flag: str = "--worker") -> dict:
+    """Run :func:`worker` (or, with ``--train-worker``, :func:`train_worker`) for ``spec`` in a fresh
+    process (so peaks do not mix)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+    proc = subprocess.run([sys.executable, __file__, flag, json.dumps(spec)], capture_output=True,
                           text=True, env=env, cwd=Path(__file__).parent)
     if proc.returncode:
         raise RuntimeError(f"{spec}: {proc.stderr.strip().splitlines()[-1]}")
@@ -236,10 +295,22 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128, help="GNN hidden width")
     p.add_argument("--mlp-hidden", type=int, nargs="+", default=[256], help="MLP hidden widths")
     p.add_argument("--skip-large", action="store_true")
+    p.add_argument("--train", action="store_true", help="training cost instead of inference: teacher on sampled "
+                   "neighbourhoods, student full-batch (Cora, PubMed when present, CSBM graphs of --train-nodes)")
+    p.add_argument("--train-nodes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--epochs", type=int, default=3, help="training epochs timed (--train)")
+    p.add_argument("--fanout", type=int, nargs="+", default=[5, 5], help="neighbours sampled a hop (--train; GLNN's)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--train-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.train_worker:
+        print(json.dumps(train_worker(json.loads(args.train_worker))))
+        return
+    if args.train:
+        train_main(args)
         return
     graphs = ["cora"] + ([] if args.skip_large else [f"random{args.nodes}"])
     results: dict = {}
@@ -289,6 +360,36 @@ def report(data: dict) -> None:
              "The last two columns divide the model's median latency by the MLP's (the MLP's speed-up). "
              "GLNN reports 146-273x (SAGE against MLP) for 10 nodes.")
     write("g2m_latency", data, header, rows, notes)
+
+def train_main(args) -> None:
+    """Training cost per graph, each in its own process; writes ``g2m_latency_train``."""
+    root = Path(os.environ.get("MMKD_DATA", ROOT / "data")) / "planetoid"
+    graphs = [("cora", 0), *(("pubmed", 0),) * (root / "PubMed" / "raw").is_dir(), *(("csbm", k) for k in args.train_nodes)]
+    skipped = [] if (root / "PubMed" / "raw").is_dir() else [f"pubmed (no {root / 'PubMed' / 'raw'})"]
+    results, rows = {}, []
+    for graph, nodes in graphs:
+        spec = {"graph": graph, "nodes": nodes, "classes": 5, "degree": args.degree, "features": args.features,
+                "hidden": args.hidden, "mlp_hidden": args.mlp_hidden, "epochs": args.epochs, "fanout": args.fanout}
+        t0 = time.perf_counter()
+        r = results[f"{graph}{nodes or ''}"] = measure(spec, "--train-worker")
+        print(f"{graph} {nodes or ''}: {time.perf_counter() - t0:.1f} s", flush=True)
+        later = lambda xs: xs[1:] or xs  # noqa: E731  (the first epoch also warms up)
+        rows.append([f"{graph}" + (f" ({r['nodes']:,} nodes)" if graph == "csbm" else ""), f"{r['edges']:,}",
+                     fmt(later(r["teacher_epoch_s"]), 1, 3), f"{r['teacher_peak_mb']:.0f}", f"{r['inference_s']:.2f}",
+                     f"{r['inference_peak_mb']:.0f}", fmt(later(r["student_epoch_s"]), 1, 3), f"{r['student_peak_mb']:.0f}"])
+    notes = (f"Seconds per training epoch (mean ± std over epochs 2-{args.epochs}) and peak memory (growth of the "
+             f"resident set during the whole fit, MB), one thread. Teacher: 2-layer GraphSAGE of width {args.hidden} on "
+             f"neighbour-sampled mini-batches (fan-out {args.fanout}, 512 seeds a batch) of its labelled nodes (GLNN's "
+             f"split: 20 a class), evaluated each epoch on its 30-a-class validation nodes with their full neighbourhoods. "
+             f"Inference: the teacher on every node at once (CSR adjacency), the soft labels the student learns from. "
+             f"Student: MLP {args.mlp_hidden} on every node in one full batch (CE on the labelled nodes + KL to the "
+             f"soft labels on all). CSBM: generated, 5 classes, mean degree about {args.degree:g}, homophily 0.8, "
+             f"{args.features} features." + "".join(f" Skipped {s}." for s in skipped))
+    write("g2m_latency_train", {"args": {k: v for k, v in vars(args).items() if "worker" not in k},
+                                "skipped": skipped, "results": results},
+          ["graph", "directed edges", "teacher s / epoch", "teacher peak MB", "inference s (all nodes)", "inference peak MB",
+           "student s / epoch", "student peak MB"], rows, notes)
+
 
 if __name__ == "__main__":
     main()

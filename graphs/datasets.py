@@ -181,7 +181,10 @@ def graph_splits(g: Graph, split: str | None = None, setting: str = "transductiv
     val = build("val", x_obs, edges_obs, masked(y_obs, local[parts.val]), obs, local[parts.val], hops)
     test_nodes = parts.test if parts.held_out is None else parts.held_out
     test = build("test", x, g.edge_index, masked(g.y, test_nodes), None, test_nodes, hops)
-    return DataSplits(train, val, test, num_classes=g.num_classes, shapes={"x": (g.x.shape[1],), "edge_index": (2,)},
+    labelled = None if batching == "full" else build("train-labelled", x_obs, edges_obs, train.label, obs,
+                                                       local[parts.train], num_neighbors)
+    return DataSplits(train, val, test, labelled=labelled, num_classes=g.num_classes,
+                      shapes={"x": (g.x.shape[1],), "edge_index": (2,)},
                       class_names=g.class_names or [str(c) for c in range(g.num_classes)],
                       preprocessing={"x": steps} if steps else {}, metrics=task_metrics(g.y, g.num_classes))
 

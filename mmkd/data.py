@@ -217,6 +217,10 @@ class DataSplits:
     text_inputs: dict[str, dict] = field(default_factory=dict)
     # what evaluations report by default (mmkd.metrics; the first is monitored): task_metrics picks them
     metrics: list[str] = field(default_factory=lambda: ["acc", "loss"])
+    # the training items that carry a label, for fits on labels alone (teachers); None: all of train.
+    # A graph's neighbour-sampled training set has a seed per node (distillation reaches every node),
+    # this one a seed per labelled node, as GLNN trains its teachers.
+    labelled: Optional[Dataset] = None
 
     def meta(self) -> dict:
         """JSON-serialisable description (saved in every run directory, read by export).

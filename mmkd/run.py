@@ -55,7 +55,8 @@ def train_teacher(name: str, tc: DictConfig, model: nn.Module, data: DataSplits,
     stage = f"teachers/{name}"
     tcfg = trainer_config(cfg, tc.epochs, tc.lr, data, teacher=tc)
     spec = {"name": tc.name, "args": OmegaConf.to_container(tc.args), "inputs": list(tc.inputs)}
-    key = store.teacher_key(spec, model, tcfg, [data.train, data.val]) if tc.reuse else None
+    train = data.labelled or data.train  # labels alone: the labelled items suffice
+    key = store.teacher_key(spec, model, tcfg, [train, data.val]) if tc.reuse else None
     hit = store.load(cache_path(cfg), key, run_dir / stage) if key else None
     module = Distiller(Net(model, tc.inputs), [], [Term("ce")])
     if hit is not None:
@@ -65,7 +66,7 @@ def train_teacher(name: str, tc: DictConfig, model: nn.Module, data: DataSplits,
         return hit["metrics"]
     log.info("stage %s", stage)
     trainer = Trainer(tcfg, run_dir / stage, resume=cfg.resume, stage=stage, cache_dir=cache_path(cfg))
-    fitted = trainer.fit(module, data.train, data.val)
+    fitted = trainer.fit(module, train, data.val)
     if key and trainer.is_main:
         log.info("teachers.%s: stored as %s", name, store.save(cache_path(cfg), key, run_dir / stage))
     return fitted.metrics

@@ -5,7 +5,7 @@ arguments, inputs) and module tree, its trainer config (all but the settings tha
 weights: :data:`NEUTRAL`; the seed included), and the fingerprints of the training and validation data
 sets. A later run (of any experiment or pipeline) whose teacher has the same key loads the stored
 weights instead of training, and logs the file it read; ``teachers.<name>.reuse=false`` opts out.
-A teacher trained on data that is not deterministic (augmentation) has no key and is trained each time.
+A teacher trained on a data set without a fingerprint has no key and is trained each time.
 
 An entry ``<cache_dir>/teachers/<key>.pt`` holds what the teacher's stage wrote to its ``best.pt``
 (the weights of the kept epoch and its metrics), with a size and SHA-256 index
@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmkd import io
-from mmkd.data import cacheable
+from mmkd.data import Fingerprinted
 from mmkd.trainer import TrainerConfig
 
 log = logging.getLogger("mmkd")
@@ -37,9 +37,10 @@ NEUTRAL = ("progress", "tensorboard", "num_workers", "finite_check_every")  # tr
 def teacher_key(spec: Mapping[str, Any], model: nn.Module, trainer: TrainerConfig,
                 data: Sequence[Dataset]) -> str | None:
     """The store key of a teacher built from ``spec`` (name, args, inputs) as ``model`` and trained
-    with ``trainer`` on ``data`` (training and validation sets); ``None`` when a data set is not
-    deterministic (:func:`mmkd.data.cacheable`)."""
-    if not all(cacheable(d) for d in data):
+    with ``trainer`` on ``data`` (training and validation sets); ``None`` when a data set has no
+    fingerprint (:class:`mmkd.data.Fingerprinted`). Sampled neighbourhoods and random augmentations
+    are drawn from the seeded generators, so the seed in ``trainer`` fixes them."""
+    if not all(isinstance(d, Fingerprinted) for d in data):
         return None
     fields = {k: v for k, v in dataclasses.asdict(trainer).items() if k not in NEUTRAL}
     text = json.dumps({"model": spec, "tree": repr(model), "trainer": fields,

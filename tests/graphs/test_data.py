@@ -247,6 +247,11 @@ def test_neighbor_batches_label_only_the_seeds():
     assert b["seed"].tolist() == [True] * 3 + [False] * (len(b["node"]) - 3)
     assert (b["label"][3:] == -1).all() and torch.equal(b["label"][:3], g.y[b["node"][:3]])
     assert torch.equal(b["x"], g.x[b["node"]] / g.x[b["node"]].sum(1, keepdim=True))
+    # teachers on labels alone draw batches for the 9 labelled training nodes only, not all 60
+    assert len(d.labelled) == 9 and graph_splits(g, split="glnn", train_per_class=3, val_per_class=3).labelled is None
+    b = d.labelled.__getitems__(list(range(9)))
+    assert (b["label"][:9] >= 0).all() and (b["label"][9:] == -1).all()
+    assert sorted(b["node"][:9].tolist()) == (d.train.label >= 0).nonzero().flatten().tolist()
 
 
 # ---------------------------------------------------------------- bad input, and what is handled

@@ -146,7 +146,7 @@ def test_mmkd_run_on_a_dgl_graph_with_the_dgl_teacher(dgl, tmp_path):
 
     dgl.save_graphs(str(tmp_path / "tiny.bin"), [tiny_dgl(dgl)])
     args = ["run", "experiment=g2m_glnn", "data.name=dgl", f"data_root={tmp_path}", "data.args.path=tiny.bin",
-            "data.args.split=public", "teachers.gnn.name=dgl_gcn", "teachers.gnn.args.hidden=16",
+            "data.args.split=public", "teachers.gnn.name=dgl_gcn", "teachers.gnn.args.hidden=16", "~teachers.gnn.args.input_dropout",
             "teachers.gnn.epochs=2", "trainer.max_epochs=2",
             "export=[]", "baseline=false", "trainer.device=cpu", "trainer.tensorboard=false",
             "trainer.progress=off", f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"]

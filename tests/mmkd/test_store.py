@@ -44,7 +44,7 @@ def test_the_key_changes_with_every_field_that_decides_the_weights():
     for neutral in ({"progress": "on"}, {"tensorboard": False}, {"num_workers": 2}):  # cannot change the weights
         assert store.teacher_key(spec, model, dataclasses.replace(trainer, **neutral), data) == key
 
-    class Live(torch.utils.data.Dataset):  # not a Fingerprinted data set: outputs may change (augmentation)
+    class Live(torch.utils.data.Dataset):  # not a Fingerprinted data set: nothing names its contents
         def __len__(self):
             return 4
 

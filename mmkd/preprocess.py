@@ -37,7 +37,17 @@ def standardize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tenso
     return (x - mean_t) / torch.where(std_t == 0, torch.ones_like(std_t), std_t)
 
 
-STEPS: dict[str, Callable[..., Tensor]] = {"row_normalize": row_normalize, "standardize": standardize}
+def standardize_channels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(x - mean_c) / std_c`` over the channels ``c`` of images ``[N, C, H, W]`` (pixel values
+    as stored, e.g. 0-255), with the training set's per-channel ``mean`` and ``std``."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(view)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(view)
+    return (x.float() - mean_t) / torch.where(std_t == 0, torch.ones_like(std_t), std_t)
+
+
+STEPS: dict[str, Callable[..., Tensor]] = {"row_normalize": row_normalize, "standardize": standardize,
+                                           "standardize_channels": standardize_channels}
 
 
 def apply(steps: Sequence[Mapping], x: Tensor) -> Tensor:

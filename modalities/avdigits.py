@@ -20,29 +20,25 @@ the seed reuses it. Missing or malformed files raise :class:`mmkd.data.DataError
 from __future__ import annotations
 
 import gzip
-import hashlib
-import json
 import logging
 import os
 import re
-import time
 import zlib
 from collections import Counter
 from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from mmkd.checks import COUNT, POSITIVE, SEED
-from mmkd import io
 from mmkd.config import ConfigError
 from mmkd.data import DataError, DataSplits, TensorDictDataset
 from mmkd.registry import DATASETS
 
 from . import audio_io
+from .disk_cache import cached, default_cache_dir, file_stats
 
 log = logging.getLogger("mmkd")
 
@@ -98,38 +94,6 @@ def limit(recs: list[tuple[str, int, str, int]], k: int) -> list[tuple[str, int,
             count[split_of(r[3]), r[1]] += 1
             keep.add(r)
     return [r for r in recs if r in keep]
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/mmkd`` (``~/.cache/mmkd`` by default)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmkd"
-
-
-def file_stats(folder: Path, files: list[str]) -> list[list]:
-    """``[name, size, modification time in ns]`` of every file: what a cache of them is keyed by."""
-    return [[f, (st := os.stat(folder / f)).st_size, st.st_mtime_ns] for f in files]
-
-
-def cached(kind: str, params: dict, files: list[list], compute: Callable[[], Tensor], cache_dir: Path) -> Tensor:
-    """``compute()``, cached on disk in ``cache_dir/avdigits-<kind>-<key>.pt`` where the key hashes
-    ``kind``, ``params`` and ``files`` (see :func:`file_stats`); written atomically with its size and
-    SHA-256 beside it (``mmkd.io.save_checked``), so a file there is always complete, and one that is
-    damaged (by something else), has no index or cannot be read is rebuilt with a warning. A build
-    logs how long it took."""
-    key = hashlib.sha256(json.dumps([kind, params, files]).encode()).hexdigest()[:24]
-    path = cache_dir / f"avdigits-{kind}-{key}.pt"
-    stored = io.load_checked(path, log)  # None on a miss, and (with a warning) on a damaged entry
-    if stored is not None:
-        if (isinstance(stored, dict) and stored.get("params") == params and stored.get("files") == files
-                and isinstance(stored.get("data"), Tensor)):
-            return stored["data"]
-        log.warning("%s: cache file holds other data than its name says; rebuilding it", path)
-    start = time.perf_counter()
-    data = compute()
-    log.info("avdigits: built the %s cache of %d recordings in %.1f s: %s", kind, len(files),
-             time.perf_counter() - start, path)
-    io.save_checked({"params": params, "files": files, "data": data}, path)
-    return data
 
 
 @DATASETS.register("avdigits", ranges={"seed": SEED, "sample_rate": COUNT, "seconds": POSITIVE, "n_mels": COUNT,

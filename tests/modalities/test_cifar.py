@@ -1,4 +1,4 @@
-"""CIFAR ResNets and wide ResNets (mmkd.modalities.cifar): sizes against the CRD paper's table, the
+"""CIFAR ResNets and wide ResNets (mmkd.modalities.image.cifar): sizes against the CRD paper's table, the
 blocks against their formulas, the classifier contract."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmkd.modalities.cifar import BasicBlock, WideBlock
+from mmkd.modalities.image.cifar import BasicBlock, WideBlock
 from mmkd.registry import MODELS
 
 # parameters (millions) with a 100-class head, Tian et al. (CRD, ICLR 2020), Table 1
@@ -51,7 +51,7 @@ def test_classifier_contract_and_feature_paths():
 
 @pytest.mark.parametrize("name,depth,message", [("resnet", 21, "6n \\+ 2"), ("wrn", 17, "6n \\+ 4")])
 def test_bad_depth(name, depth, message):
-    from mmkd.modalities.cifar import CifarResNet, WideResNet
+    from mmkd.modalities.image.cifar import CifarResNet, WideResNet
 
     cls = CifarResNet if name == "resnet" else WideResNet
     with pytest.raises(ValueError, match=message):

@@ -1,10 +1,11 @@
 """Image models and image data sets (``mmkd.modalities.image``).
 
 ``resnet`` (torchvision's ResNet-18, with a small-input stem, ``resnet18``), ``cifar`` (the CIFAR
-ResNets and wide ResNets of the distillation literature), ``folders`` (the ``image_folder`` and
+ResNets and wide ResNets of the distillation literature), ``mobile`` (CIFAR MobileNetV2 and
+ShuffleNetV2 students), ``folders`` (the ``image_folder`` and
 ``cifar10`` data sets: image trees or zips, decoded once, with augmentations).
 """
-from mmkd.modalities.image import cifar, folders, resnet  # noqa: F401  (registration)
+from mmkd.modalities.image import cifar, folders, mobile, resnet  # noqa: F401  (registration)
 from mmkd.modalities.image.resnet import ResNet18, load_resnet_weights
 
 __all__ = ["ResNet18", "load_resnet_weights"]

@@ -1,4 +1,4 @@
-"""CIFAR ResNets and wide ResNets (mmkd.modalities.image.cifar): sizes against the CRD paper's table, the
+"""CIFAR networks (mmkd.modalities.image.cifar, .mobile): sizes against the CRD paper's table, the
 blocks against their formulas, the classifier contract."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from mmkd.modalities.image.cifar import BasicBlock, WideBlock
 from mmkd.registry import MODELS
 
 # parameters (millions) with a 100-class head, Tian et al. (CRD, ICLR 2020), Table 1
-CRD = {"wrn_40_2": 2.25, "wrn_16_2": 0.70, "resnet56": 0.86, "resnet20": 0.28, "resnet32x4": 7.43, "resnet8x4": 1.23}
+CRD = {"wrn_40_2": 2.25, "wrn_16_2": 0.70, "resnet56": 0.86, "resnet20": 0.28, "resnet32x4": 7.43, "resnet8x4": 1.23,
+       "mobilenetv2": 0.81, "shufflenetv2": 1.35}
 
 
 @pytest.mark.parametrize("name,millions", CRD.items())
@@ -47,6 +48,13 @@ def test_classifier_contract_and_feature_paths():
     emb = m.pool(m.layer3(m.layer2(m.layer1(m.stem(x)))))
     m.reset_classifier(0)
     torch.testing.assert_close(m(x), emb)
+
+
+def test_channel_shuffle_interleaves_the_groups():
+    from mmkd.modalities.image.mobile import shuffle
+
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+    assert shuffle(x).flatten().tolist() == [0, 3, 1, 4, 2, 5]
 
 
 @pytest.mark.parametrize("name,depth,message", [("resnet", 21, "6n \\+ 2"), ("wrn", 17, "6n \\+ 4")])

@@ -153,6 +153,15 @@ class Fingerprinted(Dataset):
         raise NotImplementedError
 
 
+class Epochal(Dataset):
+    """A data set whose items depend on the epoch, drawn reproducibly (an augmentation seeded by
+    ``(seed, epoch, item)``): the :class:`~mmkd.trainer.Trainer` calls :meth:`set_epoch` before
+    each epoch's batches are read, so a run and its resumption see the same views."""
+
+    def set_epoch(self, epoch: int) -> None:
+        raise NotImplementedError
+
+
 def cacheable(dataset: Dataset) -> bool:
     """Whether teacher outputs on ``dataset`` may be cached: a deterministic :class:`Fingerprinted` set."""
     return isinstance(dataset, Fingerprinted) and dataset.deterministic

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from mmkd import io
 from mmkd.callbacks import Callback, EarlyStopping, MetricsLogger, ModelCheckpoint, ProgressBar
-from mmkd.data import DataError, EpochSampler, SelfBatching, loader
+from mmkd.data import DataError, EpochSampler, Epochal, SelfBatching, loader
 from mmkd.gradients import BackwardRule
 from mmkd.metrics import MetricSet
 from mmkd.net import Batch
@@ -369,6 +369,9 @@ class Trainer:
         if data is not self._data:
             self._data, (self._sampler, self._batches) = data, self._loader(data)
         self._sampler.set_epoch(self.epoch)
+        for d in {id(d): d for d in (self.train_data, data)}.values():  # a policy may have wrapped it
+            if isinstance(d, Epochal):
+                d.set_epoch(self.epoch)
         module.train()
         self._call("on_epoch_start", module)
         t0 = time.perf_counter()

@@ -11,8 +11,11 @@ decode, or whose size differs from the others (unless ``size`` resizes them all)
 Augmentations (``augment``, training split only): ``crop`` (a random crop of the image padded by 4
 zero pixels, the CIFAR standard), ``flip`` (a horizontal flip with probability 1/2), ``autoaugment``
 (torchvision's AutoAugment, CIFAR-10 policy) and ``trivialaugment`` (TrivialAugmentWide), applied to the
-uint8 images of each batch before normalisation, drawn from the seeded generators. An augmented
-training set is not deterministic, so a frozen teacher runs live on it.
+uint8 images of each batch before normalisation. With ``augment_seed`` (default 0) the view of item
+``i`` in epoch ``e`` is drawn from a generator seeded by ``(augment_seed, e, i)``: the same in every
+run, whatever the batch it falls in, the student's seed or a resumption (the trainer tells the data
+set its epoch, :class:`mmkd.data.Epochal`); ``augment_seed: null`` draws from the run's seeded global
+generator instead. An augmented training set is not deterministic, so a frozen teacher runs live on it.
 
 ``cifar10``: the 50,000 / 10,000 images of ``<data root>/cifar10/{train,test}.zip``, ``val_size``
 (5,000) of the training images held out for validation (stratified, ``split_seed``), ``crop`` and
@@ -34,7 +37,7 @@ from torch import Tensor
 
 from mmkd.checks import COUNT, SEED, Fractions, Range
 from mmkd.config import ConfigError
-from mmkd.data import DataError, DataSplits, Fingerprinted, hash_tensors, stratified_split
+from mmkd.data import DataError, DataSplits, Epochal, Fingerprinted, hash_tensors, stratified_split
 from mmkd.metrics import task_metrics
 from mmkd.modalities.disk_cache import cached, default_cache_dir
 from mmkd.registry import DATASETS
@@ -126,14 +129,15 @@ def _progress(total: int, what: str) -> Callable[[int], None]:
     return lambda done: log.info("%s: %d / %d", what, done, total) if done % step == 0 or done == total else None
 
 
-class ImageDataset(Fingerprinted):
+class ImageDataset(Epochal, Fingerprinted):
     """uint8 images ``[N, 3, H, W]`` and labels, served as float images normalised by ``mean`` / ``std``
-    (per channel, on the [0, 1] scale) under ``image``, augmented by ``augment`` (see the module
-    docstring)."""
+    (per channel, on the [0, 1] scale) under ``image``, augmented by ``augment``, each item's view
+    seeded by ``(seed, epoch, item)`` unless ``seed`` is ``None`` (see the module docstring)."""
 
     def __init__(self, name: str, images: Tensor, labels: Tensor, mean: Sequence[float], std: Sequence[float],
-                 augment: Sequence[str] = ()):
+                 augment: Sequence[str] = (), seed: int | None = None):
         self.name, self.images, self.labels, self.augment = name, images, labels, tuple(augment)
+        self.seed, self.epoch = seed, 0
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.deterministic = not self.augment
@@ -147,12 +151,22 @@ class ImageDataset(Fingerprinted):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
     def __getitems__(self, ids: Sequence[int]) -> dict[str, Tensor]:
         idx = torch.as_tensor(ids, dtype=torch.long)
         x = self.images[idx]
+        if self.augment:
+            x = self._augment(x, idx) if self.seed is not None else self._augment_batch(x)
+        image = (x.float() / 255 - self.mean) / self.std
+        return {"image": image, "label": self.labels[idx], "index": idx}
+
+    def _augment_batch(self, x: Tensor) -> Tensor:
+        """The batch's views from the global generator."""
         if self._policy is not None:
             x = torch.stack([self._policy(im) for im in x])
         if "crop" in self.augment:
@@ -160,16 +174,30 @@ class ImageDataset(Fingerprinted):
         if "flip" in self.augment:
             flip = torch.rand(len(x)) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        image = (x.float() / 255 - self.mean) / self.std
-        return {"image": image, "label": self.labels[idx], "index": idx}
+        return x
+
+    def _augment(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Each item's view from a generator seeded by ``(seed, epoch, item)``."""
+        out = []
+        for im, i in zip(x, idx.tolist()):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.seed, self.epoch, i))
+                out.append(self._augment_batch(im[None])[0])
+        return torch.stack(out)
 
     @property
     def fingerprint(self) -> str:
         import hashlib
 
-        h = hashlib.sha256(f"{self.name}|{self.augment}|{self.mean.flatten().tolist()}|{self.std.flatten().tolist()}".encode())
+        h = hashlib.sha256(f"{self.name}|{self.augment}|{self.seed}|{self.mean.flatten().tolist()}|"
+                           f"{self.std.flatten().tolist()}".encode())
         hash_tensors(h, {"images": self.images, "labels": self.labels})
         return h.hexdigest()
+
+
+def view_seed(seed: int, epoch: int, item: int) -> int:
+    """The seed of item ``item``'s view in ``epoch``: distinct for every triple, the same on every machine."""
+    return (((seed * 1_000_003) ^ epoch) * 2_000_003 + item) % (2**63 - 1)
 
 
 def random_crop(x: Tensor, pad: int) -> Tensor:
@@ -212,12 +240,12 @@ def _load(path: Path, size, cache_dir: Path, limit_per_class: int | None) -> tup
     return images, [c for c, _ in source.entries], sorted({c for c, _ in source.entries})
 
 
-@DATASETS.register("image_folder", ranges={"split_seed": SEED, "fractions": Fractions(),
+@DATASETS.register("image_folder", ranges={"split_seed": SEED, "augment_seed": SEED, "fractions": Fractions(),
                                            "val_fraction": Range(0, 1, low_open=True, high_open=True),
                                            "limit_per_class": COUNT})
 def image_folder(root: str, path: str, test_path: str | None = None, fractions: Sequence[float] = (0.8, 0.1, 0.1),
                  val_fraction: float = 0.1, split_seed: int = 0, size: Sequence[int] | None = None,
-                 augment: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
+                 augment: Sequence[str] = (), augment_seed: int | None = 0, cache_dir: str | os.PathLike | None = None,
                  limit_per_class: int | None = None) -> DataSplits:
     """Train/val/test splits of the images at ``path`` (a folder or zip under the data root, see the
     module docstring): with ``test_path`` that folder or zip is the test split and ``val_fraction`` of
@@ -245,7 +273,8 @@ def image_folder(root: str, path: str, test_path: str | None = None, fractions: 
         parts = {s: (images[i], labels[i]) for s, i in zip(SPLITS, cut)}
     mean, std = channel_stats(parts["train"][0])
     tag = f"image_folder/{Path(path).name}/{split_seed}"
-    sets = [ImageDataset(f"{tag}/{s}", *parts[s], mean, std, augment if s == "train" else ()) for s in SPLITS]
+    sets = [ImageDataset(f"{tag}/{s}", *parts[s], mean, std, *((augment, augment_seed) if s == "train" else ()))
+            for s in SPLITS]
     log.info("image_folder: %s: %d classes, %d / %d / %d images of %s, augment %s", path, len(classes),
              *(len(d) for d in sets), "x".join(map(str, images.shape[1:])), list(augment) or "none")
     return DataSplits(*sets, num_classes=len(classes), shapes={"image": tuple(images.shape[1:])}, class_names=classes,
@@ -254,9 +283,11 @@ def image_folder(root: str, path: str, test_path: str | None = None, fractions: 
                       metrics=task_metrics(labels, len(classes)))
 
 
-@DATASETS.register("cifar10", ranges={"split_seed": SEED, "val_size": COUNT, "limit_per_class": COUNT})
+@DATASETS.register("cifar10", ranges={"split_seed": SEED, "augment_seed": SEED, "val_size": COUNT,
+                                      "limit_per_class": COUNT})
 def cifar10(root: str, val_size: int = 5000, split_seed: int = 0, augment: Sequence[str] = ("crop", "flip"),
-            cache_dir: str | os.PathLike | None = None, limit_per_class: int | None = None) -> DataSplits:
+            augment_seed: int | None = 0, cache_dir: str | os.PathLike | None = None,
+            limit_per_class: int | None = None) -> DataSplits:
     """CIFAR-10 from ``<root>/cifar10/train.zip`` and ``test.zip`` (see the module docstring)."""
     train = Path(root) / "cifar10" / "train.zip"
     if not train.is_file():
@@ -267,4 +298,5 @@ def cifar10(root: str, val_size: int = 5000, split_seed: int = 0, augment: Seque
         raise ConfigError(f"data.args.val_size={val_size}: the training split has {10 * per_class} images; "
                           "hold out fewer")
     return image_folder(root, "cifar10/train.zip", "cifar10/test.zip", val_fraction=val_size / (10 * per_class),
-                        split_seed=split_seed, augment=augment, cache_dir=cache_dir, limit_per_class=limit_per_class)
+                        split_seed=split_seed, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir,
+                        limit_per_class=limit_per_class)

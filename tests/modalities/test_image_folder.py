@@ -134,3 +134,37 @@ def test_cifar10_from_the_shared_zips(tmp_path):
     with zipfile.ZipFile(data_root / "cifar10" / "train.zip") as z:
         names = [n for n in z.namelist() if n.endswith(".jpg")]
     assert len(names) == 50_000 and all(sum(n.startswith(c + "/") for n in names) == 5000 for c in d.class_names)
+
+
+def test_seeded_views_are_rebuilt_whatever_the_batch_and_change_with_the_epoch():
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    make = lambda seed: folders.ImageDataset("t", x, torch.zeros(6, dtype=torch.long), [0.5] * 3, [0.25] * 3,  # noqa: E731
+                                             ["crop", "flip", "trivialaugment"], seed=seed)
+    a, b = make(7), make(7)
+    torch.manual_seed(0)
+    first = a.__getitems__([0, 1, 2, 3, 4, 5])["image"]
+    torch.manual_seed(123)  # the global generator does not matter
+    again = torch.cat([b.__getitems__([4, 5])["image"], b.__getitems__([0, 1, 2, 3])["image"]])
+    assert torch.equal(first, again[[2, 3, 4, 5, 0, 1]])
+    a.set_epoch(1)
+    later = a.__getitems__(range(6))["image"]
+    assert not torch.equal(first, later) and torch.equal(later, (b.set_epoch(1), b.__getitems__(range(6)))[1]["image"])
+    assert not torch.equal(first, make(8).__getitems__(range(6))["image"])  # another augment_seed, other views
+    assert make(7).fingerprint != make(8).fingerprint
+
+
+def test_the_trainer_tells_an_epochal_data_set_its_epoch(tmp_path):
+    from mmkd import Distiller, Net, Term, Trainer
+    from mmkd.data import Epochal, TensorDictDataset
+
+    class Seen(Epochal, TensorDictDataset):
+        epochs: list
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    data = Seen("seen", x=torch.randn(8, 4), label=torch.arange(8) % 2)
+    data.epochs = []
+    Trainer(run_dir=tmp_path, max_epochs=3, batch_size=4, tensorboard=False, progress="off").fit(
+        Distiller(Net(torch.nn.Linear(4, 2), ["x"]), [], [Term("ce")]), data, data)
+    assert data.epochs == [0, 1, 2]

@@ -22,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from mmkd.adapters import ADAPTERS
-from mmkd.checks import NON_NEGATIVE_INT, POSITIVE, SEED, check_args
+from mmkd.checks import COUNT, NON_NEGATIVE_INT, POSITIVE, SEED, check_args
 from mmkd.io import first_line
 from mmkd.registry import CALLBACKS, DATASETS, GRADIENTS, LOSSES, METRICS, MODELS, PIPELINES, POLICIES, ROUTERS, TRANSFORMS
 from mmkd.schedules import Schedule
@@ -53,7 +53,8 @@ class TeacherConfig(ModelConfig):
 
     checkpoint: Optional[str] = None  # a state dict, a run's best.pt, or a run directory
     frozen: bool = True
-    cache: bool = True  # cache its outputs (frozen teachers on deterministic data only)
+    cache: bool = True  # cache its outputs (frozen teachers; on augmented data when the views are seeded)
+    cache_topk: Optional[int] = None  # augmented-view cache: store the top-k log-probabilities (null: all)
     epochs: Optional[int] = None  # training epochs when trained here (default: trainer.max_epochs);
     # 0: no training, the model is used as built (pretrained or zero-shot, e.g. clip)
     lr: Optional[float] = None  # learning rate when trained here (default: trainer.lr), e.g. to fine-tune
@@ -316,6 +317,8 @@ def check_names(cfg: DictConfig) -> None:
                               "(0: use the model as built, without training)")
         if t.lr is not None and not POSITIVE.contains(t.lr):
             raise ConfigError(f"teachers.{k}.lr={t.lr!r}; it must be a positive finite number")
+        if t.cache_topk is not None and not COUNT.contains(t.cache_topk):
+            raise ConfigError(f"teachers.{k}.cache_topk={t.cache_topk!r}; give a whole number >= 1 (null: every class)")
     if not SEED.contains(cfg.seed):
         raise ConfigError(f"seed={cfg.seed!r}; it must be {SEED}")
     for k, t in cfg.losses.items():

@@ -161,6 +161,13 @@ class Epochal(Dataset):
     def set_epoch(self, epoch: int) -> None:
         raise NotImplementedError
 
+    @property
+    def reproducible(self) -> bool:
+        """Whether an item's view depends only on ``(epoch, item)`` and the data set (then a frozen
+        teacher's outputs on the views can be cached, :mod:`mmkd.view_cache`); batches then carry
+        ``epoch``."""
+        return False
+
 
 def cacheable(dataset: Dataset) -> bool:
     """Whether teacher outputs on ``dataset`` may be cached: a deterministic :class:`Fingerprinted` set."""

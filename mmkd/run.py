@@ -31,6 +31,7 @@ from mmkd.registry import PIPELINES
 from mmkd.report import add_latencies, plot_curves
 from mmkd.rundir import claim
 from mmkd.trainer import FitResult, Trainer, seed_everything
+from mmkd.view_cache import cache_views, reproducible
 
 log = logging.getLogger("mmkd")
 
@@ -186,8 +187,11 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen)
         test = Trainer(trainer_config(cfg, data=data)).evaluate(Distiller(teacher, [], ce), data.test)
         row = {**scores(test, fitted), "params": num_params(model)}
-        if tc.frozen and tc.cache and cacheable(data.train) and all(t.keeps_inputs for t in transforms):
-            teacher = cache_teacher(teacher, data.train, cache_dir, device=device)
+        if tc.frozen and tc.cache and all(t.keeps_inputs for t in transforms):
+            if cacheable(data.train):
+                teacher = cache_teacher(teacher, data.train, cache_dir, device=device)
+            elif reproducible(data.train) and not tc.features:  # seeded augmentation: each view once
+                teacher = cache_views(teacher, data.train, cache_dir, tc.cache_topk)
         teachers.append(teacher)
         results.setdefault("teachers", {})[name] = row
 

@@ -154,6 +154,10 @@ class ImageDataset(Epochal, Fingerprinted):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def reproducible(self) -> bool:
+        return bool(self.augment) and self.seed is not None
+
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
@@ -163,7 +167,10 @@ class ImageDataset(Epochal, Fingerprinted):
         if self.augment:
             x = self._augment(x, idx) if self.seed is not None else self._augment_batch(x)
         image = (x.float() / 255 - self.mean) / self.std
-        return {"image": image, "label": self.labels[idx], "index": idx}
+        batch = {"image": image, "label": self.labels[idx], "index": idx}
+        if self.reproducible:
+            batch["epoch"] = torch.full_like(idx, self.epoch)
+        return batch
 
     def _augment_batch(self, x: Tensor) -> Tensor:
         """The batch's views from the global generator."""

@@ -1,0 +1,158 @@
+"""Augmentation-aware teacher cache: a frozen teacher's outputs on seeded augmented views, stored once.
+
+After FKD (Shen and Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022),
+which stores the soft labels of random crops with their coordinates: when the training set draws
+item ``i``'s view in epoch ``e`` from a generator seeded by ``(seed, e, i)`` (a reproducible
+:class:`mmkd.data.Epochal` set, e.g. ``cifar10`` with ``augment_seed``), the teacher's output on that
+view is the same in every run, so it is computed once, by the first run that meets the batch, and read
+by every later one (other students, other losses, other student seeds). Each batch carries its
+``index`` and ``epoch``.
+
+Storage, per epoch, memory-mapped ``.npy`` files under ``<cache_dir>/views/<key>/``: the full log-softmax
+of the logits in float16 (``[items, classes]``), or with ``topk=k`` the ``k`` largest log-probabilities
+(float16) and their classes (uint8 / int16 / int32, the smallest that holds the class count), plus a
+filled mask (and the class count in ``classes.json``). A stored row is read back as log-probabilities: in full, ``log softmax(z)`` (every loss
+that applies a softmax at any temperature sees ``z`` up to a per-row constant); from the top-k, the
+k stored probabilities and the remaining mass ``1 - sum`` spread evenly over the other classes. The
+key hashes the teacher (weights, module tree, inputs), the data set's fingerprint (its images, the
+augmentations and their seed) and ``topk``; changing any of them starts a new cache. Files are
+written before the mask marks their rows, so an interrupted run leaves rows to recompute, never a
+half-written row that reads as filled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mmkd import io
+from mmkd.cache import teacher_hash
+from mmkd.data import Epochal, Fingerprinted
+from mmkd.net import Batch, Output, Teacher
+
+log = logging.getLogger("mmkd")
+
+
+def reproducible(dataset) -> bool:
+    """Whether a teacher's outputs on ``dataset``'s augmented views may be cached: a fingerprinted
+    :class:`Epochal` set whose views are seeded."""
+    return isinstance(dataset, Epochal) and isinstance(dataset, Fingerprinted) and dataset.reproducible
+
+
+def index_dtype(classes: int) -> np.dtype:
+    """The smallest integer type that holds a class id below ``classes``."""
+    return np.dtype(np.uint8 if classes <= 256 else np.int16 if classes <= 32767 else np.int32)
+
+
+def reconstruct(values: Tensor, indices: Tensor, classes: int) -> Tensor:
+    """Log-probabilities ``[N, classes]`` from the top-k log-probabilities ``values`` ``[N, k]`` at
+    ``indices``: those k probabilities, and the remaining mass spread evenly over the other classes."""
+    p = values.float().exp()
+    k = p.shape[1]
+    rest = (1 - p.sum(1, keepdim=True)).clamp_min(0) / max(classes - k, 1)
+    out = rest.expand(-1, classes).clone()
+    out.scatter_(1, indices.long(), p)
+    return out.clamp_min(1e-12).log()
+
+
+class ViewCachedTeacher(nn.Module):
+    """Stands in for a frozen teacher on a reproducible augmented training set (module docstring)."""
+
+    def __init__(self, teacher: Teacher, folder: Path, items: int, topk: int | None):
+        super().__init__()
+        self.teacher, self.folder, self.items, self.topk = teacher, folder, items, topk
+        self.keys, self.frozen = teacher.keys, True
+        self.classes: int | None = None
+        self._epoch: int | None = None
+        self._files: dict[str, np.ndarray] = {}
+        self.hits = self.misses = 0
+
+    def _open(self, epoch: int, classes: int) -> None:
+        """Memory-map (creating them if new) the files of ``epoch``."""
+        if self._epoch is not None:
+            self._report()
+        self.classes, self._epoch = classes, epoch
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shapes = ({"logp": ((self.items, classes), np.float16)} if self.topk is None else
+                  {"values": ((self.items, self.topk), np.float16), "indices": ((self.items, self.topk), index_dtype(classes))})
+        shapes["filled"] = ((self.items,), np.bool_)
+        self._files = {}
+        for name, (shape, dtype) in shapes.items():
+            path = self.folder / f"e{epoch}.{name}.npy"
+            if path.exists():
+                a = np.load(path, mmap_mode="r+")
+                if a.shape != shape or a.dtype != dtype:
+                    log.warning("%s: holds %s %s, not %s %s; rebuilding the epoch", path, a.shape, a.dtype, shape, dtype)
+                    a = None
+            else:
+                a = None
+            if a is None:
+                a = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+                if name == "filled":
+                    a[:] = False
+            self._files[name] = a
+        self.hits = self.misses = 0
+
+    def _report(self) -> None:
+        done = int(self._files["filled"].sum())
+        size = sum(os.path.getsize(self.folder / f"e{self._epoch}.{n}.npy") for n in self._files)
+        log.info("view cache: epoch %d: %d of %d batches' rows read from %s, %d computed; %d / %d views stored, "
+                 "%.1f MB", self._epoch, self.hits, self.hits + self.misses, self.folder, self.misses, done,
+                 self.items, size / 2**20)
+
+    def forward(self, batch: Batch) -> Output:
+        idx, epoch = batch["index"].cpu(), int(batch["epoch"][0])
+        rows = idx.numpy()
+        if self.classes is None and (self.folder / "classes.json").is_file():
+            self.classes = int(json.loads((self.folder / "classes.json").read_text())["classes"])
+        live = self.teacher(batch) if self.classes is None else None  # a new cache: learn the class count
+        if live is not None:
+            io.write_json({"classes": live.logits.shape[1]}, self.folder / "classes.json")
+        if epoch != self._epoch:
+            self._open(epoch, self.classes or live.logits.shape[1])
+        filled = self._files["filled"]
+        if not filled[rows].all():
+            self.misses += 1
+            logp = torch.log_softmax((live if live is not None else self.teacher(batch)).logits.float(), 1).cpu()
+            if self.topk is None:
+                self._files["logp"][rows] = logp.numpy().astype(np.float16)
+            else:
+                top = logp.topk(self.topk, 1)
+                self._files["values"][rows] = top.values.numpy().astype(np.float16)
+                self._files["indices"][rows] = top.indices.numpy().astype(self._files["indices"].dtype)
+            for a in self._files.values():
+                if a is not filled:
+                    a.flush()
+            filled[rows] = True  # after the rows themselves are written
+            filled.flush()
+        else:
+            self.hits += 1
+        if self.topk is None:
+            out = torch.from_numpy(np.asarray(self._files["logp"][rows], dtype=np.float32))
+        else:
+            out = reconstruct(torch.from_numpy(np.asarray(self._files["values"][rows], dtype=np.float32)),
+                              torch.from_numpy(np.asarray(self._files["indices"][rows]).astype(np.int64)), self.classes)
+        return Output(out.to(batch["index"].device), {})
+
+
+def cache_views(teacher: Teacher, dataset, root: str | os.PathLike, topk: int | None = None) -> ViewCachedTeacher:
+    """A :class:`ViewCachedTeacher` for ``teacher`` on the reproducible augmented ``dataset``, its files
+    under ``root/views/<key>``; ``ValueError`` for a teacher that is not frozen, one with feature taps
+    (only logits are stored) or a data set whose views are not seeded."""
+    if not teacher.frozen:
+        raise ValueError("only a frozen teacher's outputs can be cached")
+    if teacher.feature_paths:
+        raise ValueError("the view cache stores logits only; a teacher with features runs live")
+    if not reproducible(dataset):
+        raise ValueError(f"data set {getattr(dataset, 'name', dataset)!r} does not seed its views; set its augment_seed")
+    key = hashlib.sha256(f"{teacher_hash(teacher)}|{dataset.fingerprint}|{topk}".encode()).hexdigest()[:24]
+    folder = Path(root) / "views" / key
+    log.info("view cache: teacher %s on %s in %s (%s)", type(teacher.model).__name__, dataset.name, folder,
+             f"top-{topk}" if topk else "full log-probabilities")
+    return ViewCachedTeacher(teacher, folder, len(dataset), topk)

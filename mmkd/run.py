@@ -56,7 +56,7 @@ def train_teacher(name: str, tc: DictConfig, model: nn.Module, data: DataSplits,
     stage = f"teachers/{name}"
     tcfg = trainer_config(cfg, tc.epochs, tc.lr, data, teacher=tc)
     spec = {"name": tc.name, "args": OmegaConf.to_container(tc.args), "inputs": list(tc.inputs)}
-    train = data.labelled or data.train  # labels alone: the labelled items suffice
+    train = data.labelled if data.labelled is not None else data.train  # labels alone: the labelled items suffice
     key = store.teacher_key(spec, model, tcfg, [train, data.val]) if tc.reuse else None
     hit = store.load(cache_path(cfg), key, run_dir / stage) if key else None
     module = Distiller(Net(model, tc.inputs), [], [Term("ce")])

@@ -27,6 +27,7 @@ def _inputs():
     mask = torch.ones(B, 8, dtype=torch.long)
     mask[0, 5:] = 0
     return {"image": torch.rand(B, 1, 28, 28, generator=g), "audio": 0.1 * torch.randn(B, 1, 800, generator=g),
+            "image3": torch.rand(B, 3, 16, 16, generator=g), "image32": torch.rand(B, 3, 32, 32, generator=g),
             "input_ids": torch.randint(1000, 2000, (B, 8), generator=g) * mask, "attention_mask": mask}
 
 
@@ -43,8 +44,13 @@ CASES = {
     "fusion": ({"in_shape": {"image": (1, 28, 28), "audio": (1, 800)}, **FUSION}, ["image", "audio"], 7),
     "fusion_no_hidden": ({"in_shape": {"image": (1, 28, 28), "audio": (1, 800)}, **FUSION, "hidden": []},
                          ["image", "audio"], 6 + 5),  # the classifier reads the concatenation
+    "resnet8": ({"in_shape": (3, 16, 16)}, ["image3"], 64),
+    "wrn_16_1": ({"in_shape": (3, 16, 16)}, ["image3"], 64),
+    "mobilenetv2": ({"in_shape": (3, 32, 32)}, ["image32"], 1280),
+    "shufflenetv2": ({"in_shape": (3, 16, 16)}, ["image3"], 1024),
 }
-CONTRACT = {"mlp", "cnn", "resnet18", "audio_cnn", "text_transformer", "text_minilm", "clip", "fusion"}
+CONTRACT = {"mlp", "cnn", "resnet18", "audio_cnn", "text_transformer", "text_minilm", "clip", "fusion", "resnet8",
+            "wrn_16_1", "mobilenetv2", "shufflenetv2"}
 
 _built: dict[str, nn.Module] = {}
 

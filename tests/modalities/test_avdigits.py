@@ -292,7 +292,7 @@ def test_the_feature_version_is_part_of_the_cache_key_and_a_build_is_timed(fake_
     with caplog.at_level(logging.INFO, logger="mmkd"):
         assert build(monkeypatch, root=fake_root, cache_dir=cache, seconds=0.1)[1] == 30
     assert build(monkeypatch, root=fake_root, cache_dir=cache, seconds=0.1)[1] == 0
-    assert len([r for r in caplog.records if "built the logmel cache of 30 recordings in" in r.message]) == 1
+    assert len([r for r in caplog.records if "avdigits: built the logmel cache of 30 files in" in r.message]) == 1
     monkeypatch.setattr(av, "FEATURE_VERSION", av.FEATURE_VERSION + 1)
     assert build(monkeypatch, root=fake_root, cache_dir=cache, seconds=0.1)[1] == 30
 

@@ -602,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = sub.add_parser("run", help="run an experiment: mmkd run [--config-dir DIR] [--multirun [sweep_dir=DIR]] "
                          "[experiment=NAME|PATH.yaml] [key=value ...] (with --multirun, key=a,b,c runs one job each)")
     cmd.add_argument("overrides", nargs="*")
+    # for --help only: main() takes --multirun / -m out of argv first, so it may stand among the overrides
     cmd.add_argument("--multirun", "-m", action="store_true", help="one run per combination of swept values")
     cmd.add_argument("--config-dir", "-cd", metavar="DIR", help=dir_help)
     cmd = sub.add_parser("list", help="registered losses, routers, models, data sets and experiments: mmkd list "

@@ -145,7 +145,7 @@ def avdigits(root: str | os.PathLike = "data", seed: int = 0, sample_rate: int =
     length = round(seconds * sample_rate)
     waves = cache(lambda: audio_io.load_audios([folder / r[0] for r in recs], sample_rate, length, convert_audio))
     logmel = cached("logmel", {**wave_params, "n_mels": n_mels, "n_fft": n_fft, "hop": hop}, files,
-                    lambda: audio_io.log_mel(waves(), sample_rate, n_mels, n_fft, hop), cache_dir)
+                    lambda: audio_io.log_mel(waves(), sample_rate, n_mels, n_fft, hop), cache_dir, "avdigits")
 
     images, labels = read_idx(mnist / MNIST_FILES[0]), read_idx(mnist / MNIST_FILES[1]).long()
     if images.shape[1:] != (28, 28):
@@ -177,7 +177,7 @@ def avdigits(root: str | os.PathLike = "data", seed: int = 0, sample_rate: int =
                "label": digit, "mnist_index": image_of, "take": torch.tensor([r[3] for r in recs]),
                "speaker": torch.tensor([speakers.index(r[2]) for r in recs])}
     if waveform:
-        tensors["audio_wave"] = cached("wave", wave_params, files, waves, cache_dir).unsqueeze(1)
+        tensors["audio_wave"] = cached("wave", wave_params, files, waves, cache_dir, "avdigits").unsqueeze(1)
     sets = [TensorDictDataset(f"avdigits/{s}", **{k: v[rows[s]] for k, v in tensors.items()}) for s in SPLITS]
     shapes = {"image": (1, 28, 28), "audio": tuple(tensors["audio"].shape[1:])}
     if waveform:

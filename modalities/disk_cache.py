@@ -33,7 +33,7 @@ def file_stats(folder: Path, files: list[str]) -> list[list]:
 
 
 def cached(kind: str, params: dict, files: list[list], compute: Callable[[], Tensor], cache_dir: Path,
-           owner: str = "avdigits") -> Tensor:
+           owner: str) -> Tensor:
     """``compute()``, cached on disk in ``cache_dir/<owner>-<kind>-<key>.pt`` where the key hashes
     ``kind``, ``params`` and ``files`` (see :func:`file_stats`); written atomically with its size and
     SHA-256 beside it (``mmkd.io.save_checked``), so a file there is always complete, and one that is

@@ -23,11 +23,13 @@ generator instead. An augmented training set is not deterministic, so a frozen t
 """
 from __future__ import annotations
 
+import hashlib
 import io as _io
 import logging
 import os
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -194,8 +196,6 @@ class ImageDataset(Epochal, Fingerprinted):
 
     @property
     def fingerprint(self) -> str:
-        import hashlib
-
         h = hashlib.sha256(f"{self.name}|{self.augment}|{self.seed}|{self.mean.flatten().tolist()}|"
                            f"{self.std.flatten().tolist()}".encode())
         hash_tensors(h, {"images": self.images, "labels": self.labels})
@@ -238,12 +238,16 @@ def _load(path: Path, size, cache_dir: Path, limit_per_class: int | None) -> tup
     """Images (decoded or from the cache), their class names and the sorted class list."""
     source = Source(path)
     if limit_per_class is not None:
-        seen: dict[str, int] = {}
-        pick = [i for i, (c, _) in enumerate(source.entries) if (seen := {**seen, c: seen.get(c, 0) + 1})[c] <= limit_per_class]
+        seen: Counter[str] = Counter()
+        pick = []
+        for i, (c, _) in enumerate(source.entries):
+            seen[c] += 1
+            if seen[c] <= limit_per_class:
+                pick.append(i)
         source.entries = [source.entries[i] for i in pick]
         source.stats = [source.stats[i] for i in pick]
     images = cached("images", {"size": list(size) if size else None, "path": path.name}, source.stats,
-                    lambda: decode(source, size), cache_dir, owner="image_folder")
+                    lambda: decode(source, size), cache_dir, "image_folder")
     return images, [c for c, _ in source.entries], sorted({c for c, _ in source.entries})
 
 

@@ -408,15 +408,15 @@ def test_avdigits_cache_is_checked_too(tmp_path, caplog):
         return torch.arange(12.0).reshape(3, 4)
 
     params, files = {"n_mels": 4}, [["0_a_0.wav", 10, 123]]
-    first = av.cached("logmel", params, files, compute, tmp_path)
+    first = av.cached("logmel", params, files, compute, tmp_path, "avdigits")
     (path,) = tmp_path.glob("avdigits-logmel-*.pt")
     assert mmkd.io.index_path(path).exists() and len(calls) == 1
-    assert torch.equal(av.cached("logmel", params, files, compute, tmp_path), first) and len(calls) == 1
+    assert torch.equal(av.cached("logmel", params, files, compute, tmp_path, "avdigits"), first) and len(calls) == 1
     path.write_bytes(path.read_bytes()[:200])
     with caplog.at_level(logging.WARNING, logger="mmkd"):
-        again = av.cached("logmel", params, files, compute, tmp_path)
+        again = av.cached("logmel", params, files, compute, tmp_path, "avdigits")
     assert len(calls) == 2 and torch.equal(again, first)
     assert any(str(path) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     mmkd.io.index_path(path).unlink()  # no index: recomputed, never loaded blindly
-    av.cached("logmel", params, files, compute, tmp_path)
+    av.cached("logmel", params, files, compute, tmp_path, "avdigits")
     assert len(calls) == 3 and mmkd.io.index_path(path).exists()

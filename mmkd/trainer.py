@@ -47,9 +47,11 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only (with momentum); false: heavy-ball momentum, as CRD and mdistiller train
     scheduler: str = "cosine"  # cosine | linear | step | none (stepped every batch)
     warmup_epochs: float = 0.0
     step_epochs: int = 30  # step scheduler: decay by `gamma` every `step_epochs`
+    milestones: Optional[List[int]] = None  # step scheduler: decay by `gamma` at these epochs instead
     gamma: float = 0.1
     grad_clip: Optional[float] = None  # max global gradient norm
     metrics: Optional[List[str]] = None  # evaluated as val/<name> (mmkd.metrics); None: the data set's
@@ -106,6 +108,8 @@ def check_config(c: Any) -> None:
     for key in ("warmup_epochs", "weight_decay", "momentum"):
         if not math.isfinite(getattr(c, key)):
             raise ValueError(f"trainer.{key}={getattr(c, key)!r}; give a finite number")
+    if c.milestones is not None and (list(c.milestones) != sorted(set(c.milestones)) or min(c.milestones, default=1) < 1):
+        raise ValueError(f"trainer.milestones={list(c.milestones)!r}; give increasing epochs, each at least 1")
     if unknown := [m for m in c.metrics or () if m not in METRICS]:
         raise ValueError(f"trainer.metrics: unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS.names())}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
@@ -262,20 +266,22 @@ class Trainer:
         c = self.cfg
         if c.optimizer == "sgd":
             return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                                   nesterov=c.momentum > 0)
+                                   nesterov=c.nesterov and c.momentum > 0)
         adam = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
         return adam(params, lr=c.lr, weight_decay=c.weight_decay)
 
     def _scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int):
         """LR factor per step: linear warm-up over ``warmup_epochs``, then cosine or linear decay to 0 over
         the rest of the run (``linear``: Hugging Face's ``get_linear_schedule_with_warmup``), a step decay
-        by ``gamma`` every ``step_epochs``, or constant (``none``)."""
+        by ``gamma`` every ``step_epochs`` (or at each epoch of ``milestones``: torch's ``MultiStepLR``, the
+        CIFAR protocol of CRD and mdistiller), or constant (``none``)."""
         c = self.cfg
         total, warmup = c.max_epochs * steps_per_epoch, int(c.warmup_epochs * steps_per_epoch)
         after_warmup = {
             "cosine": lambda step: 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))),
             "linear": lambda step: max(0.0, (total - step) / max(1, total - warmup)),
-            "step": lambda step: c.gamma ** (step // (c.step_epochs * steps_per_epoch)),
+            "step": (lambda step: c.gamma ** sum(step >= m * steps_per_epoch for m in c.milestones)) if c.milestones
+            else lambda step: c.gamma ** (step // (c.step_epochs * steps_per_epoch)),
             "none": lambda step: 1.0,
         }[c.scheduler]
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: (step + 1) / warmup if step < warmup

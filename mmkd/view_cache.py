@@ -8,12 +8,15 @@ view is the same in every run, so it is computed once, by the first run that mee
 by every later one (other students, other losses, other student seeds). Each batch carries its
 ``index`` and ``epoch``.
 
-Storage, per epoch, memory-mapped ``.npy`` files under ``<cache_dir>/views/<key>/``: the full log-softmax
-of the logits in float16 (``[items, classes]``), or with ``topk=k`` the ``k`` largest log-probabilities
-(float16) and their classes (uint8 / int16 / int32, the smallest that holds the class count), plus a
-filled mask (and the class count in ``classes.json``). A stored row is read back as log-probabilities: in full, ``log softmax(z)`` (every loss
-that applies a softmax at any temperature sees ``z`` up to a per-row constant); from the top-k, the
-k stored probabilities and the remaining mass ``1 - sum`` spread evenly over the other classes. The
+Storage, per epoch, memory-mapped ``.npy`` files under ``<cache_dir>/views/<key>/``: the logits in
+float16 (``[items, classes]``), or with ``topk=k`` the ``k`` largest log-probabilities (float16) and
+their classes (uint8 / int16 / int32, the smallest that holds the class count), plus a filled mask
+(and the class count in ``classes.json``). A full row is read back as the logits themselves (every
+loss sees what the live teacher gave, to float16 rounding); a top-k row as log-probabilities: the k
+stored probabilities and the remaining mass ``1 - sum`` spread evenly over the other classes (losses
+that apply a softmax see the reconstructed distribution; one that reads raw logits, such as ``bkl``,
+sees log-probabilities instead). Each epoch's size and hit rate are logged when its last view is
+served. The
 key hashes the teacher (weights, module tree, inputs), the data set's fingerprint (its images, the
 augmentations and their seed) and ``topk``; changing any of them starts a new cache. Files are
 written before the mask marks their rows, so an interrupted run leaves rows to recompute, never a
@@ -71,15 +74,15 @@ class ViewCachedTeacher(nn.Module):
         self.classes: int | None = None
         self._epoch: int | None = None
         self._files: dict[str, np.ndarray] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.served = 0
 
     def _open(self, epoch: int, classes: int) -> None:
         """Memory-map (creating them if new) the files of ``epoch``."""
-        if self._epoch is not None:
-            self._report()
+        if self._epoch is not None and self.served < self.items:
+            self._report()  # an epoch that did not serve every view (drop_last, a subset)
         self.classes, self._epoch = classes, epoch
         self.folder.mkdir(parents=True, exist_ok=True)
-        shapes = ({"logp": ((self.items, classes), np.float16)} if self.topk is None else
+        shapes = ({"logits": ((self.items, classes), np.float16)} if self.topk is None else
                   {"values": ((self.items, self.topk), np.float16), "indices": ((self.items, self.topk), index_dtype(classes))})
         shapes["filled"] = ((self.items,), np.bool_)
         self._files = {}
@@ -97,7 +100,7 @@ class ViewCachedTeacher(nn.Module):
                 if name == "filled":
                     a[:] = False
             self._files[name] = a
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.served = 0
 
     def _report(self) -> None:
         done = int(self._files["filled"].sum())
@@ -119,11 +122,11 @@ class ViewCachedTeacher(nn.Module):
         filled = self._files["filled"]
         if not filled[rows].all():
             self.misses += 1
-            logp = torch.log_softmax((live if live is not None else self.teacher(batch)).logits.float(), 1).cpu()
+            logits = (live if live is not None else self.teacher(batch)).logits.float().cpu()
             if self.topk is None:
-                self._files["logp"][rows] = logp.numpy().astype(np.float16)
+                self._files["logits"][rows] = logits.numpy().astype(np.float16)
             else:
-                top = logp.topk(self.topk, 1)
+                top = torch.log_softmax(logits, 1).topk(self.topk, 1)
                 self._files["values"][rows] = top.values.numpy().astype(np.float16)
                 self._files["indices"][rows] = top.indices.numpy().astype(self._files["indices"].dtype)
             for a in self._files.values():
@@ -133,8 +136,11 @@ class ViewCachedTeacher(nn.Module):
             filled.flush()
         else:
             self.hits += 1
+        self.served += len(rows)
+        if self.served == self.items:
+            self._report()
         if self.topk is None:
-            out = torch.from_numpy(np.asarray(self._files["logp"][rows], dtype=np.float32))
+            out = torch.from_numpy(np.asarray(self._files["logits"][rows], dtype=np.float32))
         else:
             out = reconstruct(torch.from_numpy(np.asarray(self._files["values"][rows], dtype=np.float32)),
                               torch.from_numpy(np.asarray(self._files["indices"][rows]).astype(np.int64)), self.classes)
@@ -154,5 +160,5 @@ def cache_views(teacher: Teacher, dataset, root: str | os.PathLike, topk: int | 
     key = hashlib.sha256(f"{teacher_hash(teacher)}|{dataset.fingerprint}|{topk}".encode()).hexdigest()[:24]
     folder = Path(root) / "views" / key
     log.info("view cache: teacher %s on %s in %s (%s)", type(teacher.model).__name__, dataset.name, folder,
-             f"top-{topk}" if topk else "full log-probabilities")
+             f"top-{topk}" if topk else "full logits")
     return ViewCachedTeacher(teacher, folder, len(dataset), topk)

@@ -19,7 +19,8 @@ generator instead. An augmented training set is not deterministic, so a frozen t
 
 ``cifar10``: the 50,000 / 10,000 images of ``<data root>/cifar10/{train,test}.zip``, ``val_size``
 (5,000) of the training images held out for validation (stratified, ``split_seed``), ``crop`` and
-``flip`` by default.
+``flip`` by default; ``limit_per_class`` takes a training subset (validation carved from it) and
+leaves the 10,000 test images whole unless ``test_limit_per_class`` limits them too.
 """
 from __future__ import annotations
 
@@ -253,15 +254,16 @@ def _load(path: Path, size, cache_dir: Path, limit_per_class: int | None) -> tup
 
 @DATASETS.register("image_folder", ranges={"split_seed": SEED, "augment_seed": SEED, "fractions": Fractions(),
                                            "val_fraction": Range(0, 1, low_open=True, high_open=True),
-                                           "limit_per_class": COUNT})
+                                           "limit_per_class": COUNT, "test_limit_per_class": COUNT})
 def image_folder(root: str, path: str, test_path: str | None = None, fractions: Sequence[float] = (0.8, 0.1, 0.1),
                  val_fraction: float = 0.1, split_seed: int = 0, size: Sequence[int] | None = None,
                  augment: Sequence[str] = (), augment_seed: int | None = 0, cache_dir: str | os.PathLike | None = None,
-                 limit_per_class: int | None = None) -> DataSplits:
+                 limit_per_class: int | None = None, test_limit_per_class: int | None = None) -> DataSplits:
     """Train/val/test splits of the images at ``path`` (a folder or zip under the data root, see the
     module docstring): with ``test_path`` that folder or zip is the test split and ``val_fraction`` of
     ``path`` (stratified) the validation split; without, ``fractions`` split ``path`` three ways.
-    ``size`` (H, W) resizes every image; ``limit_per_class`` keeps the first images of each class."""
+    ``size`` (H, W) resizes every image; ``limit_per_class`` keeps the first images of each class of
+    ``path`` (a training subset), ``test_limit_per_class`` those of ``test_path`` (default: all)."""
     if unknown := [a for a in augment if a not in AUGMENTS]:
         raise ConfigError(f"data.args.augment: unknown augmentation {unknown[0]!r}; choose from: {', '.join(AUGMENTS)}")
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -269,7 +271,7 @@ def image_folder(root: str, path: str, test_path: str | None = None, fractions: 
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[c] for c in names])
     if test_path is not None:
-        test_images, test_names, test_classes = _load(Path(root) / test_path, size, folder, limit_per_class)
+        test_images, test_names, test_classes = _load(Path(root) / test_path, size, folder, test_limit_per_class)
         if unknown := sorted(set(test_classes) - set(classes)):
             raise DataError(f"{Path(root) / test_path}: class {unknown[0]!r} is not among the training classes "
                             f"({', '.join(classes)})")
@@ -295,10 +297,10 @@ def image_folder(root: str, path: str, test_path: str | None = None, fractions: 
 
 
 @DATASETS.register("cifar10", ranges={"split_seed": SEED, "augment_seed": SEED, "val_size": COUNT,
-                                      "limit_per_class": COUNT})
+                                      "limit_per_class": COUNT, "test_limit_per_class": COUNT})
 def cifar10(root: str, val_size: int = 5000, split_seed: int = 0, augment: Sequence[str] = ("crop", "flip"),
             augment_seed: int | None = 0, cache_dir: str | os.PathLike | None = None,
-            limit_per_class: int | None = None) -> DataSplits:
+            limit_per_class: int | None = None, test_limit_per_class: int | None = None) -> DataSplits:
     """CIFAR-10 from ``<root>/cifar10/train.zip`` and ``test.zip`` (see the module docstring)."""
     train = Path(root) / "cifar10" / "train.zip"
     if not train.is_file():
@@ -310,4 +312,4 @@ def cifar10(root: str, val_size: int = 5000, split_seed: int = 0, augment: Seque
                           "hold out fewer")
     return image_folder(root, "cifar10/train.zip", "cifar10/test.zip", val_fraction=val_size / (10 * per_class),
                         split_seed=split_seed, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir,
-                        limit_per_class=limit_per_class)
+                        limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class)

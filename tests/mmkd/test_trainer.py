@@ -17,7 +17,7 @@ from torch import nn
 import mmkd.io
 from mmkd import Distiller, Net, TensorDictDataset, Term, Trainer
 from mmkd.callbacks import Callback
-from mmkd.trainer import NonFiniteLoss, TrainerConfig, resolved
+from mmkd.trainer import NonFiniteLoss, TrainerConfig, check_config, resolved
 
 D, C = 8, 3
 
@@ -574,14 +574,38 @@ def test_lr_schedule_step_by_step(tmp_path, optimizer_steps, scheduler, warmup_e
     assert logged == pytest.approx(after, rel=1e-12, abs=1e-15)
 
 
+def test_step_milestones_match_torch_multistep(tmp_path, optimizer_steps):
+    """``milestones`` decays by ``gamma`` at those epochs, as torch's MultiStepLR stepped once an epoch."""
+    train, val = make_data(SPE * 8, 0, "train"), make_data(16, 1, "val")
+    trainer(tmp_path, max_epochs=5, batch_size=8, lr=BASE_LR, scheduler="step", milestones=[2, 4],
+            gamma=0.1).fit(make_module(), train, val)
+    got = [lr for _, lr in optimizer_steps]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=BASE_LR)
+    ref = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 4], gamma=0.1)
+    expect = []
+    for _ in range(5):
+        expect += [opt.param_groups[0]["lr"]] * SPE
+        opt.step()
+        ref.step()
+    assert got == pytest.approx(expect, rel=1e-12)
+    assert expect[SPE * 2] == pytest.approx(BASE_LR * 0.1) and expect[-1] == pytest.approx(BASE_LR * 0.01)
+
+
+@pytest.mark.parametrize("milestones", [[4, 2], [0, 3], [2, 2]])
+def test_bad_milestones_are_refused(milestones):
+    with pytest.raises(ValueError, match=r"trainer\.milestones"):
+        check_config(TrainerConfig(scheduler="step", milestones=milestones))
+
+
 # ---------------------------------------------------------------- optimizers
-@pytest.mark.parametrize("name,momentum,cls", [
-    ("adamw", 0.9, torch.optim.AdamW),
-    ("adam", 0.9, torch.optim.Adam),
-    ("sgd", 0.9, torch.optim.SGD),
-    ("sgd", 0.0, torch.optim.SGD),
+@pytest.mark.parametrize("name,momentum,nesterov,cls", [
+    ("adamw", 0.9, True, torch.optim.AdamW),
+    ("adam", 0.9, True, torch.optim.Adam),
+    ("sgd", 0.9, True, torch.optim.SGD),
+    ("sgd", 0.9, False, torch.optim.SGD),
+    ("sgd", 0.0, True, torch.optim.SGD),
 ])
-def test_optimizer_choice_and_its_first_step(tmp_path, data, optimizer_steps, name, momentum, cls):
+def test_optimizer_choice_and_its_first_step(tmp_path, data, optimizer_steps, name, momentum, nesterov, cls):
     train, val = data
     lr, wd = 0.1, 0.1
     mod = make_module(dropout=0.0)
@@ -592,7 +616,7 @@ def test_optimizer_choice_and_its_first_step(tmp_path, data, optimizer_steps, na
     grads = dict(zip(names, torch.autograd.grad(loss, list(ref.parameters()))))
 
     trainer(tmp_path, max_epochs=1, batch_size=len(train), optimizer=name, lr=lr, weight_decay=wd,
-            momentum=momentum, scheduler="none").fit(mod, train, val)
+            momentum=momentum, nesterov=nesterov, scheduler="none").fit(mod, train, val)
 
     assert len(optimizer_steps) == 1
     opt, used_lr = optimizer_steps[0]
@@ -600,7 +624,7 @@ def test_optimizer_choice_and_its_first_step(tmp_path, data, optimizer_steps, na
     group = opt.param_groups[0]
     assert group["lr"] == lr and group["weight_decay"] == wd
     if name == "sgd":
-        assert group["momentum"] == momentum and group["nesterov"] is (momentum > 0)
+        assert group["momentum"] == momentum and group["nesterov"] is (nesterov and momentum > 0)
     eps = 1e-8  # torch's Adam default; on the first step m-hat = g and v-hat = g^2
     for n in names:
         p, g = before[n], grads[n]
@@ -609,8 +633,8 @@ def test_optimizer_choice_and_its_first_step(tmp_path, data, optimizer_steps, na
         elif name == "adam":  # L2 decay folded into the gradient
             g = g + wd * p
             expect = p - lr * g / (g.abs() + eps)
-        else:  # nesterov's first step: buf = g, update g + momentum * buf
-            expect = p - lr * (1 + momentum) * (g + wd * p)
+        else:  # first step: buf = g; nesterov updates by g + momentum * buf, heavy-ball by buf
+            expect = p - lr * (1 + momentum * nesterov) * (g + wd * p)
         torch.testing.assert_close(mod.state_dict()[n], expect, rtol=1e-4, atol=1e-5, msg=n)
 
 

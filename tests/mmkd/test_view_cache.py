@@ -2,6 +2,8 @@
 same seeded views, no teacher forward in a later run, top-k reconstruction, invalidation."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -32,27 +34,34 @@ class Counting(nn.Module):
         return self.net(x)
 
 
-def fit(tmp_path, teacher, name, data):
+def fit(tmp_path, teacher, name, data, bkl=False):
     torch.manual_seed(2)
     student = Net(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)), ["image"])
-    terms = [Term("ce"), Term("kd", args={"temperature": 4.0})]
+    terms = [Term("ce"), Term("kd", args={"temperature": 4.0}), *([Term("bkl")] if bkl else [])]
     trainer = Trainer(run_dir=tmp_path / name, max_epochs=3, batch_size=8, tensorboard=False, progress="off", seed=0)
-    return [h["train/kd"] for h in trainer.fit(Distiller(student, [teacher], terms, ConstantRouter()), data, data).history]
+    history = trainer.fit(Distiller(student, [teacher], terms, ConstantRouter()), data, data).history
+    return [[h[f"train/{t.name}"] for h in history] for t in terms[1:]]
 
 
 @pytest.mark.parametrize("topk", [None, 4])  # 4 of 4 classes: the top-k path, nothing left out
-def test_cached_views_give_the_live_teachers_losses_and_a_later_run_runs_no_teacher(tmp_path, topk):
+def test_cached_views_give_the_live_teachers_losses_and_a_later_run_runs_no_teacher(tmp_path, topk, caplog):
     model = Counting()
-    live = fit(tmp_path, Teacher(model, ["image"]), "live", images())
+    caplog.set_level(logging.INFO, "mmkd")
+    bkl = topk is None  # full rows are the logits: a loss that is not shift-invariant sees them too
+    live = fit(tmp_path, Teacher(model, ["image"]), "live", images(), bkl)
     model.calls = 0
-    first = fit(tmp_path, cache_views(Teacher(model, ["image"]), images(), tmp_path / "cache", topk), "first", images())
+    first = fit(tmp_path, cache_views(Teacher(model, ["image"]), images(), tmp_path / "cache", topk), "first", images(), bkl)
     assert model.calls == 9  # 3 epochs x 3 batches, each view computed once
-    assert first == pytest.approx(live, rel=2e-3)  # float16 storage
+    for a, b in zip(first, live, strict=True):
+        assert a == pytest.approx(b, rel=2e-3)  # float16 storage
+    reports = [r.getMessage() for r in caplog.records if r.getMessage().startswith("view cache: epoch")]
+    assert [m.split(":")[1] for m in reports] == [" epoch 0", " epoch 1", " epoch 2"]  # the last epoch too
+    assert all("0 of 3 batches' rows read" in m and "24 / 24 views stored" in m for m in reports)
     model.calls = 0
-    again = fit(tmp_path, cache_views(Teacher(model, ["image"]), images(), tmp_path / "cache", topk), "again", images())
+    again = fit(tmp_path, cache_views(Teacher(model, ["image"]), images(), tmp_path / "cache", topk), "again", images(), bkl)
     assert model.calls == 0 and again == first
     files = {p.name for p in next((tmp_path / "cache" / "views").iterdir()).iterdir()}
-    per_epoch = ["filled", "logp"] if topk is None else ["filled", "indices", "values"]
+    per_epoch = ["filled", "logits"] if topk is None else ["filled", "indices", "values"]
     assert files == {"classes.json", *(f"e{e}.{n}.npy" for e in range(3) for n in per_epoch)}
 
 

@@ -129,7 +129,11 @@ def test_cifar10_from_the_shared_zips(tmp_path):
     data_root = Path(os.environ["MMKD_DATA"])
     d = DATASETS["cifar10"](root=str(data_root), val_size=50, limit_per_class=20, cache_dir=tmp_path)
     assert d.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    assert [len(s) for s in (d.train, d.val, d.test)] == [150, 50, 200] and d.shapes == {"image": (3, 32, 32)}
+    assert [len(s) for s in (d.train, d.val, d.test)] == [150, 50, 10_000] and d.shapes == {"image": (3, 32, 32)}
+    assert torch.bincount(d.test.labels).tolist() == [1000] * 10  # a training subset; the test split whole
+    small = DATASETS["cifar10"](root=str(data_root), val_size=50, limit_per_class=20, test_limit_per_class=3,
+                                cache_dir=tmp_path)
+    assert len(small.test) == 30 and torch.equal(small.test.images, d.test.images.view(10, 1000, 3, 32, 32)[:, :3].flatten(0, 1))
     assert d.train.augment == ("crop", "flip") and d.val.deterministic and d.test.deterministic
     with zipfile.ZipFile(data_root / "cifar10" / "train.zip") as z:
         names = [n for n in z.namelist() if n.endswith(".jpg")]

@@ -157,7 +157,8 @@ def main() -> None:
     p.add_argument("--timing-teachers", nargs="*", default=["resnet56", "resnet110", "resnet32x4"])
     p.add_argument("--timing-epochs", type=int, default=2)
     p.add_argument("--timing-per-class", type=int, default=100)
-    p.add_argument("--work", type=Path, default=Path("runs/cifar10_bench"), help="teacher run, caches, runs")
+    p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "cifar10",
+                   help="the teacher's run, the caches and the students' runs (kept for later invocations)")
     p.add_argument("--name", default="cifar10")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()

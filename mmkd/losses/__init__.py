@@ -52,10 +52,13 @@ from mmkd.losses.bkl import bkl  # noqa: E402  (imports register the losses)
 from mmkd.losses.ce import ce  # noqa: E402
 from mmkd.losses.dist import dist  # noqa: E402
 from mmkd.losses.dkd import dkd  # noqa: E402
-from mmkd.losses.fitnet import fitnet  # noqa: E402
+from mmkd.losses.features import at, fitnet, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
 from mmkd.losses.kd import kd  # noqa: E402
 from mmkd.losses.nkd import nkd  # noqa: E402
 from mmkd.losses.pld import pld  # noqa: E402
 from mmkd.losses.sinkd import sinkd  # noqa: E402
+from mmkd.losses.taid import taid  # noqa: E402  (and the callback taid, which adapts its t)
+from mmkd.losses.uskd import uskd  # noqa: E402
 
-__all__ = ["register_loss", "reduce", "bkl", "ce", "dist", "dkd", "fitnet", "kd", "nkd", "pld", "sinkd"]
+__all__ = ["register_loss", "reduce", "bkl", "ce", "dist", "dkd", "kd", "nkd", "pld", "sinkd", "taid", "uskd",
+           "at", "fitnet", "nst", "pkt", "rkd", "sp"]

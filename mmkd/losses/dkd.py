@@ -17,17 +17,26 @@ import torch.nn.functional as F
 
 from mmkd.checks import NON_NEGATIVE, TEMPERATURE
 from mmkd.losses import reduce, register_loss
+from mmkd.losses.kd import zscore
 
 
 @register_loss("dkd", teacher=True, per_sample=True,
                ranges={"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "temperature": TEMPERATURE})
 def dkd(student_logits, teacher_logits, target, *, alpha=1.0, beta=8.0, temperature=4.0,
-        reduction="mean"):
+        standardize=False, reduction="mean"):
     """``T^2 (alpha * KL(b^t || b^s) + beta * KL(p_hat^t || p_hat^s))`` per instance.
 
     b = [p_y, 1 - p_y] is the binary target/non-target split of softmax(z/T); p_hat is the softmax
     over the non-target classes only. Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
+
+    ``standardize``: z-score each side's logits first (:func:`mmkd.losses.kd.zscore`; Sun et al.,
+    "Logit Standardization in Knowledge Distillation", CVPR 2024), before both splits; off by default.
+    The official LS setting for DKD on CIFAR-100 multiplies alpha and beta by the KD weight 9
+    (alpha = 9, beta = 72) and sets the temperature to the base temperature 2, with CE weight 1
+    (``tools/train.py --logit-stand --base-temp 2 --kd-weight 9``).
     """
+    if standardize:
+        student_logits, teacher_logits = zscore(student_logits), zscore(teacher_logits)
     b, c = student_logits.shape
     other = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, target[:, None], False)
 

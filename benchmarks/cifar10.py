@@ -77,18 +77,20 @@ def teacher_run(args, data: list[str]) -> tuple[Path, dict]:
                         train_seconds(folder / "teachers" / "resnet" / "metrics.csv"))}
 
 
-def students(args, data: list[str], teacher: Path) -> tuple[dict, dict]:
-    """Test accuracies and student seconds per epoch of every method and seed."""
+def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, list[str]]]) -> tuple[dict, dict]:
+    """Test accuracies and student seconds per epoch of every ``(method, experiment, overrides)`` of
+    ``plan`` and every seed; the cached ``kd`` run also trains the CE baseline (``ce``)."""
     acc: dict[str, list[float]] = {}
     sec: dict[str, list[list[float]]] = {}
     warmup = max(1, round(20 * args.epochs / 240))
-    base = [f"teachers.resnet.checkpoint={teacher}", f"teachers.resnet.name={args.teacher}",
-            f"student.name={args.student}", f"trainer.max_epochs={args.epochs}",
+    base = [f"student.name={args.student}", f"trainer.max_epochs={args.epochs}",
             f"trainer.milestones={scaled(args.epochs)}", *data]
-    plan = [("kd_live", "cifar10_kd", ["teachers.resnet.cache=false"]), *((m, *LOSSES[m]) for m in args.methods)]
     for seed in range(args.seeds):
         for method, experiment, extra in plan:
-            extra = [*extra, *([f"losses.dkd.weight.epochs={warmup}"] if method == "dkd" else [])]
+            cfg = compose([f"experiment={experiment}", *extra])
+            extra = [*([f"teachers.resnet.checkpoint={teacher}", f"teachers.resnet.name={args.teacher}"]
+                       if cfg.teachers else []),  # a self-distillation run has none
+                     *extra, *([f"losses.dkd.weight.epochs={warmup}"] if "dkd" in cfg.losses else [])]
             r = run(compose([f"experiment={experiment}", f"seed={seed}", f"baseline={method == 'kd'}", *base, *extra]))
             acc.setdefault(method, []).append(r["student"]["test_acc"])
             sec.setdefault(method, []).append(train_seconds(Path(r["run_dir"]) / "student" / "metrics.csv"))
@@ -144,8 +146,9 @@ def sizes(items: int = 512) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str, methods: list[str]) -> argparse.ArgumentParser:
+    """The options of this benchmark and of ``zoo.py``: the setting, the teacher, the student, the methods."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10, help="student epochs")
     p.add_argument("--per-class", type=int, default=500, help="training images per class (validation included)")
@@ -153,24 +156,35 @@ def main() -> None:
     p.add_argument("--teacher", default="resnet20")
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--student", default="resnet8")
-    p.add_argument("--methods", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    p.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "cifar10",
+                   help="the teacher's run, the caches and the students' runs (kept for later invocations)")
+    p.add_argument("overrides", nargs="*")
+    return p
+
+
+def setting(args) -> list[str]:
+    """The overrides every run of the setting shares: data subset, work folders, no export."""
+    args.work = args.work.resolve()
+    return [f"out_dir={args.work / 'out'}", f"cache_dir={args.work / 'cache'}", f"data.args.cache_dir={args.work / 'images'}",
+            f"data.args.limit_per_class={args.per_class}", f"data.args.val_size={args.val}", "export=[]",
+            "trainer.tensorboard=false", "trainer.progress=off", *args.overrides]
+
+
+def main() -> None:
+    p = arguments(__doc__, list(LOSSES))
     p.add_argument("--timing-teachers", nargs="*", default=["resnet56", "resnet110", "resnet32x4"])
     p.add_argument("--timing-epochs", type=int, default=2)
     p.add_argument("--timing-per-class", type=int, default=100)
-    p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "cifar10",
-                   help="the teacher's run, the caches and the students' runs (kept for later invocations)")
     p.add_argument("--name", default="cifar10")
-    p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    args.work = args.work.resolve()
     t0 = time.perf_counter()
-    data = [f"out_dir={args.work / 'out'}", f"cache_dir={args.work / 'cache'}", f"data.args.cache_dir={args.work / 'images'}",
-            f"data.args.limit_per_class={args.per_class}", f"data.args.val_size={args.val}", "export=[]",
-            "trainer.tensorboard=false", "trainer.progress=off", *args.overrides]
+    data = setting(args)
     teacher, trow = teacher_run(args, data)
     t_students = time.perf_counter()
-    acc, sec = students(args, data, teacher)
+    acc, sec = students(args, data, teacher, [("kd_live", "cifar10_kd", ["teachers.resnet.cache=false"]),
+                                              *((m, *LOSSES[m]) for m in args.methods)])
     minutes = (time.perf_counter() - t_students) / 60
     size_rows = sizes()
     time_rows = timing(args, data) if args.timing_teachers else []

@@ -146,7 +146,7 @@ def sizes(items: int = 512) -> list[dict]:
     return rows
 
 
-def arguments(doc: str, methods: list[str]) -> argparse.ArgumentParser:
+def arguments(doc: str, methods: list[str], name: str) -> argparse.ArgumentParser:
     """The options of this benchmark and of ``zoo.py``: the setting, the teacher, the student, the methods."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
@@ -159,8 +159,18 @@ def arguments(doc: str, methods: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=methods, choices=methods)
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "cifar10",
                    help="the teacher's run, the caches and the students' runs (kept for later invocations)")
+    p.add_argument("--name", default=name, help="results/<name>.json and .md")
     p.add_argument("overrides", nargs="*")
     return p
+
+
+def prepare(p: argparse.ArgumentParser):
+    """Parse the options; the shared overrides, and the teacher's run directory and row (trained now
+    when absent)."""
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    data = setting(args)
+    return args, data, *teacher_run(args, data)
 
 
 def setting(args) -> list[str]:
@@ -172,16 +182,12 @@ def setting(args) -> list[str]:
 
 
 def main() -> None:
-    p = arguments(__doc__, list(LOSSES))
+    t0 = time.perf_counter()
+    p = arguments(__doc__, list(LOSSES), "cifar10")
     p.add_argument("--timing-teachers", nargs="*", default=["resnet56", "resnet110", "resnet32x4"])
     p.add_argument("--timing-epochs", type=int, default=2)
     p.add_argument("--timing-per-class", type=int, default=100)
-    p.add_argument("--name", default="cifar10")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    t0 = time.perf_counter()
-    data = setting(args)
-    teacher, trow = teacher_run(args, data)
+    args, data, teacher, trow = prepare(p)
     t_students = time.perf_counter()
     acc, sec = students(args, data, teacher, [("kd_live", "cifar10_kd", ["teachers.resnet.cache=false"]),
                                               *((m, *LOSSES[m]) for m in args.methods)])

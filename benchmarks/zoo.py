@@ -10,11 +10,10 @@ cached). Columns: test accuracy mean ± std, the student's seconds per epoch, th
 """
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 
-from cifar10 import LOSSES, arguments, setting, students, teacher_run
+from cifar10 import LOSSES, arguments, prepare, students
 from common import fmt, write
 
 ZOO = {  # method -> (experiment, overrides)
@@ -53,13 +52,8 @@ PAPERS = {
 
 
 def main() -> None:
-    p = arguments(__doc__, list(ZOO))
-    p.add_argument("--name", default="zoo")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
-    data = setting(args)
-    teacher, trow = teacher_run(args, data)
+    args, data, teacher, trow = prepare(arguments(__doc__, list(ZOO), "zoo"))
     plan = [(m, *ZOO[m]) for m in args.methods]
     if "kd" not in args.methods:  # the CE baseline trains beside the cached KD run
         plan.insert(0, ("kd", *ZOO["kd"]))

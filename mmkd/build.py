@@ -100,12 +100,13 @@ def build_router(cfg: DictConfig, meta: dict, student: nn.Module, data: DataSpli
         raise ConfigError(f"router.args: {e}") from None
 
 
-def build_plugins(cfg: DictConfig, key: str) -> list:
+def build_plugins(cfg: DictConfig, key: str, where: str | None = None) -> list:
     """Instances of the registered objects ``cfg[key]`` lists (``key``: ``transforms``, ``policies`` or
-    ``callbacks``), each ``{name, args}``; a factory's refusal of its arguments names ``<key>[i].args``.
+    ``callbacks``), each ``{name, args}``; a factory's refusal of its arguments names ``<where>[i].args``
+    (``where``: the config key of the list, by default ``key``; ``cfg`` may be a teacher's section).
     The ``callbacks`` end with the backward rule of ``cfg.backward`` (:mod:`mmkd.gradients`; a
     :class:`~mmkd.gradients.BackwardRule` is a callback the trainer finds among them), when one is set."""
-    entries = [(f"{key}[{i}]", PLUGINS[key], p) for i, p in enumerate(cfg[key])]
+    entries = [(f"{where or key}[{i}]", PLUGINS[key], p) for i, p in enumerate(cfg[key])]
     if key == "callbacks" and cfg.get("backward") is not None:
         entries.append(("backward", GRADIENTS, cfg.backward))
     out = []
@@ -165,14 +166,15 @@ def trainer_config(cfg: DictConfig, epochs: int | None = None, lr: float | None 
     return tc
 
 
-def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits) -> list[Term]:
-    """The loss terms of ``cfg.losses``; adapters are sized by one forward pass on a training batch."""
+def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits, section: str = "losses") -> list[Term]:
+    """The loss terms of ``cfg.losses`` (``section``: their config key, e.g. ``teachers.<name>.losses``
+    when ``cfg`` is a teacher's section); adapters are sized by one forward pass on a training batch."""
     terms, outs = [], None
     for k, t in cfg.losses.items():
         if t.group is not None:
             keys = set(next(iter(loader(data.train, 2))))
             if t.group not in keys:
-                raise ConfigError(f"losses.{k}.group={t.group!r} is not an entry of the training batches; "
+                raise ConfigError(f"{section}.{k}.group={t.group!r} is not an entry of the training batches; "
                                   f"they have: {', '.join(sorted(keys))}")
         adapter = None
         if t.adapter:
@@ -181,12 +183,12 @@ def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits)
                     batch = next(iter(loader(data.train, 2)))
                     outs = student.eval()(batch), [teacher(batch) for teacher in teachers]
             if not teachers:
-                raise ConfigError(f"losses.{k}.adapter: an adapter maps student to teacher features; there is no teacher")
+                raise ConfigError(f"{section}.{k}.adapter: an adapter maps student to teacher features; there is no teacher")
             try:
                 s_shape, t_shape = (pick(o, side).shape[1:] for o, side in ((outs[0], t.student), (outs[1][0], t.teacher)))
                 adapter = make_adapter(t.adapter, s_shape, t_shape)
             except (KeyError, ValueError) as e:
-                raise ConfigError(f"losses.{k}: {e.args[0]}") from None
+                raise ConfigError(f"{section}.{k}: {e.args[0]}") from None
         terms.append(Term(t.loss or k, t.weight, dict(t.args), name=k, student=t.student, teacher=t.teacher, adapter=adapter,
                           group=t.group))
     return terms

@@ -60,6 +60,10 @@ class TeacherConfig(ModelConfig):
     lr: Optional[float] = None  # learning rate when trained here (default: trainer.lr), e.g. to fine-tune
     trainer: Dict[str, Any] = field(default_factory=dict)  # its own fit's settings over trainer.* (patience, ...)
     reuse: bool = True  # load it from the trained-teacher store (mmkd.store) when an identical one was trained
+    # the loss terms it trains with, as the student's losses (each a TermConfig; losses of its labels and
+    # its own logits): {} is CE alone; e.g. MCMI's {ce: {weight: 1.0}, mcmi: {weight: -0.25}}
+    losses: Dict[str, Any] = field(default_factory=dict)
+    callbacks: List[PluginConfig] = field(default_factory=list)  # callbacks of its fit (e.g. mcmi_centroids)
 
 
 @dataclass
@@ -232,30 +236,39 @@ def check_label(key: str, value: str) -> None:
 
 
 def typed_sections(cfg: DictConfig) -> DictConfig:
-    """Give every entry of ``teachers`` and ``losses`` its schema (defaults filled in, types checked).
+    """Give every entry of ``teachers``, ``losses`` and each teacher's ``losses`` its schema (defaults
+    filled in, types checked).
 
     Raises :class:`ConfigError` naming the full key of an unknown key or a value of the wrong type.
     """
+    with open_dict(cfg):
+        cfg.teachers = typed_entries("teachers", cfg.teachers, TeacherConfig)
+        cfg.losses = typed_entries("losses", cfg.losses, TermConfig)
+        for name, teacher in cfg.teachers.items():
+            with open_dict(teacher):
+                teacher.losses = typed_entries(f"teachers.{name}.losses", teacher.losses, TermConfig)
+    return cfg
+
+
+def typed_entries(section: str, entries: Any, schema: type) -> dict:
+    """Each entry of the mapping ``entries`` (the config key ``section``) merged into ``schema``."""
     from omegaconf.errors import OmegaConfBaseException
 
-    for section, schema in (("teachers", TeacherConfig), ("losses", TermConfig)):
-        typed = {}
-        for name, entry in cfg[section].items():
-            if entry is None:
-                raise ConfigError(f"{section}.{name}: null; to drop it, delete it with ~{section}.{name}")
-            try:
-                typed[name] = OmegaConf.merge(OmegaConf.structured(schema), entry)
-            except OmegaConfBaseException as e:
-                key = f"{section}.{name}.{e.full_key}" if getattr(e, "full_key", None) else f"{section}.{name}"
-                if "not in" in str(e):
-                    valid = ", ".join(OmegaConf.structured(schema).keys())
-                    raise ConfigError(f"{key}: unknown config key; valid keys under {section}.{name}: {valid}") from None
-                m = re.search(r"Value '([^']*)' .*could not be converted to (\w+)", str(e))
-                raise ConfigError(f"{key}: expected {m.group(2).lower()}, got {m.group(1)!r}" if m
-                                  else f"{key}: {first_line(e, typed=False)}") from None
-        with open_dict(cfg):
-            cfg[section] = typed
-    return cfg
+    typed = {}
+    for name, entry in entries.items():
+        if entry is None:
+            raise ConfigError(f"{section}.{name}: null; to drop it, delete it with ~{section}.{name}")
+        try:
+            typed[name] = OmegaConf.merge(OmegaConf.structured(schema), entry)
+        except OmegaConfBaseException as e:
+            key = f"{section}.{name}.{e.full_key}" if getattr(e, "full_key", None) else f"{section}.{name}"
+            if "not in" in str(e):
+                valid = ", ".join(OmegaConf.structured(schema).keys())
+                raise ConfigError(f"{key}: unknown config key; valid keys under {section}.{name}: {valid}") from None
+            m = re.search(r"Value '([^']*)' .*could not be converted to (\w+)", str(e))
+            raise ConfigError(f"{key}: expected {m.group(2).lower()}, got {m.group(1)!r}" if m
+                              else f"{key}: {first_line(e, typed=False)}") from None
+    return typed
 
 
 def import_modules(names: Sequence[str]) -> None:
@@ -290,12 +303,22 @@ def check_names(cfg: DictConfig) -> None:
               ("router.name", ROUTERS, cfg.router.name)]
     checks += [(f"teachers.{k}.name", MODELS, t.name) for k, t in cfg.teachers.items()]
     checks += [(f"losses.{k}.loss", LOSSES, t.loss or k) for k, t in cfg.losses.items()]
+    checks += [(f"teachers.{n}.losses.{k}.loss", LOSSES, t.loss or k)
+               for n, tc in cfg.teachers.items() for k, t in tc.losses.items()]
     plugins = [(f"{key}[{i}]", registry, p) for key, registry in PLUGINS.items() for i, p in enumerate(cfg[key])]
     plugins += [("backward", GRADIENTS, cfg.backward)] if cfg.get("backward") is not None else []
     if plugins and cfg.pipeline != "distill":  # the other pipelines build their stages themselves
         raise ConfigError(f"{plugins[0][0]}: transforms, policies and callbacks apply to the distill pipeline's "
                           f"student stage; pipeline {cfg.pipeline!r} does not take them: remove them")
+    for n, tc in cfg.teachers.items():  # what a teacher trains with: the distill pipeline's teacher stages
+        own = [f"teachers.{n}.{key}" for key in ("losses", "callbacks") if tc[key]]
+        if own and cfg.pipeline != "distill":
+            raise ConfigError(f"{own[0]}: a teacher's losses and callbacks apply to the distill pipeline's teacher "
+                              f"stages; pipeline {cfg.pipeline!r} does not take them: remove them")
+    teacher_plugins = [(f"teachers.{n}.callbacks[{i}]", CALLBACKS, p, list(tc.losses) or ["ce"])
+                       for n, tc in cfg.teachers.items() for i, p in enumerate(tc.callbacks)]
     checks += [(f"{where}.name", registry, p.name) for where, registry, p in plugins]
+    checks += [(f"{where}.name", registry, p.name) for where, registry, p, _ in teacher_plugins]
     for key, registry, name in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown {registry.kind} {name!r}; choose from: {', '.join(registry.names())}")
@@ -303,14 +326,14 @@ def check_names(cfg: DictConfig) -> None:
         owner_args(f"{where}.args", MODELS, mc.name, mc.args)
     owner_args("data.args", DATASETS, cfg.data.name, cfg.data.args)
     owner_args("router.args", ROUTERS, cfg.router.name, cfg.router.args)
-    for where, registry, p in plugins:
+    for where, registry, p, terms in [*((*entry, list(cfg.losses)) for entry in plugins), *teacher_plugins]:
         owner_args(f"{where}.args", registry, p.name, p.args)
         for arg in registry.meta(p.name).get("reads_losses", ()):  # arguments that name loss terms
             names = p.args.get(arg) or []
             for name in [names] if isinstance(names, str) else names:
-                if name not in cfg.losses:
+                if name not in terms:
                     raise ConfigError(f"{where}.args.{arg}: {name!r} is not a loss term; choose from: "
-                                      f"{', '.join(cfg.losses)}")
+                                      f"{', '.join(terms)}")
     for k, t in cfg.teachers.items():
         if t.epochs is not None and not NON_NEGATIVE_INT.contains(t.epochs):
             raise ConfigError(f"teachers.{k}.epochs={t.epochs!r}; give a whole number of epochs >= 0 "
@@ -338,6 +361,8 @@ def check_names(cfg: DictConfig) -> None:
                 raise ConfigError(f"losses.{k}.teacher: {path!r} is not among teachers.{name}.features "
                                   f"{list(teacher.features)}; list it there")
         check_loss_args(k, t.loss or k, t.args)
+    for n, tc in cfg.teachers.items():
+        check_teacher_losses(f"teachers.{n}.losses", tc)
     try:
         check_config(cfg.trainer)
     except ValueError as e:
@@ -357,6 +382,26 @@ def check_names(cfg: DictConfig) -> None:
     for fmt in cfg.export:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"export: unknown format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")
+
+
+def check_teacher_losses(section: str, tc: Any) -> None:
+    """The loss terms a teacher trains with (``section``: ``teachers.<name>.losses``): losses of its
+    labels and its own logits, nothing read from a teacher."""
+    for k, t in tc.losses.items():
+        loss = t.loss or k
+        if LOSSES.meta(loss)["teacher"]:
+            raise ConfigError(f"{section}.{k}: loss {loss!r} reads a teacher; a teacher trains on its labels and its "
+                              "own logits (e.g. ce, mcmi)")
+        if t.teacher != "logits":
+            raise ConfigError(f"{section}.{k}.teacher: {t.teacher!r}; a teacher's own loss terms read no teacher: "
+                              "remove it")
+        if t.adapter is not None:
+            raise ConfigError(f"{section}.{k}.adapter: an adapter maps student to teacher features; a teacher's own "
+                              "loss terms take none: remove it")
+        check_weight(f"{section}.{k}.weight", t.weight, LOSSES.meta(loss).get("negative_weight", False), loss)
+        if t.student != "logits":
+            raise ConfigError(f"{section}.{k}.student: {t.student!r}; a teacher's own loss terms read its logits")
+        check_loss_args(k, loss, t.args, section)
 
 
 def check_weight(key: str, weight: Any, negative: bool, loss: str) -> None:
@@ -393,16 +438,16 @@ def owner_args(where: str, registry: Any, name: str, args: Any) -> None:
         raise ConfigError(str(e)) from None
 
 
-def check_loss_args(term: str, loss: str, args: Any) -> None:
-    """``losses.<term>.args`` must name keyword arguments of the loss, with numbers (or schedules)
-    where the loss's default is a number."""
+def check_loss_args(term: str, loss: str, args: Any, section: str = "losses") -> None:
+    """``<section>.<term>.args`` (``losses``, or a teacher's ``teachers.<name>.losses``) must name
+    keyword arguments of the loss, with numbers (or schedules) where the loss's default is a number."""
     params = inspect.signature(LOSSES[loss]).parameters
     named = {n: p for n, p in list(params.items())[3:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     named.pop("reduction", None)
     named.pop("batch", None)  # given by the mixture core
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     for a, v in args.items():
-        key = f"losses.{term}.args.{a}"
+        key = f"{section}.{term}.args.{a}"
         if a not in named and not takes_any:
             raise ConfigError(f"{key}: loss {loss!r} has no argument {a!r}; it takes: {', '.join(named) or 'none'}")
         try:
@@ -413,7 +458,7 @@ def check_loss_args(term: str, loss: str, args: Any) -> None:
         number = isinstance(default, (int, float)) and not isinstance(default, bool)
         if number and (isinstance(v, bool) or not isinstance(v, (int, float, Schedule))):
             raise ConfigError(f"{key}: expected a number, got {v!r}")
-        owner_args(f"losses.{term}.args", LOSSES, loss, {a: v})
+        owner_args(f"{section}.{term}.args", LOSSES, loss, {a: v})
 
 
 class ConfigError(ValueError):

@@ -51,15 +51,22 @@ def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir
 def train_teacher(name: str, tc: DictConfig, model: nn.Module, data: DataSplits, cfg: DictConfig,
                   run_dir: Path) -> dict[str, float]:
     """Train teacher ``name`` on labels as stage ``teachers/<name>`` (its ``trainer`` settings over the
-    run's), or load it from the trained-teacher store (:mod:`mmkd.store`) when an identical teacher
-    was trained before; return the kept epoch's metrics."""
+    run's; its ``losses``, by default CE alone, and its ``callbacks``), or load it from the
+    trained-teacher store (:mod:`mmkd.store`) when an identical teacher was trained before; return the
+    kept epoch's metrics."""
     stage = f"teachers/{name}"
     tcfg = trainer_config(cfg, tc.epochs, tc.lr, data, teacher=tc)
     spec = {"name": tc.name, "args": OmegaConf.to_container(tc.args), "inputs": list(tc.inputs)}
+    for own in ("losses", "callbacks"):  # in the key only when set: a CE-only teacher keeps the key it had
+        if tc[own]:
+            spec[own] = OmegaConf.to_container(tc[own], resolve=True)
     train = data.labelled if data.labelled is not None else data.train  # labels alone: the labelled items suffice
     key = store.teacher_key(spec, model, tcfg, [train, data.val]) if tc.reuse else None
     hit = store.load(cache_path(cfg), key, run_dir / stage) if key else None
-    module = Distiller(Net(model, tc.inputs), [], [Term("ce")])
+    net = Net(model, tc.inputs)
+    terms = build_terms(tc, net, [], data, f"teachers.{name}.losses") if tc.losses else [Term("ce")]
+    callbacks = build_plugins(tc, "callbacks", f"teachers.{name}.callbacks")
+    module = Distiller(net, [], terms)
     if hit is not None:
         module.load_state_dict(hit["model"])
         log.info("teachers.%s: loaded from the trained-teacher store, %s (same model, trainer, data and seed; "
@@ -67,7 +74,7 @@ def train_teacher(name: str, tc: DictConfig, model: nn.Module, data: DataSplits,
         return hit["metrics"]
     log.info("stage %s", stage)
     trainer = Trainer(tcfg, run_dir / stage, resume=cfg.resume, stage=stage, cache_dir=cache_path(cfg))
-    fitted = trainer.fit(module, train, data.val)
+    fitted = trainer.fit(module, train, data.val, callbacks)
     if key and trainer.is_main:
         log.info("teachers.%s: stored as %s", name, store.save(cache_path(cfg), key, run_dir / stage))
     return fitted.metrics

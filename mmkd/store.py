@@ -1,7 +1,8 @@
 """The trained-teacher store: a teacher that ``mmkd run`` trains on labels, trained once.
 
 A teacher is stored under a key of everything that decides its weights: its model config (name,
-arguments, inputs) and module tree, its trainer config (all but the settings that cannot change the
+arguments, inputs; its loss terms and callbacks when it has its own, ``teachers.<name>.losses`` and
+``.callbacks``) and module tree, its trainer config (all but the settings that cannot change the
 weights: :data:`NEUTRAL`; the seed included), and the fingerprints of the training and validation data
 sets. A later run (of any experiment or pipeline) whose teacher has the same key loads the stored
 weights instead of training, and logs the file it read; ``teachers.<name>.reuse=false`` opts out.

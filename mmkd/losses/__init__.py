@@ -53,12 +53,14 @@ from mmkd.losses.ce import ce  # noqa: E402
 from mmkd.losses.dist import dist  # noqa: E402
 from mmkd.losses.dkd import dkd  # noqa: E402
 from mmkd.losses.features import at, fitnet, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
+from mmkd.losses.gld import gld  # noqa: E402
 from mmkd.losses.kd import kd  # noqa: E402
+from mmkd.losses.mcmi import mcmi  # noqa: E402  (and the callback mcmi_centroids, its official centroids)
 from mmkd.losses.nkd import nkd  # noqa: E402
 from mmkd.losses.pld import pld  # noqa: E402
 from mmkd.losses.sinkd import sinkd  # noqa: E402
 from mmkd.losses.taid import taid  # noqa: E402  (and the callback taid, which adapts its t)
 from mmkd.losses.uskd import uskd  # noqa: E402
 
-__all__ = ["register_loss", "reduce", "bkl", "ce", "dist", "dkd", "kd", "nkd", "pld", "sinkd", "taid", "uskd",
-           "at", "fitnet", "nst", "pkt", "rkd", "sp"]
+__all__ = ["register_loss", "reduce", "bkl", "ce", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd", "taid",
+           "uskd", "at", "fitnet", "nst", "pkt", "rkd", "sp"]

@@ -24,7 +24,7 @@ ZOO = {  # method -> (experiment, overrides)
                                "losses.dkd.args.temperature=2.0", "+losses.dkd.args.standardize=true"]),
     "uskd": ("cifar10_uskd", []),
     "taid": ("cifar10_taid", []),
-    **{m: (f"cifar10_{m}", []) for m in ("at", "nst", "pkt", "sp", "rkd")},
+    **{m: (f"cifar10_{m}", []) for m in ("at", "nst", "pkt", "sp", "rkd", "nd")},
     "fitnet": ("cifar10_kd", ["losses.ce.weight=1.0", "~losses.kd", "+losses.hint={loss: fitnet, weight: 100.0, "
                               "student: features.layer2, teacher: features.layer2, adapter: conv}", "student.features=[layer2]",
                               "teachers.resnet.features=[layer2]"]),  # mdistiller: the middle stage, weight 100
@@ -48,6 +48,7 @@ PAPERS = {
     "pkt": ("PKT (embedding)", "Passalis and Tefas, ECCV 2018"),
     "sp": ("SP (layer3)", "Tung and Mori, ICCV 2019"),
     "rkd": ("RKD (embedding)", "Park et al., CVPR 2019"),
+    "nd": ("KD++: KD + ND (embedding)", "Wang et al. 2023"),
 }
 
 

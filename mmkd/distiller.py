@@ -13,6 +13,7 @@ the one all of this sees first.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -192,3 +193,20 @@ class Distiller(Module):
     def predict(self, batch: Batch) -> Tensor:
         """The student's logits (what evaluation and deployment use)."""
         return self.student(batch).logits
+
+
+def loss_term(module: nn.Module, name: str, arg: str, who: str) -> Term:
+    """The loss term ``name`` of the :class:`Distiller` ``module``, whose loss takes the keyword ``arg``:
+    for a callback ``who`` that sets that argument during a fit (TAID's ``t``, MCMI's centroids). A
+    one-line ``ValueError`` names what is wrong otherwise."""
+    if not isinstance(module, Distiller):
+        raise ValueError(f"callback {who} sets an argument of a Distiller's loss term; the fitted module is a "
+                         f"{type(module).__name__}")
+    term = next((t for t in module.terms if t.name == name), None)
+    if term is None:
+        raise ValueError(f"callback {who}: the Distiller has no loss term {name!r}; its terms are: "
+                         f"{', '.join(t.name for t in module.terms)} (set args.term)")
+    if arg not in inspect.signature(term.fn).parameters:
+        raise ValueError(f"callback {who}: loss term {name!r} (loss {term.loss!r}) takes no {arg}; give the name "
+                         "of a term whose loss does (args.term)")
+    return term

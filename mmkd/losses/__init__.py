@@ -52,7 +52,7 @@ from mmkd.losses.bkl import bkl  # noqa: E402  (imports register the losses)
 from mmkd.losses.ce import ce  # noqa: E402
 from mmkd.losses.dist import dist  # noqa: E402
 from mmkd.losses.dkd import dkd  # noqa: E402
-from mmkd.losses.features import at, fitnet, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
+from mmkd.losses.features import at, fitnet, nd, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
 from mmkd.losses.gld import gld  # noqa: E402
 from mmkd.losses.kd import kd  # noqa: E402
 from mmkd.losses.mcmi import mcmi  # noqa: E402  (and the callback mcmi_centroids, its official centroids)
@@ -63,4 +63,4 @@ from mmkd.losses.taid import taid  # noqa: E402  (and the callback taid, which a
 from mmkd.losses.uskd import uskd  # noqa: E402
 
 __all__ = ["register_loss", "reduce", "bkl", "ce", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd", "taid",
-           "uskd", "at", "fitnet", "nst", "pkt", "rkd", "sp"]
+           "uskd", "at", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]

@@ -38,7 +38,6 @@ official estimate over the whole training set is :class:`MCMICentroids` (callbac
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -115,20 +114,9 @@ class MCMICentroids(Callback):
         self.centroids: Tensor | None = None
 
     def _find(self, module):
-        """The loss term ``self.term`` of the Distiller ``module``."""
-        from mmkd.distiller import Distiller  # the loss library is imported before the core
+        from mmkd.distiller import loss_term  # the loss library is imported before the core
 
-        if not isinstance(module, Distiller):
-            raise ValueError(f"callback mcmi_centroids sets the centroids of a Distiller's loss term; the fitted "
-                             f"module is a {type(module).__name__}")
-        for term in module.terms:
-            if term.name == self.term:
-                if "centroids" not in inspect.signature(term.fn).parameters:
-                    raise ValueError(f"callback mcmi_centroids: loss term {self.term!r} (loss {term.loss!r}) takes "
-                                     "no centroids; give the name of an mcmi term (args.term)")
-                return term
-        raise ValueError(f"callback mcmi_centroids: the Distiller has no loss term {self.term!r}; its terms are: "
-                         f"{', '.join(t.name for t in module.terms)} (set args.term)")
+        return loss_term(module, self.term, "centroids", "mcmi_centroids")
 
     @torch.no_grad()
     def estimate(self, trainer, module) -> Tensor:

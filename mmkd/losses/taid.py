@@ -28,7 +28,6 @@ Knowledge Transfer in Language Models", ICLR 2025 (arXiv:2501.16937).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -103,6 +102,7 @@ class TAIDInterpolation(Callback):
         self.momentum = torch.zeros((), dtype=torch.float32)
         self.prev_loss = torch.tensor(float("inf"), dtype=torch.float32)
         self._progress = 0.0
+        self._term = None  # the driven term, found when the fit starts
 
     def update(self, loss: Tensor, progress: float, skip: Tensor | bool = False) -> None:
         """One update from the step's loss ``loss`` at ``progress``; while the previous loss is infinite
@@ -125,32 +125,18 @@ class TAIDInterpolation(Callback):
         self.prev_loss = torch.where(skip, prev, loss)
 
     # ------------------------------------------------------------------ the hooks
-    def _find(self, module):
-        """The loss term ``self.term`` of the Distiller ``module``."""
-        from mmkd.distiller import Distiller  # the loss library is imported before the core
-
-        if not isinstance(module, Distiller):
-            raise ValueError(f"callback taid drives a loss term of a Distiller; the fitted module is a "
-                             f"{type(module).__name__}")
-        for term in module.terms:
-            if term.name == self.term:
-                return term
-        raise ValueError(f"callback taid: the Distiller has no loss term {self.term!r}; its terms are: "
-                         f"{', '.join(t.name for t in module.terms)} (set args.term)")
-
     def on_fit_start(self, trainer, module) -> None:
-        term = self._find(module)
-        if "t" not in inspect.signature(term.fn).parameters:
-            raise ValueError(f"callback taid: loss term {self.term!r} (loss {term.loss!r}) takes no t; "
-                             "give the name of a taid term (args.term)")
-        term.args["t"] = self.t
+        from mmkd.distiller import loss_term  # the loss library is imported before the core
+
+        self._term = loss_term(module, self.term, "t", "taid")
+        self._term.args["t"] = self.t
 
     def on_step_start(self, trainer, module, batch) -> None:
         self._progress = trainer.global_step / trainer.max_steps
-        self._find(module).args["t"] = self.t
+        self._term.args["t"] = self.t
 
     def on_step_end(self, trainer, module, losses: dict) -> None:
-        term = self._find(module)
+        term = self._term
         value = losses[term.name].detach().clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(value, 0)  # every process follows rank 0's loss, so all hold rank 0's t

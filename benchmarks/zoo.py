@@ -24,6 +24,7 @@ ZOO = {  # method -> (experiment, overrides)
                                "losses.dkd.args.temperature=2.0", "+losses.dkd.args.standardize=true"]),
     "uskd": ("cifar10_uskd", []),
     "taid": ("cifar10_taid", []),
+    "ctkd": ("cifar10_ctkd", []),
     **{m: (f"cifar10_{m}", []) for m in ("at", "nst", "pkt", "sp", "rkd", "nd")},
     "fitnet": ("cifar10_kd", ["losses.ce.weight=1.0", "~losses.kd", "+losses.hint={loss: fitnet, weight: 100.0, "
                               "student: features.layer2, teacher: features.layer2, adapter: conv}", "student.features=[layer2]",
@@ -42,6 +43,7 @@ PAPERS = {
     "dkd_ls": ("DKD, logit standardisation", "Sun et al., CVPR 2024"),
     "uskd": ("USKD (no teacher)", "Yang et al., ICCV 2023"),
     "taid": ("TAID (t adapted from 0.4)", "Shing et al., ICLR 2025"),
+    "ctkd": ("CTKD (learned temperature)", "Li et al., AAAI 2023"),
     "fitnet": ("FitNet (layer2)", "Romero et al., ICLR 2015"),
     "at": ("AT (3 stages)", "Zagoruyko and Komodakis, ICLR 2017"),
     "nst": ("NST (3 stages)", "Huang and Wang 2017"),

@@ -445,6 +445,10 @@ def check_loss_args(term: str, loss: str, args: Any, section: str = "losses") ->
     named = {n: p for n, p in list(params.items())[3:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     named.pop("reduction", None)
     named.pop("batch", None)  # given by the mixture core
+    if named.pop("module", None) is not None:  # the term's learned module; its factory's arguments instead
+        factory = LOSSES.meta(loss)["module"]
+        named.update({n: q for n, q in inspect.signature(factory).parameters.items()
+                      if q.kind in (q.KEYWORD_ONLY, q.POSITIONAL_OR_KEYWORD)})
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     for a, v in args.items():
         key = f"{section}.{term}.args.{a}"

@@ -58,6 +58,10 @@ class Term:
     def __post_init__(self) -> None:
         self.fn = LOSSES[self.loss]
         meta = LOSSES.meta(self.loss)
+        factory = meta.get("module")
+        own = module_args(factory)
+        self.module = factory(**{k: v for k, v in self.args.items() if k in own}) if factory else None
+        self.args = {k: v for k, v in self.args.items() if k not in own}
         self.reads_teacher, self.per_sample = meta["teacher"], meta["per_sample"]
         self.reads_batch = meta.get("batch", False)
         self.name = self.name or self.loss
@@ -69,6 +73,11 @@ class Term:
         for side in (self.student, self.teacher):
             if side != "logits" and not side.startswith("features."):
                 raise ValueError(f"loss term {self.name!r}: {side!r} is neither 'logits' nor 'features.<path>'")
+
+
+def module_args(factory) -> set[str]:
+    """The names of the arguments of a loss's module ``factory`` (none without one)."""
+    return set(inspect.signature(factory).parameters) if factory else set()
 
 
 def pick(out: Output, what: str) -> Tensor:
@@ -126,6 +135,7 @@ class Distiller(Module):
         self.router = router
         self.terms = list(terms)
         self.adapters = nn.ModuleDict({t.name: t.adapter for t in self.terms if t.adapter is not None})
+        self.loss_modules = nn.ModuleDict({t.name: t.module for t in self.terms if t.module is not None})
         moving = [type(t).__name__ for t in transforms if not t.keeps_inputs]
         if moving and any(isinstance(t, CachedTeacher) for t in teachers):
             raise ValueError(f"the batch transforms {moving} change the teachers' inputs, which a cached "
@@ -145,8 +155,10 @@ class Distiller(Module):
 
     def callbacks(self) -> list:
         """The :class:`~mmkd.schedules.Clock` that sets the progress before each step, and the student
-        model itself when it is a :class:`~mmkd.callbacks.Callback` (e.g. DHO's calibration)."""
-        return [Clock(self), *([self.student.model] if isinstance(self.student.model, Callback) else [])]
+        model and the loss terms' modules when they are :class:`~mmkd.callbacks.Callback` s (DHO's
+        calibration, CTKD's curriculum)."""
+        own = [self.student.model, *self.loss_modules.values()]
+        return [Clock(self), *(m for m in own if isinstance(m, Callback))]
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         for transform in self.transforms:
@@ -175,6 +187,8 @@ class Distiller(Module):
         kwargs = {k: value_at(v, self.progress, self.epoch) for k, v in term.args.items()}
         if term.reads_batch:
             kwargs["batch"] = batch
+        if term.name in self.loss_modules:
+            kwargs["module"] = self.loss_modules[term.name]
         mean = Tensor.mean if term.group is None else group_mean(batch, term)
         if not term.reads_teacher:
             if term.group is None:

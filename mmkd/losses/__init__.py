@@ -22,7 +22,8 @@ from mmkd.registry import LOSSES
 
 
 def register_loss(name: str, *, teacher: bool = True, per_sample: bool = True, batch: bool = False,
-                  ranges: Mapping[str, Any] | None = None, negative_weight: bool = False) -> Callable:
+                  ranges: Mapping[str, Any] | None = None, negative_weight: bool = False,
+                  module: Callable[..., Any] | None = None) -> Callable:
     """Register a loss function under ``name``.
 
     ``teacher``: whether the loss reads teacher logits (False for label-only losses such as CE).
@@ -32,9 +33,13 @@ def register_loss(name: str, *, teacher: bool = True, per_sample: bool = True, b
     ``ranges``: what each argument accepts (:mod:`mmkd.checks`), checked before anything trains.
     ``negative_weight``: whether a negative term weight is meaningful (a reward rather than a cost);
     by default a term's weight must be non-negative.
+    ``module``: for a loss with learned parts (CTKD's temperature), the factory of an ``nn.Module``
+    made for each term from the term's arguments that the factory takes; the term's module trains
+    with the student (it is saved with it), the loss receives it as the keyword argument ``module``,
+    and a module that is also a :class:`~mmkd.callbacks.Callback` is called during the fit.
     """
     return LOSSES.register(name, teacher=teacher, per_sample=per_sample, batch=batch, ranges=dict(ranges or {}),
-                           negative_weight=negative_weight)
+                           negative_weight=negative_weight, module=module)
 
 
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -51,6 +56,7 @@ def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 from mmkd.losses.bkl import bkl  # noqa: E402  (imports register the losses)
 from mmkd.losses.ce import ce  # noqa: E402
 from mmkd.losses.dist import dist  # noqa: E402
+from mmkd.losses.ctkd import ctkd  # noqa: E402  (its learned temperature: the term's module)
 from mmkd.losses.dkd import dkd  # noqa: E402
 from mmkd.losses.features import at, fitnet, nd, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
 from mmkd.losses.gld import gld  # noqa: E402
@@ -62,5 +68,5 @@ from mmkd.losses.sinkd import sinkd  # noqa: E402
 from mmkd.losses.taid import taid  # noqa: E402  (and the callback taid, which adapts its t)
 from mmkd.losses.uskd import uskd  # noqa: E402
 
-__all__ = ["register_loss", "reduce", "bkl", "ce", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd", "taid",
-           "uskd", "at", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]
+__all__ = ["register_loss", "reduce", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd",
+           "taid", "uskd", "at", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]

@@ -2,9 +2,9 @@
 
 The same teacher (trained once into the work folder that ``cifar10.py`` uses), student, training
 subset, epochs and scaled protocol as ``cifar10.py``; each method at the settings of its paper's or
-mdistiller's code (the experiment configs ``configs/experiment/cifar10_<method>.yaml``). Logit methods
-read the augmentation-aware view cache; feature methods run the teacher live (its features are not
-cached). Columns: test accuracy mean ± std, the student's seconds per epoch, the paper.
+mdistiller's code (the experiment configs ``configs/experiment/cifar10_<method>.yaml``). Every method
+reads the teacher from the augmentation-aware view cache (its logits and, for feature methods, the
+features the method reads). Columns: test accuracy mean ± std, the student's seconds per epoch, the paper.
 
     MMKD_DATA=../shared/data python benchmarks/zoo.py [--seeds 3] [--methods kd at ...]
 """
@@ -71,8 +71,8 @@ def main() -> None:
           ["method", "test accuracy %", "student s / epoch", "paper"], rows,
           f"{args.seeds} seeds (mean ± std); student {args.student}, {args.epochs} epochs on "
           f"{10 * args.per_class - args.val} CIFAR-10 training images, all 10,000 test images; teacher "
-          f"{args.teacher} ({100 * trow['test_acc']:.2f}%). Logit losses read the view cache, feature losses "
-          f"run the teacher live. {minutes:.1f} min in all. Not the 240-epoch protocol.")
+          f"{args.teacher} ({100 * trow['test_acc']:.2f}%), read from the view cache (logits and features). "
+          f"{minutes:.1f} min in all. Not the 240-epoch protocol.")
 
 
 if __name__ == "__main__":

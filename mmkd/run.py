@@ -197,7 +197,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         if tc.frozen and tc.cache and all(t.keeps_inputs for t in transforms):
             if cacheable(data.train):
                 teacher = cache_teacher(teacher, data.train, cache_dir, device=device)
-            elif reproducible(data.train) and not tc.features:  # seeded augmentation: each view once
+            elif reproducible(data.train):  # seeded augmentation: each view once
                 teacher = cache_views(teacher, data.train, cache_dir, tc.cache_topk)
         teachers.append(teacher)
         results.setdefault("teachers", {})[name] = row

@@ -10,8 +10,9 @@ by every later one (other students, other losses, other student seeds). Each bat
 
 Storage, per epoch, memory-mapped ``.npy`` files under ``<cache_dir>/views/<key>/``: the logits in
 float16 (``[items, classes]``), or with ``topk=k`` the ``k`` largest log-probabilities (float16) and
-their classes (uint8 / int16 / int32, the smallest that holds the class count), plus a filled mask
-(and the class count in ``classes.json``). A full row is read back as the logits themselves (every
+their classes (uint8 / int16 / int32, the smallest that holds the class count), the teacher's
+feature taps in float16 (``e<epoch>.feat<i>.npy``, the i-th of its sorted feature paths), plus a
+filled mask (and the class count and feature shapes in ``meta.json``). A full row is read back as the logits themselves (every
 loss sees what the live teacher gave, to float16 rounding); a top-k row as log-probabilities: the k
 stored probabilities and the remaining mass ``1 - sum`` spread evenly over the other classes (losses
 that apply a softmax see the reconstructed distribution; one that reads raw logits, such as ``bkl``,
@@ -71,19 +72,22 @@ class ViewCachedTeacher(nn.Module):
         super().__init__()
         self.teacher, self.folder, self.items, self.topk = teacher, folder, items, topk
         self.keys, self.frozen = teacher.keys, True
+        self.paths = sorted(teacher.feature_paths)
         self.classes: int | None = None
+        self.shapes: dict[str, list[int]] = {}  # feature path -> the shape of one view's features
         self._epoch: int | None = None
         self._files: dict[str, np.ndarray] = {}
         self.hits = self.misses = self.served = 0
 
-    def _open(self, epoch: int, classes: int) -> None:
+    def _open(self, epoch: int) -> None:
         """Memory-map (creating them if new) the files of ``epoch``."""
         if self._epoch is not None and self.served < self.items:
             self._report()  # an epoch that did not serve every view (drop_last, a subset)
-        self.classes, self._epoch = classes, epoch
+        self._epoch, classes = epoch, self.classes
         self.folder.mkdir(parents=True, exist_ok=True)
         shapes = ({"logits": ((self.items, classes), np.float16)} if self.topk is None else
                   {"values": ((self.items, self.topk), np.float16), "indices": ((self.items, self.topk), index_dtype(classes))})
+        shapes.update({f"feat{i}": ((self.items, *self.shapes[p]), np.float16) for i, p in enumerate(self.paths)})
         shapes["filled"] = ((self.items,), np.bool_)
         self._files = {}
         for name, (shape, dtype) in shapes.items():
@@ -112,17 +116,23 @@ class ViewCachedTeacher(nn.Module):
     def forward(self, batch: Batch) -> Output:
         idx, epoch = batch["index"].cpu(), int(batch["epoch"][0])
         rows = idx.numpy()
-        if self.classes is None and (self.folder / "classes.json").is_file():
-            self.classes = int(json.loads((self.folder / "classes.json").read_text())["classes"])
-        live = self.teacher(batch) if self.classes is None else None  # a new cache: learn the class count
+        if self.classes is None and (self.folder / "meta.json").is_file():
+            meta = json.loads((self.folder / "meta.json").read_text())
+            self.classes, self.shapes = int(meta["classes"]), meta["features"]
+        live = self.teacher(batch) if self.classes is None else None  # a new cache: learn the shapes
         if live is not None:
-            io.write_json({"classes": live.logits.shape[1]}, self.folder / "classes.json")
+            self.classes = live.logits.shape[1]
+            self.shapes = {p: list(live.features[p].shape[1:]) for p in self.paths}
+            io.write_json({"classes": self.classes, "features": self.shapes}, self.folder / "meta.json")
         if epoch != self._epoch:
-            self._open(epoch, self.classes or live.logits.shape[1])
+            self._open(epoch)
         filled = self._files["filled"]
         if not filled[rows].all():
             self.misses += 1
-            logits = (live if live is not None else self.teacher(batch)).logits.float().cpu()
+            computed = live if live is not None else self.teacher(batch)
+            for i, p in enumerate(self.paths):
+                self._files[f"feat{i}"][rows] = computed.features[p].float().cpu().numpy().astype(np.float16)
+            logits = computed.logits.float().cpu()
             if self.topk is None:
                 self._files["logits"][rows] = logits.numpy().astype(np.float16)
             else:
@@ -144,21 +154,23 @@ class ViewCachedTeacher(nn.Module):
         else:
             out = reconstruct(torch.from_numpy(np.asarray(self._files["values"][rows], dtype=np.float32)),
                               torch.from_numpy(np.asarray(self._files["indices"][rows]).astype(np.int64)), self.classes)
-        return Output(out.to(batch["index"].device), {})
+        device = batch["index"].device
+        features = {p: torch.from_numpy(np.asarray(self._files[f"feat{i}"][rows], dtype=np.float32)).to(device)
+                    for i, p in enumerate(self.paths)}
+        return Output(out.to(device), features)
 
 
 def cache_views(teacher: Teacher, dataset, root: str | os.PathLike, topk: int | None = None) -> ViewCachedTeacher:
     """A :class:`ViewCachedTeacher` for ``teacher`` on the reproducible augmented ``dataset``, its files
-    under ``root/views/<key>``; ``ValueError`` for a teacher that is not frozen, one with feature taps
-    (only logits are stored) or a data set whose views are not seeded."""
+    under ``root/views/<key>``; ``ValueError`` for a teacher that is not frozen or a data set whose
+    views are not seeded."""
     if not teacher.frozen:
         raise ValueError("only a frozen teacher's outputs can be cached")
-    if teacher.feature_paths:
-        raise ValueError("the view cache stores logits only; a teacher with features runs live")
     if not reproducible(dataset):
         raise ValueError(f"data set {getattr(dataset, 'name', dataset)!r} does not seed its views; set its augment_seed")
     key = hashlib.sha256(f"{teacher_hash(teacher)}|{dataset.fingerprint}|{topk}".encode()).hexdigest()[:24]
     folder = Path(root) / "views" / key
     log.info("view cache: teacher %s on %s in %s (%s)", type(teacher.model).__name__, dataset.name, folder,
-             f"top-{topk}" if topk else "full logits")
+             (f"top-{topk}" if topk else "full logits") + (f" and features {', '.join(teacher.feature_paths)}"
+                                                           if teacher.feature_paths else ""))
     return ViewCachedTeacher(teacher, folder, len(dataset), topk)

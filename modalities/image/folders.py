@@ -15,7 +15,8 @@ uint8 images of each batch before normalisation. With ``augment_seed`` (default 
 ``i`` in epoch ``e`` is drawn from a generator seeded by ``(augment_seed, e, i)``: the same in every
 run, whatever the batch it falls in, the student's seed or a resumption (the trainer tells the data
 set its epoch, :class:`mmkd.data.Epochal`); ``augment_seed: null`` draws from the run's seeded global
-generator instead. An augmented training set is not deterministic, so a frozen teacher runs live on it.
+generator instead. Seeded views let a frozen teacher's outputs be cached per view (:mod:`mmkd.view_cache`);
+with ``augment_seed: null`` a frozen teacher runs live.
 
 ``cifar10``: the 50,000 / 10,000 images of ``<data root>/cifar10/{train,test}.zip``, ``val_size``
 (5,000) of the training images held out for validation (stratified, ``split_seed``), ``crop`` and

@@ -62,7 +62,7 @@ def test_cached_views_give_the_live_teachers_losses_and_a_later_run_runs_no_teac
     assert model.calls == 0 and again == first
     files = {p.name for p in next((tmp_path / "cache" / "views").iterdir()).iterdir()}
     per_epoch = ["filled", "logits"] if topk is None else ["filled", "indices", "values"]
-    assert files == {"classes.json", *(f"e{e}.{n}.npy" for e in range(3) for n in per_epoch)}
+    assert files == {"meta.json", *(f"e{e}.{n}.npy" for e in range(3) for n in per_epoch)}
 
 
 def test_rows_an_interrupted_run_did_not_mark_are_computed_again(tmp_path):
@@ -105,6 +105,30 @@ def test_the_key_covers_weights_data_augmentation_seed_and_topk(tmp_path):
     assert base not in changed and len(set(changed)) == len(changed)
     with pytest.raises(ValueError, match="does not seed its views"):
         cache_views(Teacher(model, ["image"]), images(seed=None), tmp_path)
-    with pytest.raises(ValueError, match="logits only"):
-        cache_views(Teacher(model, ["image"], features=["net.0"]), images(), tmp_path)
     assert isinstance(cache_views(Teacher(model, ["image"]), images(), tmp_path), ViewCachedTeacher)
+
+
+def test_feature_taps_are_cached_with_the_logits(tmp_path):
+    """A teacher with features: both come back from the cache as the live teacher gave them (float16)."""
+    model = Counting()
+    live = Teacher(model, ["image"], features=["net.0", "net.2"])
+    cached = cache_views(Teacher(model, ["image"], features=["net.0", "net.2"]), images(), tmp_path)
+    data = images()
+    data.set_epoch(1)
+    batch = {**data.__getitems__(range(8)), "epoch": torch.ones(8, dtype=torch.long)}
+    first, want = cached(batch), live(batch)
+    again = cache_views(Teacher(model, ["image"], features=["net.0", "net.2"]), images(), tmp_path)
+    model.calls = 0
+    hit = again(batch)
+    assert model.calls == 0 and set(hit.features) == {"net.0", "net.2"}
+    for out in (first, hit):
+        torch.testing.assert_close(out.logits, want.logits, rtol=2e-3, atol=2e-3)
+        for p in ("net.0", "net.2"):
+            torch.testing.assert_close(out.features[p], want.features[p], rtol=2e-3, atol=2e-3)
+    assert {f.name for f in cached.folder.iterdir()} == {"meta.json", *(f"e1.{n}.npy" for n in
+                                                                        ("logits", "feat0", "feat1", "filled"))}
+    assert folder_key(tmp_path, model, []) != cached.folder  # the feature paths are part of the key
+
+
+def folder_key(root, model, features):
+    return cache_views(Teacher(model, ["image"], features=features), images(), root).folder

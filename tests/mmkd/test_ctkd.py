@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
+from mmkd.callbacks import Callback
 from mmkd.losses import ctkd, kd
 from mmkd.losses.ctkd import CurriculumTemperature
 from mmkd.routers import ConstantRouter
@@ -66,3 +67,42 @@ def test_without_a_module_it_says_how_to_get_one():
     s, t = make()
     with pytest.raises(ValueError, match="Term\\('ctkd'\\)"):
         ctkd(s, t)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAtEpoch(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer, module):
+        if trainer.epoch == self.epoch:
+            raise Crash(f"killed before epoch {self.epoch + 1}")
+
+
+def test_resume_continues_exactly(tmp_path):
+    """4 epochs straight and 2 + a resume to 4: the same temperature history and the same weights."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDictDataset("c", x=torch.randn(32, 6, generator=g), label=torch.randint(0, 3, (32,), generator=g))
+
+    def fresh(seed=0):
+        torch.manual_seed(seed)
+        return Distiller(Net(nn.Linear(6, 3), ("x",)), [Teacher(nn.Linear(6, 3), ("x",))],
+                         [Term("ce"), Term("ctkd", args={"loops": 3})], ConstantRouter())
+
+    def fit(run_dir, module, callbacks=(), resume=False):
+        return Trainer(run_dir=run_dir, max_epochs=4, batch_size=8, lr=0.5, keep="last", resume=resume,
+                       tensorboard=False, progress="off").fit(module, data, data, callbacks=list(callbacks))
+
+    full_mod = fresh()
+    full = fit(tmp_path / "full", full_mod)
+    with pytest.raises(Crash):
+        fit(tmp_path / "cut", fresh(), [CrashAtEpoch(2)])
+    resumed_mod = fresh(seed=5)
+    resumed = fit(tmp_path / "cut", resumed_mod, resume=True)
+    assert [h["ctkd/t"] for h in resumed.history] == [h["ctkd/t"] for h in full.history]
+    assert resumed_mod.loss_modules["ctkd"].lam == full_mod.loss_modules["ctkd"].lam
+    for k, v in full_mod.state_dict().items():
+        assert torch.equal(v, resumed_mod.state_dict()[k]), k

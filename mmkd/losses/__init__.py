@@ -56,17 +56,16 @@ def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 from mmkd.losses.bkl import bkl  # noqa: E402  (imports register the losses)
 from mmkd.losses.ce import ce  # noqa: E402
 from mmkd.losses.dist import dist  # noqa: E402
-from mmkd.losses.ctkd import ctkd  # noqa: E402  (its learned temperature: the term's module)
 from mmkd.losses.dkd import dkd  # noqa: E402
-from mmkd.losses.features import at, fitnet, nd, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
 from mmkd.losses.gld import gld  # noqa: E402
 from mmkd.losses.kd import kd  # noqa: E402
 from mmkd.losses.mcmi import mcmi  # noqa: E402  (and the callback mcmi_centroids, its official centroids)
 from mmkd.losses.nkd import nkd  # noqa: E402
 from mmkd.losses.pld import pld  # noqa: E402
 from mmkd.losses.sinkd import sinkd  # noqa: E402
-from mmkd.losses.taid import taid  # noqa: E402  (and the callback taid, which adapts its t)
 from mmkd.losses.uskd import uskd  # noqa: E402
+from mmkd.losses.adaptive import ctkd, taid  # noqa: E402  (adaptive/: targets, temperatures that move)
+from mmkd.losses.features import at, fitnet, nd, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
 
 __all__ = ["register_loss", "reduce", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd",
            "taid", "uskd", "at", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]

@@ -1,4 +1,4 @@
-"""CTKD (mmkd.losses.ctkd): KD at the learned temperature, the reversed and curriculum-scaled gradient
+"""CTKD (mmkd.losses.adaptive.ctkd): KD at the learned temperature, the reversed and curriculum-scaled gradient
 of the temperature, and a loss term's learned module training with the student."""
 import math
 
@@ -9,7 +9,7 @@ from torch import nn
 from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
 from mmkd.callbacks import Callback
 from mmkd.losses import ctkd, kd
-from mmkd.losses.ctkd import CurriculumTemperature
+from mmkd.losses.adaptive.ctkd import CurriculumTemperature
 from mmkd.routers import ConstantRouter
 
 

@@ -1,4 +1,4 @@
-"""TAID (mmkd.losses.taid): the loss against a loop-based float64 reference and its limits (t = 0: the
+"""TAID (mmkd.losses.adaptive.taid): the loss against a loop-based float64 reference and its limits (t = 0: the
 student's own distribution, t = 1: KD), the stop-gradient on the student's side of the target, the
 update of t against a transcription of the official rule, and the callback in fits (the t each step
 uses, the state a resumed fit continues from)."""
@@ -11,7 +11,7 @@ from torch import nn
 from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
 from mmkd.callbacks import Callback
 from mmkd.losses.kd import kd
-from mmkd.losses.taid import TAIDInterpolation, taid
+from mmkd.losses.adaptive.taid import TAIDInterpolation, taid
 from mmkd.registry import CALLBACKS, LOSSES
 from mmkd.routers import ConstantRouter
 

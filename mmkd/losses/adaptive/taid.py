@@ -76,7 +76,7 @@ class TAIDInterpolation(Callback):
 
     Before each training step it sets the term's ``args["t"]`` (replacing any given value); after it, it
     updates t from the term's loss value and the progress ``trainer.global_step / trainer.max_steps``
-    of that step (see :mod:`mmkd.losses.taid`). ``adaptive=False`` (the official
+    of that step (see :mod:`mmkd.losses.adaptive.taid`). ``adaptive=False`` (the official
     ``--taid_disable_adaptive``) follows the linear ``t_start -> t_end`` alone. A term weight other than
     1 is divided out of the loss value first; at a weight of 0 the value is unknown and nothing is
     updated. Under DDP every process updates from rank 0's loss value, so all hold the t that rank 0

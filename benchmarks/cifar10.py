@@ -27,10 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from common import fmt, mean_std, write
+from common import RESULTS, fmt, mean_std, write
 from mmkd import Teacher
 from mmkd.cli import compose
 from mmkd.modalities.image.folders import ImageDataset
@@ -77,11 +79,18 @@ def teacher_run(args, data: list[str]) -> tuple[Path, dict]:
                         train_seconds(folder / "teachers" / "resnet" / "metrics.csv"))}
 
 
-def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, list[str]]]) -> tuple[dict, dict]:
-    """Test accuracies and student seconds per epoch of every ``(method, experiment, overrides)`` of
-    ``plan`` and every seed; the cached ``kd`` run also trains the CE baseline (``ce``)."""
+def filled_views(cache: Path) -> int:
+    """How many views the view caches under ``cache`` hold, over all epochs (the filled masks)."""
+    return sum(int(np.load(f).sum()) for f in (cache / "views").glob("*/e*.filled.npy"))
+
+
+def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, list[str]]]) -> tuple[dict, dict, dict]:
+    """Test accuracies, student seconds per epoch and whether the run computed teacher outputs into
+    the view cache (``filled``), of every ``(method, experiment, overrides)`` of ``plan`` and every
+    seed; the cached ``kd`` run also trains the CE baseline (``ce``)."""
     acc: dict[str, list[float]] = {}
     sec: dict[str, list[list[float]]] = {}
+    filled: dict[str, list[bool]] = {}
     warmup = max(1, round(20 * args.epochs / 240))
     base = [f"student.name={args.student}", f"trainer.max_epochs={args.epochs}",
             f"trainer.milestones={scaled(args.epochs)}", *data]
@@ -91,7 +100,9 @@ def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, li
             extra = [*([f"teachers.resnet.checkpoint={teacher}", f"teachers.resnet.name={args.teacher}"]
                        if cfg.teachers else []),  # a self-distillation run has none
                      *extra, *([f"losses.dkd.weight.epochs={warmup}"] if "dkd" in cfg.losses else [])]
+            before = filled_views(args.work / "cache")
             r = run(compose([f"experiment={experiment}", f"seed={seed}", f"baseline={method == 'kd'}", *base, *extra]))
+            filled.setdefault(method, []).append(filled_views(args.work / "cache") > before)
             acc.setdefault(method, []).append(r["student"]["test_acc"])
             sec.setdefault(method, []).append(train_seconds(Path(r["run_dir"]) / "student" / "metrics.csv"))
             if method == "kd":
@@ -99,7 +110,54 @@ def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, li
                 sec.setdefault("ce", []).append(train_seconds(Path(r["run_dir"]) / "baseline" / "metrics.csv"))
             print(f"seed {seed} {method}: test acc {r['student']['test_acc']:.4f}, "
                   f"{statistics.mean(sec[method][-1]):.1f} s/epoch", flush=True)
-    return acc, sec
+    return acc, sec, filled
+
+
+def collect(args, plan: list[tuple[str, str, list[str]]]) -> tuple[dict, dict, dict, float]:
+    """Test accuracies, student seconds per epoch, which runs filled the view cache and the minutes the
+    runs took, read back from the run directories of an earlier (e.g. interrupted) invocation under
+    ``<work>/out``: each run is matched to the ``plan`` entry with its loss terms and teacher-cache
+    setting, runs of other teachers, students or subsets skipped. The first cached method of a
+    split filled its view cache: every seed's when the split followed the seed (no
+    ``data.args.split_seed`` in the run's config), seed 0's otherwise."""
+    import yaml
+
+    def key(cfg) -> tuple:
+        return frozenset(cfg["losses"]), bool(cfg["teachers"].get("resnet", {}).get("cache", True))
+
+    wanted = {key(OmegaConf.to_container(compose([f"experiment={e}", *o]))): m for m, e, o in plan}
+    found: dict[str, dict[int, tuple]] = {}
+    for cfg_file in sorted((args.work / "out").glob("*/*/config.yaml")):
+        cfg, run_dir = yaml.safe_load(cfg_file.read_text()), cfg_file.parent
+        teacher = cfg["teachers"].get("resnet", {})
+        if (cfg["student"]["name"] != args.student or teacher.get("name", args.teacher) != args.teacher
+                or teacher.get("epochs", 1) == 0 or cfg["data"]["args"].get("limit_per_class") != args.per_class
+                or cfg["trainer"]["max_epochs"] != args.epochs or not (run_dir / "results.json").is_file()):
+            continue
+        method = wanted.get(key(cfg))
+        if method is not None and cfg["seed"] < args.seeds:
+            found.setdefault(method, {})[cfg["seed"]] = (run_dir, json.loads((run_dir / "results.json").read_text()))
+    acc: dict[str, list[float]] = {}
+    sec: dict[str, list[list[float]]] = {}
+    filled: dict[str, list[bool]] = {}
+    seconds = 0.0
+    first_cached = next(m for m, *_ in plan if m != "kd_live")
+    for method, *_ in plan:
+        runs = found.get(method, {})
+        if sorted(runs) != list(range(args.seeds)):
+            raise SystemExit(f"--collect: {method} has runs for seeds {sorted(runs)} under {args.work / 'out'}, "
+                             f"not 0..{args.seeds - 1}")
+        for seed in range(args.seeds):
+            run_dir, res = runs[seed]
+            per_seed = "split_seed" not in yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["args"]
+            filled.setdefault(method, []).append(method == first_cached and (per_seed or seed == 0))
+            seconds += res["time_s"]
+            acc.setdefault(method, []).append(res["student"]["test_acc"])
+            sec.setdefault(method, []).append(train_seconds(run_dir / "student" / "metrics.csv"))
+            if "baseline" in res:
+                acc.setdefault("ce", []).append(res["baseline"]["test_acc"])
+                sec.setdefault("ce", []).append(train_seconds(run_dir / "baseline" / "metrics.csv"))
+    return acc, sec, filled, seconds / 60
 
 
 def timing(args, data: list[str]) -> list[dict]:
@@ -177,7 +235,9 @@ def setting(args) -> list[str]:
     """The overrides every run of the setting shares: data subset, work folders, no export."""
     args.work = args.work.resolve()
     return [f"out_dir={args.work / 'out'}", f"cache_dir={args.work / 'cache'}", f"data.args.cache_dir={args.work / 'images'}",
-            f"data.args.limit_per_class={args.per_class}", f"data.args.val_size={args.val}", "export=[]",
+            f"data.args.limit_per_class={args.per_class}", f"data.args.val_size={args.val}",
+            "data.args.split_seed=0",  # the teacher's split for every student seed: one view cache serves them all
+            "export=[]",
             "trainer.tensorboard=false", "trainer.progress=off", *args.overrides]
 
 
@@ -187,46 +247,64 @@ def main() -> None:
     p.add_argument("--timing-teachers", nargs="*", default=["resnet56", "resnet110", "resnet32x4"])
     p.add_argument("--timing-epochs", type=int, default=2)
     p.add_argument("--timing-per-class", type=int, default=100)
+    p.add_argument("--report", action="store_true", help="only render results/<name>.json again")
+    p.add_argument("--collect", action="store_true",
+                   help="read the students' results from the run directories of an earlier invocation, then time")
+    args = p.parse_known_args()[0]
+    if args.report:
+        data = json.loads((RESULTS / f"{args.name}.json").read_text())
+        for stale in ("machine", "kd_live_over_cached"):  # written again / replaced by live_over_read
+            data.pop(stale, None)
+        write(args.name, data, *render(data))
+        return
     args, data, teacher, trow = prepare(p)
     t_students = time.perf_counter()
-    acc, sec = students(args, data, teacher, [("kd_live", "cifar10_kd", ["teachers.resnet.cache=false"]),
-                                              *((m, *LOSSES[m]) for m in args.methods)])
-    minutes = (time.perf_counter() - t_students) / 60
-    size_rows = sizes()
-    time_rows = timing(args, data) if args.timing_teachers else []
+    plan = [("kd_live", "cifar10_kd", ["teachers.resnet.cache=false"]), *((m, *LOSSES[m]) for m in args.methods)]
+    if args.collect:
+        acc, sec, filled, minutes = collect(args, plan)
+    else:
+        acc, sec, filled = students(args, data, teacher, plan)
+        minutes = (time.perf_counter() - t_students) / 60
+    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "teacher": trow, "test_acc": acc, "train_s_per_epoch": sec, "filled": filled, "student_minutes": minutes,
+              "sizes": sizes(), "timing": timing(args, data) if args.timing_teachers else []}
+    result["total_minutes"] = (time.perf_counter() - t0) / 60
+    write(args.name, result, *render(result))
 
-    cached_runs = [statistics.mean(s) for s in sec["kd"][1:]] or [statistics.mean(sec["kd"][0])]
-    rows = [[f"teacher {args.teacher} ({args.teacher_epochs} epochs)", f"{100 * trow['test_acc']:.2f}",
-             f"{trow['train_s_per_epoch']:.1f} (training)"]]
-    for method in ["ce", "kd_live", *args.methods]:
-        per_run = [statistics.mean(s) for s in sec[method]]
-        rows.append([LABELS[method], fmt(acc[method], 100), fmt(per_run, 1, 1)])
-    live = [statistics.mean(s) for s in sec["kd_live"]]
-    ratio = mean_std(live)[0] / mean_std(cached_runs)[0]
+
+def render(r: dict) -> tuple[list[str], list[list[str]], str]:
+    """The table's header, rows and notes from a result dict (what :func:`main` writes as JSON); it adds
+    ``live_over_read``."""
+    a, trow, acc, sec = r["args"], r["teacher"], r["test_acc"], r["train_s_per_epoch"]
+    per_run = {m: [statistics.mean(s) for s in runs] for m, runs in sec.items()}
+    read = [t for m, fl in r["filled"].items() if m != "kd_live" for t, f in zip(per_run[m], fl) if not f]
+    fill = [t for m, fl in r["filled"].items() if m != "kd_live" for t, f in zip(per_run[m], fl) if f]
+    live = per_run["kd_live"]
+    ratio = r["live_over_read"] = mean_std(live)[0] / mean_std(read)[0]
+    rows = [[f"teacher {a['teacher']} ({a['teacher_epochs']} epochs)", f"{100 * trow['test_acc']:.2f}",
+             f"{trow['train_s_per_epoch']:.1f} (its training)"]]
+    rows += [[LABELS[m], fmt(acc[m], 100), fmt(per_run[m], 1, 1)] for m in ["ce", "kd_live", *a["methods"]]]
     table2 = "\n".join(["| timing teacher | params | live s/epoch | filling s/epoch | cached s/epoch | live / cached |",
                         "|---|---|---|---|---|---|"] +
-                       [f"| {r['teacher']} | {r['params']:,} | {r['live']:.2f} | {r['fill']:.2f} | {r['cached']:.2f} | "
-                        f"{r['speedup']:.2f}x |" for r in time_rows])
+                       [f"| {t['teacher']} | {t['params']:,} | {t['live']:.2f} | {t['fill']:.2f} | {t['cached']:.2f} | "
+                        f"{t['speedup']:.2f}x |" for t in r["timing"]])
     table3 = "\n".join(["| classes | stored | bytes / view / epoch | of full logits |", "|---|---|---|---|"] +
-                       [f"| {r['classes']} | {'full logits' if r['topk'] is None else 'top-' + str(r['topk'])} | "
-                        f"{r['bytes_per_view']:.1f} | {100 * r['of_full']:.1f}% |" for r in size_rows])
-    notes = (f"{args.seeds} seeds (mean ± std). Students {args.student}, {args.epochs} epochs on {10 * args.per_class - args.val} "
-             f"training images ({args.per_class} per class, {args.val} held out for validation; the kept epoch is the "
-             f"best on validation), tested on all 10,000 test images; crop + flip, the view of each item and epoch "
-             f"seeded. Teacher {args.teacher}: {args.teacher_epochs} epochs on the same subset, test accuracy "
-             f"{100 * trow['test_acc']:.2f}%. The first cached KD run fills the view cache (its s/epoch is "
-             f"{statistics.mean(sec['kd'][0]):.1f}); the other {len(cached_runs)} read it: "
-             f"{fmt(cached_runs, 1, 1)} s/epoch against {fmt(live, 1, 1)} live, {ratio:.2f}x. "
-             f"Student runs took {minutes:.1f} min. Not the 240-epoch protocol.\n\n"
-             f"{table2}\n\nTiming: {args.student} student, {args.timing_epochs} epochs on {10 * args.timing_per_class - 100} "
-             f"training images, untrained teachers (time does not depend on the weights).\n\n{table3}\n\n"
-             "Sizes: one epoch's files (values, indices and the filled mask) per view, from a linear head over seeded "
-             "views.")
-    write(args.name, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                      "teacher": trow, "test_acc": acc, "train_s_per_epoch": sec, "kd_live_over_cached": ratio,
-                      "student_minutes": minutes, "timing": time_rows, "sizes": size_rows,
-                      "total_minutes": (time.perf_counter() - t0) / 60},
-          ["model", "test accuracy %", "student s / epoch"], rows, notes)
+                       [f"| {z['classes']} | {'full logits' if z['topk'] is None else 'top-' + str(z['topk'])} | "
+                        f"{z['bytes_per_view']:.1f} | {100 * z['of_full']:.1f}% |" for z in r["sizes"]])
+    notes = (f"{a['seeds']} seeds (mean ± std). Students {a['student']}, {a['epochs']} epochs on "
+             f"{10 * a['per_class'] - a['val']} training images ({a['per_class']} per class, {a['val']} held out for "
+             f"validation; the kept epoch is the best on validation), tested on all 10,000 test images; crop + flip, "
+             f"the view of each item and epoch seeded. Teacher {a['teacher']}: {a['teacher_epochs']} epochs on the same "
+             f"subset, test accuracy {100 * trow['test_acc']:.2f}%. Student s/epoch: live teacher {fmt(live, 1, 1)}; "
+             f"cached runs that computed the teacher's outputs into the view cache {fmt(fill, 1, 1) if fill else '-'} "
+             f"({len(fill)} runs); "
+             f"cached runs that read it {fmt(read, 1, 1)} ({len(read)} runs): {ratio:.2f}x faster than live. Student "
+             f"runs took {r['student_minutes']:.1f} min. Not the 240-epoch protocol.\n\n"
+             f"{table2}\n\nTiming: {a['student']} student, {a['timing_epochs']} epochs on "
+             f"{10 * a['timing_per_class'] - 100} training images, untrained teachers (time does not depend on the "
+             f"weights).\n\n{table3}\n\nSizes: one epoch's files (values, indices and the filled mask) per view, "
+             "from a linear head over seeded views.")
+    return ["model", "test accuracy %", "student s / epoch"], rows, notes
 
 
 if __name__ == "__main__":

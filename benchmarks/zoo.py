@@ -60,7 +60,7 @@ def main() -> None:
     plan = [(m, *ZOO[m]) for m in args.methods]
     if "kd" not in args.methods:  # the CE baseline trains beside the cached KD run
         plan.insert(0, ("kd", *ZOO["kd"]))
-    acc, sec = students(args, data, teacher, plan)
+    acc, sec, _ = students(args, data, teacher, plan)
     rows = [[f"teacher {args.teacher} ({args.teacher_epochs} epochs)", f"{100 * trow['test_acc']:.2f}", "-", "-"]]
     for method in ["ce", *(m for m, *_ in plan)]:
         label, paper = PAPERS[method]

@@ -65,6 +65,19 @@ def reconstruct(values: Tensor, indices: Tensor, classes: int) -> Tensor:
     return out.clamp_min(1e-12).log()
 
 
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def half(x: Tensor, what: str) -> np.ndarray:
+    """``x`` as float16, values beyond its range (65504) clamped to it, with a warning naming ``what``
+    (an untrained deep network's logits can reach them)."""
+    if (big := float(x.abs().max())) > FP16_MAX:
+        log.warning("view cache: teacher %s up to %.3g, beyond float16's range; stored clamped to +-%g", what, big,
+                    FP16_MAX)
+        x = x.clamp(-FP16_MAX, FP16_MAX)
+    return x.numpy().astype(np.float16)
+
+
 class ViewCachedTeacher(nn.Module):
     """Stands in for a frozen teacher on a reproducible augmented training set (module docstring)."""
 
@@ -131,10 +144,10 @@ class ViewCachedTeacher(nn.Module):
             self.misses += 1
             computed = live if live is not None else self.teacher(batch)
             for i, p in enumerate(self.paths):
-                self._files[f"feat{i}"][rows] = computed.features[p].float().cpu().numpy().astype(np.float16)
+                self._files[f"feat{i}"][rows] = half(computed.features[p].float().cpu(), p)
             logits = computed.logits.float().cpu()
             if self.topk is None:
-                self._files["logits"][rows] = logits.numpy().astype(np.float16)
+                self._files["logits"][rows] = half(logits, "logits")
             else:
                 top = torch.log_softmax(logits, 1).topk(self.topk, 1)
                 self._files["values"][rows] = top.values.numpy().astype(np.float16)

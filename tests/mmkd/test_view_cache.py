@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -132,3 +133,11 @@ def test_feature_taps_are_cached_with_the_logits(tmp_path):
 
 def folder_key(root, model, features):
     return cache_views(Teacher(model, ["image"], features=features), images(), root).folder
+
+
+def test_values_beyond_float16_are_clamped_not_infinite(caplog):
+    from mmkd.view_cache import half
+
+    out = half(torch.tensor([[1e6, -2.0, -1e9]]), "logits")
+    assert np.isfinite(out).all() and out[0, 0] == np.float16(65504) and out[0, 1] == -2
+    assert "beyond float16's range" in caplog.text

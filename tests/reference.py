@@ -1,7 +1,25 @@
-"""Naive references that several test files compare the library against."""
+"""Naive references that several test files compare the library against, and the crash a resume
+test interrupts a fit with."""
 import math
 
 import torch
+
+from mmkd.callbacks import Callback
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAtEpoch(Callback):
+    """Raises :class:`Crash` before epoch ``epoch`` (0-based) starts: the fit stops as if killed."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer, module):
+        if trainer.epoch == self.epoch:
+            raise Crash(f"killed before epoch {self.epoch + 1}")
 
 
 def ref_kd(s, t, T=4.0):

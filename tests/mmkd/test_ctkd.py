@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
-from mmkd.callbacks import Callback
 from mmkd.losses import ctkd, kd
 from mmkd.losses.adaptive.ctkd import CurriculumTemperature
 from mmkd.routers import ConstantRouter
+from tests.reference import Crash, CrashAtEpoch
 
 
 def make(b=5, c=4, seed=0):
@@ -67,19 +67,6 @@ def test_without_a_module_it_says_how_to_get_one():
     s, t = make()
     with pytest.raises(ValueError, match="Term\\('ctkd'\\)"):
         ctkd(s, t)
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAtEpoch(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_start(self, trainer, module):
-        if trainer.epoch == self.epoch:
-            raise Crash(f"killed before epoch {self.epoch + 1}")
 
 
 def test_resume_continues_exactly(tmp_path):

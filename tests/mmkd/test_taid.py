@@ -14,6 +14,7 @@ from mmkd.losses.kd import kd
 from mmkd.losses.adaptive.taid import TAIDInterpolation, taid
 from mmkd.registry import CALLBACKS, LOSSES
 from mmkd.routers import ConstantRouter
+from tests.reference import Crash, CrashAtEpoch
 
 
 def make(b, c, seed=0, dtype=torch.float64):
@@ -269,19 +270,6 @@ class Seen(Callback):
 
     def on_step_end(self, trainer, module, losses):
         self.losses.append(losses[self.term].detach().clone())
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAtEpoch(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_start(self, trainer, module):
-        if trainer.epoch == self.epoch:
-            raise Crash(f"killed before epoch {self.epoch + 1}")
 
 
 HP = {"t_start": 0.1, "alpha": 0.3, "beta": 0.9}  # t moves by the adaptive step, above the linear floor

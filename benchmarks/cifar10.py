@@ -9,6 +9,8 @@ protocol of ``configs/setup/cifar10.yaml`` scaled to the epoch budget (SGD 0.05,
 150/240, 180/240 and 210/240 of the epochs; DKD's 20-of-240-epoch warm-up scaled the same way).
 Every cached run shares one view cache under ``<work>/cache`` (the views are seeded by
 ``augment_seed``, not by the student's seed), so its first run fills it and the others only read it.
+A student run whose config equals that of a finished run under ``<work>/out`` is read back, not trained
+again, so an interrupted invocation resumes where it stopped.
 
 Timing rows: for teachers of growing size (untrained: time does not depend on the weights), the
 student's seconds per epoch with the live teacher, while filling the cache, and reading it. Size rows:
@@ -100,8 +102,9 @@ def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, li
             extra = [*([f"teachers.resnet.checkpoint={teacher}", f"teachers.resnet.name={args.teacher}"]
                        if cfg.teachers else []),  # a self-distillation run has none
                      *extra, *([f"losses.dkd.weight.epochs={warmup}"] if "dkd" in cfg.losses else [])]
+            cfg = compose([f"experiment={experiment}", f"seed={seed}", f"baseline={method == 'kd'}", *base, *extra])
             before = filled_views(args.work / "cache")
-            r = run(compose([f"experiment={experiment}", f"seed={seed}", f"baseline={method == 'kd'}", *base, *extra]))
+            r = finished(cfg, args.work / "out") or run(cfg)
             filled.setdefault(method, []).append(filled_views(args.work / "cache") > before)
             acc.setdefault(method, []).append(r["student"]["test_acc"])
             sec.setdefault(method, []).append(train_seconds(Path(r["run_dir"]) / "student" / "metrics.csv"))
@@ -111,6 +114,20 @@ def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, li
             print(f"seed {seed} {method}: test acc {r['student']['test_acc']:.4f}, "
                   f"{statistics.mean(sec[method][-1]):.1f} s/epoch", flush=True)
     return acc, sec, filled
+
+
+def finished(cfg, out: Path) -> dict | None:
+    """The results of a finished run under ``out`` (an earlier invocation's) whose config is ``cfg``, its
+    run directory aside; ``None`` when there is none, and the run is trained again."""
+    import yaml
+
+    want = OmegaConf.to_container(cfg, resolve=True)
+    want.pop("run_dir")
+    for cfg_file in sorted(out.glob(f"{cfg.experiment}/*/config.yaml")):
+        have, results = yaml.safe_load(cfg_file.read_text()), cfg_file.parent / "results.json"
+        if have.pop("run_dir") and have == want and results.is_file():
+            return {**json.loads(results.read_text()), "run_dir": str(cfg_file.parent)}
+    return None
 
 
 def collect(args, plan: list[tuple[str, str, list[str]]]) -> tuple[dict, dict, dict, float]:

@@ -19,9 +19,9 @@ from mmkd import io
 from mmkd.adapters import make_adapter
 from mmkd.config import PLUGINS, ConfigError, ModelConfig, owner_args
 from mmkd.data import DataError, DataSplits, loader
-from mmkd.distiller import Term, pick
+from mmkd.distiller import SIZES, Term, module_args, pick
 from mmkd.net import Net
-from mmkd.registry import DATASETS, GRADIENTS, MODELS, ROUTERS
+from mmkd.registry import DATASETS, GRADIENTS, LOSSES, MODELS, ROUTERS
 from mmkd.trainer import TrainerConfig
 
 log = logging.getLogger("mmkd")
@@ -176,19 +176,29 @@ def build_terms(cfg: DictConfig, student: Net, teachers: list, data: DataSplits,
             if t.group not in keys:
                 raise ConfigError(f"{section}.{k}.group={t.group!r} is not an entry of the training batches; "
                                   f"they have: {', '.join(sorted(keys))}")
-        adapter = None
-        if t.adapter:
+        adapter, sizes = None, {}
+        name = t.loss or k
+        wants = module_args(LOSSES.meta(name).get("module")) & set(SIZES) if name in LOSSES else set()
+        if t.adapter or wants & {"student_shape", "teacher_shape"}:
             if outs is None:
                 with torch.no_grad():
                     batch = next(iter(loader(data.train, 2)))
                     outs = student.eval()(batch), [teacher(batch) for teacher in teachers]
-            if not teachers:
+            if t.adapter and not teachers:
                 raise ConfigError(f"{section}.{k}.adapter: an adapter maps student to teacher features; there is no teacher")
             try:
-                s_shape, t_shape = (pick(o, side).shape[1:] for o, side in ((outs[0], t.student), (outs[1][0], t.teacher)))
-                adapter = make_adapter(t.adapter, s_shape, t_shape)
+                s_shape = shape_of(pick(outs[0], t.student))
+                t_shape = shape_of(pick(outs[1][0], t.teacher)) if teachers else None
+                adapter = make_adapter(t.adapter, s_shape, t_shape) if t.adapter else None
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"{section}.{k}: {e.args[0]}") from None
-        terms.append(Term(t.loss or k, t.weight, dict(t.args), name=k, student=t.student, teacher=t.teacher, adapter=adapter,
-                          group=t.group))
+            sizes = {"student_shape": s_shape, "teacher_shape": t_shape}
+        sizes.update(num_items=len(data.train), num_classes=data.num_classes)
+        terms.append(Term(name, t.weight, dict(t.args), name=k, student=t.student, teacher=t.teacher, adapter=adapter,
+                          group=t.group, sizes={s: v for s, v in sizes.items() if s in wants}))
     return terms
+
+
+def shape_of(x) -> tuple | list[tuple]:
+    """The shape without batch of a tensor, or the list of them for a list of tensors."""
+    return [tuple(f.shape[1:]) for f in x] if isinstance(x, list) else tuple(x.shape[1:])

@@ -73,8 +73,8 @@ class TermConfig:
     loss: Optional[str] = None
     weight: Any = 1.0  # a number, or a schedule: {schedule: warmup, epochs: 20} (mmkd.schedules)
     args: Dict[str, Any] = field(default_factory=dict)
-    student: str = "logits"  # or features.<module path> (listed in student.features)
-    teacher: str = "logits"  # or features.<module path> (listed in each teacher's features)
+    student: str = "logits"  # or features.<module path> (listed in student.features), or features (all)
+    teacher: str = "logits"  # or features.<module path> (listed in each teacher's features), or features (all)
     adapter: Optional[str] = None  # linear | conv | token: a learned projector on the student side
     group: Optional[str] = None  # a batch key (e.g. labelled): mean within each group of rows, summed
 
@@ -349,15 +349,21 @@ def check_names(cfg: DictConfig) -> None:
         if t.adapter is not None and t.adapter not in ADAPTERS:
             raise ConfigError(f"losses.{k}.adapter: unknown adapter {t.adapter!r}; choose from: {', '.join(ADAPTERS)}")
         for side in ("student", "teacher"):
-            if t[side] != "logits" and not t[side].startswith("features."):
-                raise ConfigError(f"losses.{k}.{side}: {t[side]!r}; give logits or features.<module path>")
+            if t[side] not in ("logits", "features") and not t[side].startswith("features."):
+                raise ConfigError(f"losses.{k}.{side}: {t[side]!r}; give logits, features (all of them) or "
+                                  "features.<module path>")
         path = t.student.removeprefix("features.")
-        if t.student != "logits" and path not in cfg.student.features:
+        if t.student == "features" and not cfg.student.features:
+            raise ConfigError(f"losses.{k}.student: features (all of them), but student.features is empty; list them there")
+        if t.student not in ("logits", "features") and path not in cfg.student.features:
             raise ConfigError(f"losses.{k}.student: {path!r} is not among student.features "
                               f"{list(cfg.student.features)}; list it there")
         path = t.teacher.removeprefix("features.")
         for name, teacher in cfg.teachers.items():
-            if t.teacher != "logits" and path not in teacher.features:
+            if t.teacher == "features" and not teacher.features:
+                raise ConfigError(f"losses.{k}.teacher: features (all of them), but teachers.{name}.features is empty; "
+                                  "list them there")
+            if t.teacher not in ("logits", "features") and path not in teacher.features:
                 raise ConfigError(f"losses.{k}.teacher: {path!r} is not among teachers.{name}.features "
                                   f"{list(teacher.features)}; list it there")
         check_loss_args(k, t.loss or k, t.args)

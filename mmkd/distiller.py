@@ -35,7 +35,9 @@ class Term:
     """One weighted loss term: a registered loss name, its weight and its hyper-parameters.
 
     By default the loss compares logits; ``student="features.<path>"`` / ``teacher="features.<path>"``
-    make it compare the named intermediate features instead (FitNet-style feature distillation).
+    make it compare the named intermediate features instead (FitNet-style feature distillation), and
+    ``"features"`` hands it the list of all the model's features, in the order the model lists them
+    (ReviewKD's stages).
     ``adapter`` (e.g. a learned projector from the student's feature width to the teacher's) is
     applied to the student side first; its parameters train with the student. The ``weight`` and any
     ``args`` value may be a :class:`~mmkd.schedules.Schedule` (or its config mapping, e.g.
@@ -54,13 +56,14 @@ class Term:
     teacher: str = "logits"
     adapter: nn.Module | None = None
     group: str | None = None
+    sizes: dict[str, Any] = field(default_factory=dict)  # what a module factory takes besides args (SIZES)
 
     def __post_init__(self) -> None:
         self.fn = LOSSES[self.loss]
         meta = LOSSES.meta(self.loss)
         factory = meta.get("module")
         own = module_args(factory)
-        self.module = factory(**{k: v for k, v in self.args.items() if k in own}) if factory else None
+        self.module = factory(**{k: v for k, v in {**self.sizes, **self.args}.items() if k in own}) if factory else None
         self.args = {k: v for k, v in self.args.items() if k not in own}
         self.reads_teacher, self.per_sample = meta["teacher"], meta["per_sample"]
         self.reads_batch = meta.get("batch", False)
@@ -71,8 +74,16 @@ class Term:
             raise ValueError(f"loss term {self.name!r}: group={self.group!r} needs a per-instance loss; "
                              f"{self.loss!r} is computed over the whole batch")
         for side in (self.student, self.teacher):
-            if side != "logits" and not side.startswith("features."):
-                raise ValueError(f"loss term {self.name!r}: {side!r} is neither 'logits' nor 'features.<path>'")
+            if side not in ("logits", "features") and not side.startswith("features."):
+                raise ValueError(f"loss term {self.name!r}: {side!r} is neither 'logits', 'features' nor "
+                                 "'features.<path>'")
+
+
+# What :func:`~mmkd.build.build_terms` gives a loss's module factory that takes them: the shapes
+# (without batch) of what the term reads from the student and from the first teacher (a list of
+# shapes for ``"features"``; the teacher's is None without teachers), the number of training items
+# (CRD's memory bank) and of classes.
+SIZES = ("student_shape", "teacher_shape", "num_items", "num_classes")
 
 
 def module_args(factory) -> set[str]:
@@ -80,15 +91,26 @@ def module_args(factory) -> set[str]:
     return set(inspect.signature(factory).parameters) if factory else set()
 
 
-def pick(out: Output, what: str) -> Tensor:
-    """``out.logits`` for ``"logits"``, else the feature named by ``"features.<path>"``."""
+def pick(out: Output, what: str) -> Tensor | list[Tensor]:
+    """``out.logits`` for ``"logits"``, the list of all features for ``"features"``, else the feature
+    named by ``"features.<path>"``."""
     if what == "logits":
         return out.logits
+    if what == "features":
+        if not out.features:
+            raise KeyError("the term reads all features, but the model exposes none (list them in the Net's/"
+                           "Teacher's features)")
+        return list(out.features.values())
     path = what.removeprefix("features.")
     if path not in out.features:
         raise KeyError(f"no feature {path!r}; the model exposes: {', '.join(out.features) or 'none'} "
                        "(list the path in the Net's/Teacher's features)")
     return out.features[path]
+
+
+def as_float(x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+    """``x`` (or each tensor of the list ``x``) in float32 at least: losses compute in full precision."""
+    return [t.float() for t in x] if isinstance(x, list) else x.float()
 
 
 def group_mean(batch: Batch, term: Term):
@@ -183,7 +205,7 @@ class Distiller(Module):
         s_in = pick(s, term.student)
         if term.name in self.adapters:
             s_in = self.adapters[term.name](s_in)
-        s_in = s_in.float()
+        s_in = as_float(s_in)
         kwargs = {k: value_at(v, self.progress, self.epoch) for k, v in term.args.items()}
         if term.reads_batch:
             kwargs["batch"] = batch
@@ -196,7 +218,7 @@ class Distiller(Module):
             return mean(term.fn(s_in, None, target, reduction="none", **kwargs))
         parts = []
         for i, t in enumerate(outs):
-            t_in = pick(t, term.teacher).float()
+            t_in = as_float(pick(t, term.teacher))
             if term.per_sample:
                 parts.append(mean(w[:, i] * term.fn(s_in, t_in, target, reduction="none", **kwargs)))
             else:

@@ -174,7 +174,7 @@ def test_feature_term_with_adapter_compares_projected_student_features():
 
 
 def test_missing_feature_and_bad_selector_are_clear_errors():
-    with pytest.raises(ValueError, match="neither 'logits' nor 'features.<path>'"):
+    with pytest.raises(ValueError, match="neither 'logits', 'features' nor 'features.<path>'"):
         Term("kd", student="hidden")
     d = Distiller(Net(torch.nn.Linear(4, 2), ["x"]), [Teacher(torch.nn.Linear(4, 2), ["x"])],
                   [Term("kd", teacher="features.0")], ConstantRouter())
@@ -235,3 +235,51 @@ def test_grouped_term_errors(batch):
     d = Distiller(passthrough("s"), [passthrough("t1", Teacher)], [Term("kd", group="labelled")], ConstantRouter())
     with pytest.raises(KeyError, match="group='labelled' is not a batch entry; the batch has: label, s, t1, t2"):
         d(batch)
+
+
+class ShapeModule(nn.Module):
+    """A loss's learned part sized from what build_terms gives it (mmkd.distiller.SIZES)."""
+
+    def __init__(self, student_shape, teacher_shape, num_items, num_classes, scale=1.0):
+        super().__init__()
+        self.sizes = student_shape, teacher_shape, num_items, num_classes
+        self.proj = nn.ModuleList(nn.Linear(s[0], t[0], bias=False) for s, t in zip(student_shape, teacher_shape))
+        self.scale = scale
+
+
+def test_all_features_term_and_a_module_sized_by_build_terms():
+    """``student="features"`` hands the loss the list of every feature; a module factory that takes
+    shapes, item and class counts gets them from one forward pass (ReviewKD's, CRD's learned parts)."""
+    from omegaconf import OmegaConf
+
+    from mmkd.build import build_terms
+    from mmkd.config import TermConfig
+    from mmkd.data import DataSplits, TensorDictDataset
+    from mmkd.losses import register_loss
+    from mmkd.registry import LOSSES
+
+    if "test_all_features" not in LOSSES._items:
+        @register_loss("test_all_features", per_sample=False, module=ShapeModule)
+        def all_features(s, t, target=None, *, module):
+            return module.scale * sum((p(a) - b).pow(2).mean() for p, a, b in zip(module.proj, s, t))
+
+    torch.manual_seed(0)
+    s_model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    t_model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    student = Net(s_model, ["x"], features=["0", "2"])
+    teacher = Teacher(t_model, ["x"], features=["0", "2"])
+    data = TensorDictDataset("toy", x=torch.randn(10, 4), label=torch.randint(0, 2, (10,)))
+    splits = DataSplits(data, data, data, 2, {"x": (4,)})
+    cfg = OmegaConf.create({"losses": {"all": OmegaConf.structured(TermConfig(
+        loss="test_all_features", student="features", teacher="features", args={"scale": 2.0}))}})
+    (term,) = build_terms(cfg, student, [teacher], splits)
+    assert term.module.sizes == ([(3,), (2,)], [(5,), (2,)], 10, 2) and term.module.scale == 2.0 and term.args == {}
+    d = Distiller(student, [teacher], [term], ConstantRouter())
+    x = torch.randn(6, 4)
+    got = d({"x": x})["all"]
+    p0, p1 = term.module.proj
+    want = 2.0 * ((p0(s_model[0](x)) - t_model[0](x)).pow(2).mean() + (p1(s_model(x)) - t_model(x)).pow(2).mean())
+    torch.testing.assert_close(got, want)
+    with pytest.raises(KeyError, match="exposes none"):
+        Distiller(Net(nn.Linear(4, 2), ["x"]), [teacher], [Term("kd", student="features")], ConstantRouter())(
+            {"x": x})

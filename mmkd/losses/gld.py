@@ -21,7 +21,7 @@ node and
 
 the GW objective at that permutation coupling, in closed form after an O(C log C) sort.
 
-Guarantees (tests/mmkd/test_gld.py checks them, against an exact GW where one is involved):
+Guarantees (tests/mmkd/losses/test_gld.py checks them, against an exact GW where one is involved):
 
 - ``GW <= GLD`` always: GLD is the objective at a feasible coupling. Both graphs are Gram matrices
   (positive semi-definite), so the objective, const - 2 tr(pi^T A^s pi A^t), is concave in pi and GW

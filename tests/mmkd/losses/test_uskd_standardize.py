@@ -15,7 +15,7 @@ from mmkd.losses.kd import kd, zscore
 from mmkd.losses.nkd import nkd
 from mmkd.losses.uskd import uskd, zipf_labels
 from mmkd.registry import LOSSES
-from tests.mmkd.test_losses import make, ref_dkd, ref_kd, ref_nkd, softmax
+from tests.mmkd.losses.test_logit_losses import make, ref_dkd, ref_kd, ref_nkd, softmax
 
 
 # ---------------------------------------------------------------- naive references (python loops)

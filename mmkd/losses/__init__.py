@@ -65,7 +65,8 @@ from mmkd.losses.pld import pld  # noqa: E402
 from mmkd.losses.sinkd import sinkd  # noqa: E402
 from mmkd.losses.uskd import uskd  # noqa: E402
 from mmkd.losses.adaptive import ctkd, taid  # noqa: E402  (adaptive/: targets, temperatures that move)
+from mmkd.losses.tokens import fkl, gjsd, rkl, skew_fkl, skew_rkl, tvd  # noqa: E402  (tokens/: next-token divergences)
 from mmkd.losses.features import at, fitnet, nd, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
 
-__all__ = ["register_loss", "reduce", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd",
+__all__ = ["register_loss", "reduce", "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "tvd", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd",
            "taid", "uskd", "at", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]

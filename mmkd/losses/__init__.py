@@ -59,14 +59,16 @@ from mmkd.losses.dist import dist  # noqa: E402
 from mmkd.losses.dkd import dkd  # noqa: E402
 from mmkd.losses.gld import gld  # noqa: E402
 from mmkd.losses.kd import kd  # noqa: E402
+from mmkd.losses.lelp import lelp  # noqa: E402  (and PseudoClassHead, its head and projections)
 from mmkd.losses.mcmi import mcmi  # noqa: E402  (and the callback mcmi_centroids, its official centroids)
 from mmkd.losses.nkd import nkd  # noqa: E402
+from mmkd.losses.ofa import ofa, ofa_branches  # noqa: E402  (and OFABranches, the stage projectors)
 from mmkd.losses.pld import pld  # noqa: E402
 from mmkd.losses.sinkd import sinkd  # noqa: E402
 from mmkd.losses.uskd import uskd  # noqa: E402
-from mmkd.losses.adaptive import ctkd, taid  # noqa: E402  (adaptive/: targets, temperatures that move)
+from mmkd.losses.adaptive import ctkd, taid, tgeo  # noqa: E402  (adaptive/: targets, temperatures that move)
 from mmkd.losses.tokens import fkl, gjsd, rkl, skew_fkl, skew_rkl, tvd  # noqa: E402  (tokens/: next-token divergences)
 from mmkd.losses.features import at, fitnet, nd, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
 
-__all__ = ["register_loss", "reduce", "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "tvd", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd",
-           "taid", "uskd", "at", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]
+__all__ = ["register_loss", "reduce", "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "tvd", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "kd", "lelp", "mcmi", "nkd", "ofa",
+           "ofa_branches", "pld", "sinkd", "taid", "tgeo", "uskd", "at", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]

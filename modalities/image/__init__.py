@@ -6,6 +6,7 @@ ShuffleNetV2 students), ``folders`` (the ``image_folder`` and
 ``cifar10`` data sets: image trees or zips, decoded once, with augmentations).
 """
 from mmkd.modalities.image import cifar, folders, mobile, resnet  # noqa: F401  (registration)
+from mmkd.modalities.image import vit  # noqa: F401  (registration: vit_tiny, the ViT student of OFA-KD)
 from mmkd.modalities.image.resnet import ResNet18, load_resnet_weights
 
 __all__ = ["ResNet18", "load_resnet_weights"]

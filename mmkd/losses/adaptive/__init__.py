@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from mmkd.losses.adaptive.ctkd import ctkd  # noqa: E402  (imports register the losses)
 from mmkd.losses.adaptive.taid import taid  # noqa: E402
+from mmkd.losses.adaptive.tgeo import tgeo  # noqa: E402
 
-__all__ = ["ctkd", "taid"]
+__all__ = ["ctkd", "taid", "tgeo"]

@@ -417,21 +417,23 @@ class Trainer:
         self._call("on_epoch_end", module, metrics)
 
     # ------------------------------------------------------------------ training state (last.pt)
-    def _states(self) -> dict[str, Any]:
+    def _states(self, module: Module) -> dict[str, Any]:
         """The callbacks' states, keyed ``<class>`` (``<class>#<n>`` for the n-th repeat); stateless
-        callbacks (empty ``state_dict``) are left out, so a resume may show or hide the progress bar."""
+        callbacks (empty ``state_dict``) are left out, so a resume may show or hide the progress bar,
+        and so are the fitted module's own submodules (a loss term's module: saved with the model)."""
         states, seen = {}, {}
+        own = {id(m) for m in module.modules()}
         for cb in self.callbacks:
             name = type(cb).__qualname__
             seen[name] = seen.get(name, -1) + 1
-            if state := cb.state_dict():
+            if id(cb) not in own and (state := cb.state_dict()):
                 states[name if not seen[name] else f"{name}#{seen[name]}"] = state
         return states
 
     def _save(self, module: Module, opt, sched) -> None:
         io.save({"epoch": self.epoch, "step": self.global_step, "model": module.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                 "history": self.history, "callbacks": self._states(),
+                 "history": self.history, "callbacks": self._states(module),
                  "done": self.should_stop or self.epoch + 1 == self.cfg.max_epochs}, self.run_dir / "last.pt")
 
     def _restore(self, module: Module, opt, sched) -> None:
@@ -445,7 +447,7 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.epoch = self.cfg.max_epochs if state["done"] else state["epoch"] + 1
         self.history, self.global_step = state["history"], state["step"]
-        mine, saved = self._states(), state["callbacks"]
+        mine, saved = self._states(module), state["callbacks"]
         if set(mine) != set(saved):
             raise ValueError(f"{last} was saved by a fit with the callbacks {sorted(saved) or 'none'}, this fit "
                              f"has {sorted(mine) or 'none'}: resume with the same settings, or delete {last}")

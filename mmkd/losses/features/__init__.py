@@ -10,6 +10,8 @@ teacher="features.<path>")``; the paths are listed in the student's and teacher'
 - ``sp``: similarity-preserving KD (Tung and Mori, ICCV 2019), over the batch;
 - ``rkd``: relational KD, distance and angle (Park et al., CVPR 2019), over the batch;
 - ``nd``: the norm and direction of the embedding against the teacher's class centres (Wang et al. 2023).
+- ``crd``: contrastive representation distillation, NCE against memory banks of both embeddings
+  (Tian et al., ICLR 2020), per instance; needs the batch's ``index``.
 
 The relation losses (``pkt``, ``sp``, ``rkd``) compare batch-by-batch similarity structures, so the
 student's and teacher's feature widths may differ. Multi-stage methods (AT and NST on every stage in
@@ -54,6 +56,7 @@ def match_spatial(name: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, 
 
 
 from mmkd.losses.features.at import at  # noqa: E402  (imports register the losses)
+from mmkd.losses.features.crd import crd  # noqa: E402  (and CRDMemory, its heads and memory banks)
 from mmkd.losses.features.fitnet import fitnet  # noqa: E402
 from mmkd.losses.features.nd import nd  # noqa: E402  (and the callback nd_centers, its class centres)
 from mmkd.losses.features.nst import nst  # noqa: E402
@@ -61,4 +64,4 @@ from mmkd.losses.features.pkt import pkt  # noqa: E402
 from mmkd.losses.features.rkd import rkd  # noqa: E402
 from mmkd.losses.features.sp import sp  # noqa: E402
 
-__all__ = ["same_batch", "match_spatial", "at", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]
+__all__ = ["same_batch", "match_spatial", "at", "crd", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]

@@ -19,4 +19,5 @@ several losses) gets a module here.
 
 from . import dho, dual_head, dual_head_kd  # noqa: F401  (register the dual-head model)
 from . import mst_distill  # noqa: F401  (registers the mst_stage1|2|3 pipelines)
+from . import self_distill  # noqa: F401  (registers the self_distill pipeline)
 from . import trg  # noqa: F401  (registers the TRG losses)

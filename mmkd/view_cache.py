@@ -168,8 +168,9 @@ class ViewCachedTeacher(nn.Module):
             out = reconstruct(torch.from_numpy(np.asarray(self._files["values"][rows], dtype=np.float32)),
                               torch.from_numpy(np.asarray(self._files["indices"][rows]).astype(np.int64)), self.classes)
         device = batch["index"].device
-        features = {p: torch.from_numpy(np.asarray(self._files[f"feat{i}"][rows], dtype=np.float32)).to(device)
-                    for i, p in enumerate(self.paths)}
+        features = {p: torch.from_numpy(np.asarray(self._files[f"feat{self.paths.index(p)}"][rows],
+                                                   dtype=np.float32)).to(device)
+                    for p in self.teacher.feature_paths}  # the teacher's order (a term may read them all)
         return Output(out.to(device), features)
 
 

@@ -58,6 +58,7 @@ from mmkd.losses.ce import ce  # noqa: E402
 from mmkd.losses.dist import dist  # noqa: E402
 from mmkd.losses.dkd import dkd  # noqa: E402
 from mmkd.losses.gld import gld  # noqa: E402
+from mmkd.losses.gt_mix import gt_labels, gt_mix  # noqa: E402  (self-distillation's mixed target; round 0's)
 from mmkd.losses.kd import kd  # noqa: E402
 from mmkd.losses.lelp import lelp  # noqa: E402  (and PseudoClassHead, its head and projections)
 from mmkd.losses.mcmi import mcmi  # noqa: E402  (and the callback mcmi_centroids, its official centroids)
@@ -70,5 +71,5 @@ from mmkd.losses.adaptive import ctkd, taid, tgeo  # noqa: E402  (adaptive/: tar
 from mmkd.losses.tokens import fkl, gjsd, rkl, skew_fkl, skew_rkl, tvd  # noqa: E402  (tokens/: next-token divergences)
 from mmkd.losses.features import at, fitnet, nd, nst, pkt, rkd, sp  # noqa: E402  (features/: feature, relation losses)
 
-__all__ = ["register_loss", "reduce", "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "tvd", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "kd", "lelp", "mcmi", "nkd", "ofa",
+__all__ = ["register_loss", "reduce", "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "tvd", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "gt_mix", "kd", "lelp", "mcmi", "nkd", "ofa",
            "ofa_branches", "pld", "sinkd", "taid", "tgeo", "uskd", "at", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]

@@ -129,6 +129,9 @@ def test_feature_taps_are_cached_with_the_logits(tmp_path):
     assert {f.name for f in cached.folder.iterdir()} == {"meta.json", *(f"e1.{n}.npy" for n in
                                                                         ("logits", "feat0", "feat1", "filled"))}
     assert folder_key(tmp_path, model, []) != cached.folder  # the feature paths are part of the key
+    reordered = cache_views(Teacher(model, ["image"], features=["net.2", "net.0"]), images(), tmp_path)(batch)
+    assert list(reordered.features) == ["net.2", "net.0"]  # in the teacher's order, not the files' (sorted)
+    torch.testing.assert_close(reordered.features["net.2"], want.features["net.2"], rtol=2e-3, atol=2e-3)
 
 
 def folder_key(root, model, features):

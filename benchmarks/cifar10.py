@@ -86,34 +86,54 @@ def filled_views(cache: Path) -> int:
     return sum(int(np.load(f).sum()) for f in (cache / "views").glob("*/e*.filled.npy"))
 
 
-def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, list[str]]]) -> tuple[dict, dict, dict]:
+def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, list[str]]],
+             baselines: dict[str, str] | None = None, train: bool = True) -> tuple[dict, dict, dict]:
     """Test accuracies, student seconds per epoch and whether the run computed teacher outputs into
     the view cache (``filled``), of every ``(method, experiment, overrides)`` of ``plan`` and every
-    seed; the cached ``kd`` run also trains the CE baseline (``ce``)."""
+    seed. A method of ``baselines`` (default: the cached ``kd``) also trains its student on labels
+    alone, the row named there (``ce``). Each experiment's schedule is scaled to ``args.epochs``: its
+    lr milestones, warm-up epochs and the warm-up of its term weights (DKD's, ReviewKD's). With
+    ``train=False`` only finished runs are read (a method, seed pair without one is left out)."""
+    baselines = {"kd": "ce"} if baselines is None else baselines
     acc: dict[str, list[float]] = {}
     sec: dict[str, list[list[float]]] = {}
     filled: dict[str, list[bool]] = {}
-    warmup = max(1, round(20 * args.epochs / 240))
-    base = [f"student.name={args.student}", f"trainer.max_epochs={args.epochs}",
-            f"trainer.milestones={scaled(args.epochs)}", *data]
     for seed in range(args.seeds):
         for method, experiment, extra in plan:
             cfg = compose([f"experiment={experiment}", *extra])
             extra = [*([f"teachers.resnet.checkpoint={teacher}", f"teachers.resnet.name={args.teacher}"]
                        if cfg.teachers else []),  # a self-distillation run has none
-                     *extra, *([f"losses.dkd.weight.epochs={warmup}"] if "dkd" in cfg.losses else [])]
-            cfg = compose([f"experiment={experiment}", f"seed={seed}", f"baseline={method == 'kd'}", *base, *extra])
+                     f"student.name={args.student}", *extra, *shortened(cfg, args.epochs)]
+            cfg = compose([f"experiment={experiment}", f"seed={seed}", f"baseline={method in baselines}", *data, *extra])
             before = filled_views(args.work / "cache")
-            r = finished(cfg, args.work / "out") or run(cfg)
+            r = finished(cfg, args.work / "out") or (run(cfg) if train else None)
+            if r is None:
+                continue
             filled.setdefault(method, []).append(filled_views(args.work / "cache") > before)
             acc.setdefault(method, []).append(r["student"]["test_acc"])
             sec.setdefault(method, []).append(train_seconds(Path(r["run_dir"]) / "student" / "metrics.csv"))
-            if method == "kd":
-                acc.setdefault("ce", []).append(r["baseline"]["test_acc"])
-                sec.setdefault("ce", []).append(train_seconds(Path(r["run_dir"]) / "baseline" / "metrics.csv"))
+            if method in baselines:
+                acc.setdefault(baselines[method], []).append(r["baseline"]["test_acc"])
+                sec.setdefault(baselines[method], []).append(train_seconds(Path(r["run_dir"]) / "baseline" / "metrics.csv"))
             print(f"seed {seed} {method}: test acc {r['student']['test_acc']:.4f}, "
                   f"{statistics.mean(sec[method][-1]):.1f} s/epoch", flush=True)
     return acc, sec, filled
+
+
+def shortened(cfg, epochs: int) -> list[str]:
+    """Overrides that train the experiment ``cfg`` for ``epochs`` with its schedule scaled: the lr
+    milestones (:func:`scaled`), the lr warm-up and the warm-up of every term weight, by
+    ``epochs / trainer.max_epochs`` (term warm-ups at least one epoch)."""
+    scale = epochs / cfg.trainer.max_epochs
+    out = [f"trainer.max_epochs={epochs}"]
+    if cfg.trainer.scheduler == "step" and cfg.trainer.milestones:
+        out.append(f"trainer.milestones={scaled(epochs)}")
+    if cfg.trainer.warmup_epochs:
+        out.append(f"trainer.warmup_epochs={cfg.trainer.warmup_epochs * scale}")
+    for k, t in cfg.losses.items():
+        if OmegaConf.is_dict(t.weight) and t.weight.get("schedule") == "warmup":
+            out.append(f"losses.{k}.weight.epochs={max(1, round(t.weight.epochs * scale))}")
+    return out
 
 
 def finished(cfg, out: Path) -> dict | None:

@@ -15,7 +15,10 @@ the classifier. ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2`` (CRD's wr
 
 Convolutions are initialised with Kaiming normal (fan-out), BatchNorm with weight 1 and bias 0.
 All are :class:`~mmkd.models.Classifier` s (``fc`` holds the classifier); their stages ``layer1``
-to ``layer3`` and ``pool`` (the pooled embedding) are the module paths feature losses name.
+to ``layer3`` and ``pool`` (the pooled embedding) are the module paths feature losses name. A ResNet
+made with ``preact=True`` also exposes ``preact1`` to ``preact3``: each stage's output before its last
+ReLU (the sum of the last block's residual branch and shortcut; mdistiller's ``preact_feats``, which
+OFD reads), through parameter-free identities, so the weights are those of ``preact=False``.
 Input ``[batch, 3, 32, 32]`` (any size works; pooling is adaptive).
 """
 from __future__ import annotations
@@ -32,7 +35,8 @@ from mmkd.registry import MODELS
 
 class BasicBlock(nn.Module):
     """Post-activation basic block: two 3x3 convolutions with BatchNorm, the shortcut added before the
-    last ReLU."""
+    last ReLU. The sum before that ReLU passes through the modules of ``taps`` (identities that the
+    network registers as its own feature paths; not sub-modules of the block)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
@@ -42,10 +46,13 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
             nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.taps: list[nn.Module] = []
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + self.shortcut(x))
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x)
+        for tap in self.taps:
+            out = tap(out)
+        return F.relu(out)
 
 
 class WideBlock(nn.Module):
@@ -77,12 +84,13 @@ def _init(model: nn.Module) -> None:
 
 
 class CifarResNet(Classifier, nn.Module):
-    """A ResNet for CIFAR of ``depth = 6n + 2`` layers and stage ``widths`` (see the module docstring)."""
+    """A ResNet for CIFAR of ``depth = 6n + 2`` layers and stage ``widths`` (see the module docstring);
+    ``preact``: expose each stage's output before its last ReLU as ``preact1`` to ``preact3``."""
 
     classifier_path = "fc"
 
     def __init__(self, num_classes: int, in_shape: Sequence[int], depth: int = 20,
-                 widths: Sequence[int] = (16, 16, 32, 64)):
+                 widths: Sequence[int] = (16, 16, 32, 64), preact: bool = False):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"depth must be 6n + 2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
@@ -92,6 +100,9 @@ class CifarResNet(Classifier, nn.Module):
         c = widths[0]
         for i, w in enumerate(widths[1:]):
             blocks = [BasicBlock(c if j == 0 else w, w, 2 if i and j == 0 else 1) for j in range(n)]
+            if preact:
+                setattr(self, f"preact{i + 1}", nn.Identity())
+                blocks[-1].taps.append(getattr(self, f"preact{i + 1}"))
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             c = w
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -130,10 +141,11 @@ class WideResNet(Classifier, nn.Module):
 
 
 def _resnet(name: str, depth: int, widths: tuple[int, ...]) -> None:
-    def factory(num_classes: int, in_shape: Sequence[int]) -> CifarResNet:
-        return CifarResNet(num_classes, in_shape, depth, widths)
+    def factory(num_classes: int, in_shape: Sequence[int], preact: bool = False) -> CifarResNet:
+        return CifarResNet(num_classes, in_shape, depth, widths, preact)
 
-    factory.__doc__ = f"ResNet-{depth} for CIFAR, stage widths {widths} (:class:`CifarResNet`)."
+    factory.__doc__ = (f"ResNet-{depth} for CIFAR, stage widths {widths} (:class:`CifarResNet`); ``preact``: "
+                       "expose the stages' outputs before their last ReLU (``preact1`` to ``preact3``).")
     factory.__name__ = name
     MODELS.register(name)(factory)
 

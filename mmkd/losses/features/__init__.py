@@ -12,6 +12,14 @@ teacher="features.<path>")``; the paths are listed in the student's and teacher'
 - ``nd``: the norm and direction of the embedding against the teacher's class centres (Wang et al. 2023).
 - ``crd``: contrastive representation distillation, NCE against memory banks of both embeddings
   (Tian et al., ICLR 2020), per instance; needs the batch's ``index``.
+- ``reviewkd``: knowledge review, every stage through learned fusion modules (Chen et al., CVPR 2021),
+  per instance (the term reads ``features``: all stages).
+- ``ofd``: overhaul of feature distillation, a partial L2 on pre-ReLU maps above the teacher's margin
+  through a learned connector (Heo et al., ICCV 2019), per instance.
+- ``vid``: variational information distillation, the Gaussian likelihood of the teacher's map under
+  a learned regressor and variance (Ahn et al., CVPR 2019), per instance.
+- ``kdsvd``: RBF relations of the leading singular vectors of consecutive stages (Lee et al.,
+  ECCV 2018), per instance (the term reads ``features``: all stages).
 
 The relation losses (``pkt``, ``sp``, ``rkd``) compare batch-by-batch similarity structures, so the
 student's and teacher's feature widths may differ. Multi-stage methods (AT and NST on every stage in
@@ -58,10 +66,15 @@ def match_spatial(name: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, 
 from mmkd.losses.features.at import at  # noqa: E402  (imports register the losses)
 from mmkd.losses.features.crd import crd  # noqa: E402  (and CRDMemory, its heads and memory banks)
 from mmkd.losses.features.fitnet import fitnet  # noqa: E402
+from mmkd.losses.features.kdsvd import kdsvd  # noqa: E402
 from mmkd.losses.features.nd import nd  # noqa: E402  (and the callback nd_centers, its class centres)
 from mmkd.losses.features.nst import nst  # noqa: E402
+from mmkd.losses.features.ofd import ofd  # noqa: E402  (and Connector, its connector and margin)
 from mmkd.losses.features.pkt import pkt  # noqa: E402
+from mmkd.losses.features.reviewkd import reviewkd  # noqa: E402
 from mmkd.losses.features.rkd import rkd  # noqa: E402
 from mmkd.losses.features.sp import sp  # noqa: E402
+from mmkd.losses.features.vid import vid  # noqa: E402  (and Regressor, its mean and variance)
 
-__all__ = ["same_batch", "match_spatial", "at", "crd", "fitnet", "nd", "nst", "pkt", "rkd", "sp"]
+__all__ = ["same_batch", "match_spatial", "at", "crd", "fitnet", "kdsvd", "nd", "nst", "ofd", "pkt", "reviewkd",
+           "rkd", "sp", "vid"]

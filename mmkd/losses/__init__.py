@@ -66,10 +66,11 @@ from mmkd.losses.nkd import nkd  # noqa: E402
 from mmkd.losses.ofa import ofa, ofa_branches  # noqa: E402  (and OFABranches, the stage projectors)
 from mmkd.losses.pld import pld  # noqa: E402
 from mmkd.losses.sinkd import sinkd  # noqa: E402
+from mmkd.losses.swing import swing  # noqa: E402  (per-instance temperature from a privacy score, noisy targets)
 from mmkd.losses.uskd import uskd  # noqa: E402
 from mmkd.losses.adaptive import ctkd, taid, tgeo  # noqa: E402  (adaptive/: targets, temperatures that move)
 from mmkd.losses.tokens import fkl, gjsd, rkl, skew_fkl, skew_rkl, tvd  # noqa: E402  (tokens/: next-token divergences)
 from mmkd.losses.features import at, crd, fitnet, kdsvd, nd, nst, ofd, pkt, reviewkd, rkd, sp, vid  # noqa: E402  (features/: feature, relation losses)
 
 __all__ = ["register_loss", "reduce", "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "tvd", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "gt_mix", "kd", "lelp", "mcmi", "nkd", "ofa",
-           "ofa_branches", "pld", "sinkd", "taid", "tgeo", "uskd", "at", "crd", "fitnet", "kdsvd", "nd", "nst", "ofd", "pkt", "reviewkd", "rkd", "sp", "vid"]
+           "ofa_branches", "pld", "sinkd", "swing", "taid", "tgeo", "uskd", "at", "crd", "fitnet", "kdsvd", "nd", "nst", "ofd", "pkt", "reviewkd", "rkd", "sp", "vid"]

@@ -138,13 +138,15 @@ def shortened(cfg, epochs: int) -> list[str]:
 
 def finished(cfg, out: Path) -> dict | None:
     """The results of a finished run under ``out`` (an earlier invocation's) whose config is ``cfg``, its
-    run directory aside; ``None`` when there is none, and the run is trained again."""
+    run directory aside (a run without ``data.args.split_seed`` had its seed's split); ``None`` when
+    there is none, and the run is trained again."""
     import yaml
 
     want = OmegaConf.to_container(cfg, resolve=True)
     want.pop("run_dir")
     for cfg_file in sorted(out.glob(f"{cfg.experiment}/*/config.yaml")):
         have, results = yaml.safe_load(cfg_file.read_text()), cfg_file.parent / "results.json"
+        have["data"]["args"].setdefault("split_seed", have["seed"])  # the default a run resolved (build.load_data)
         if have.pop("run_dir") and have == want and results.is_file():
             return {**json.loads(results.read_text()), "run_dir": str(cfg_file.parent)}
     return None

@@ -31,3 +31,10 @@ def ref_kd(s, t, T=4.0):
         zs, zt = sum(ps), sum(pt)
         out.append(T * T * sum((b / zt) * math.log((b / zt) / (a / zs)) for a, b in zip(ps, pt)))
     return torch.tensor(out, dtype=torch.float64)
+
+
+# Overrides that make a CIFAR-10 experiment tiny for the ``run_experiment`` fixture (tests/conftest.py):
+# 3 real images a class (10 of them held out for validation), one test image a class, untrained
+# teachers, caches in the test's own folder.
+TINY_CIFAR10 = ("data.args.limit_per_class=3", "data.args.val_size=10", "data.args.test_limit_per_class=1",
+                "data.args.cache_dir=img", "cache_dir=cache", "teachers.resnet.epochs=0", "trainer.batch_size=20")

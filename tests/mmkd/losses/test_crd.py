@@ -2,7 +2,6 @@
 negatives, the momentum update of both memory banks, the negatives of other classes, float64
 gradients, an exact resume (memory banks, Z and the negatives' generator), one-line errors, and the
 shipped config training one epoch on a tiny real CIFAR-10 subset."""
-import json
 import math
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from torch import nn
 from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
 from mmkd.losses.features.crd import CRDMemory, crd, nce
 from mmkd.routers import ConstantRouter
-from tests.reference import Crash, CrashAtEpoch
+from tests.reference import TINY_CIFAR10, Crash, CrashAtEpoch
 
 DATA = Path(os.environ["MMKD_DATA"]).resolve() if "MMKD_DATA" in os.environ else None
 F64 = torch.float64
@@ -345,18 +344,8 @@ def test_the_shipped_experiment_composes_with_the_official_weights():
 
 @pytest.mark.slow
 @pytest.mark.skipif(DATA is None, reason="set MMKD_DATA to the shared data folder")
-def test_config_trains_one_epoch_on_real_cifar10(tmp_path):
-    from mmkd.cli import main
-
-    code = main(["run", "experiment=cifar10_crd", f"data_root={DATA}", "data.args.limit_per_class=3",
-                 "+data.args.val_size=10", "+data.args.test_limit_per_class=1",
-                 f"data.args.cache_dir={tmp_path / 'img'}",
-                 f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "teachers.resnet.epochs=0",
-                 "trainer.max_epochs=1", "trainer.batch_size=10", "trainer.tensorboard=false", "trainer.progress=off",
-                 "baseline=false", "export=[]"])
-    assert code == 0
-    (run_dir,) = (tmp_path / "cifar10_crd").iterdir()
-    results = json.loads((run_dir / "results.json").read_text())
+def test_config_trains_one_epoch_on_real_cifar10(run_experiment):
+    run_dir, results = run_experiment("cifar10_crd", *TINY_CIFAR10)
     assert 0.0 <= results["student"]["test_acc"] <= 1.0
     (last,) = run_dir.rglob("student/last.pt")
     state = torch.load(last, weights_only=True)

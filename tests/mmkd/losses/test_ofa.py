@@ -13,6 +13,7 @@ from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
 from mmkd.losses import kd, ofa, ofa_branches
 from mmkd.losses.ofa import OFABranches, PatchMerging, SepConv
 from mmkd.routers import ConstantRouter
+from tests.reference import TINY_CIFAR10
 
 F64 = torch.float64
 
@@ -213,15 +214,12 @@ def test_the_terms_branches_are_made_from_the_shapes_and_train_with_the_student(
 
 
 @pytest.mark.slow
-def test_the_shipped_config_trains_one_step_on_real_cifar10(run_experiment, tmp_path):
+def test_the_shipped_config_trains_one_step_on_real_cifar10(run_experiment):
     if "MMKD_DATA" not in os.environ:
         pytest.skip("set MMKD_DATA to the data root (for example ../shared/data)")
     from omegaconf import OmegaConf
 
-    run_dir, results = run_experiment(
-        "cifar10_ofa", "teachers.resnet.epochs=0", "data.args.limit_per_class=2", "data.args.test_limit_per_class=1",
-        "data.args.val_size=10", f"data.args.cache_dir={tmp_path / 'img'}", f"cache_dir={tmp_path / 'cache'}",
-        "trainer.batch_size=10", "trainer.warmup_epochs=0")
+    run_dir, results = run_experiment("cifar10_ofa", *TINY_CIFAR10, "trainer.warmup_epochs=0")
     cfg = OmegaConf.load(run_dir / "config.yaml")  # the shipped settings, beside the overrides above
     assert cfg.student.name == "vit_tiny" and list(cfg.student.features) == ["blocks.1", "blocks.3", "blocks.5"]
     trainer = cfg.trainer

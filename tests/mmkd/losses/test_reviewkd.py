@@ -1,7 +1,6 @@
 """ReviewKD (mmkd.losses.features.reviewkd): HCL against a naive loop, the ABF fusion against a
 hand-written reference, its zero, gradients, the fusion training with the student (and resuming
 exactly), the warm-up of the shipped config, and that config training one step on real CIFAR-10."""
-import json
 import os
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
 from mmkd.losses.features.reviewkd import ReviewFusion, hcl, reviewkd
 from mmkd.routers import ConstantRouter
 from mmkd.schedules import Schedule
-from tests.reference import Crash, CrashAtEpoch
+from tests.reference import TINY_CIFAR10, Crash, CrashAtEpoch
 
 F64 = torch.float64
 DATA = Path(os.environ["MMKD_DATA"]).resolve() if "MMKD_DATA" in os.environ else None
@@ -267,18 +266,8 @@ def test_config_warms_the_weight_up_as_mdistiller():
 
 
 @pytest.mark.skipif(DATA is None, reason="set MMKD_DATA to the shared data folder")
-def test_config_trains_one_step_on_real_cifar10(tmp_path):
-    from mmkd.cli import main
-
-    code = main(["run", "experiment=cifar10_reviewkd", f"data_root={DATA}", "data.args.limit_per_class=3",
-                 "+data.args.val_size=10", "+data.args.test_limit_per_class=1",
-                 f"data.args.cache_dir={tmp_path / 'img'}",
-                 f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "teachers.resnet.epochs=0",
-                 "trainer.max_epochs=1", "trainer.batch_size=32", "trainer.tensorboard=false", "trainer.progress=off",
-                 "baseline=false", "export=[]"])
-    assert code == 0
-    (run_dir,) = (tmp_path / "cifar10_reviewkd").iterdir()
-    results = json.loads((run_dir / "results.json").read_text())
+def test_config_trains_one_step_on_real_cifar10(run_experiment):
+    run_dir, results = run_experiment("cifar10_reviewkd", *TINY_CIFAR10)
     assert 0.0 <= results["student"]["test_acc"] <= 1.0
     (last,) = run_dir.rglob("student/last.pt")
     state = torch.load(last, weights_only=True)

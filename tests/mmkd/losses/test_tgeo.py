@@ -13,7 +13,7 @@ from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
 from mmkd.losses import ce, kd, tgeo
 from mmkd.losses.adaptive.tgeo import TrilateralRatio, trilateral
 from mmkd.routers import ConstantRouter
-from tests.reference import Crash, CrashAtEpoch
+from tests.reference import TINY_CIFAR10, Crash, CrashAtEpoch
 
 F64 = torch.float64
 DATA = Path(os.environ["MMKD_DATA"]).resolve() if "MMKD_DATA" in os.environ else None
@@ -279,10 +279,8 @@ def test_the_shipped_experiment_composes_with_only_the_tgeo_term():
 
 @pytest.mark.slow
 @pytest.mark.skipif(DATA is None, reason="set MMKD_DATA to the shared data folder")
-def test_the_shipped_experiment_trains_one_step_on_a_tiny_cifar10(run_experiment, tmp_path):
-    run_dir, results = run_experiment(
-        "cifar10_tgeo", "teachers.resnet.epochs=0", "data.args.limit_per_class=3", "data.args.val_size=10",
-        "data.args.test_limit_per_class=1", f"data.args.cache_dir={tmp_path / 'img'}", f"cache_dir={tmp_path / 'c'}")
+def test_the_shipped_experiment_trains_one_step_on_a_tiny_cifar10(run_experiment):
+    run_dir, results = run_experiment("cifar10_tgeo", *TINY_CIFAR10)
     header, row = (run_dir / "student" / "metrics.csv").read_text().splitlines()[:2]
     metrics = dict(zip(header.split(","), row.split(",")))
     assert math.isfinite(float(metrics["train/tgeo"])) and 0 < float(metrics["tgeo/alpha"]) < 1

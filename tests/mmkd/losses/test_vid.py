@@ -1,7 +1,6 @@
 """VID (mmkd.losses.features.vid): the Gaussian negative log-likelihood against a loop, the regressor and
 variance as a term's module (sized from the features, the variance learned or held), gradients, exact
 resume, and the shipped config on a tiny real subset."""
-import json
 import math
 import os
 from pathlib import Path
@@ -14,7 +13,7 @@ from mmkd.losses.features import vid
 from mmkd.losses.features.vid import Regressor
 from mmkd.registry import MODELS
 from mmkd.routers import ConstantRouter
-from tests.reference import Crash, CrashAtEpoch
+from tests.reference import TINY_CIFAR10, Crash, CrashAtEpoch
 
 DATA = Path(os.environ["MMKD_DATA"]).resolve() if "MMKD_DATA" in os.environ else None
 F64 = torch.float64
@@ -194,17 +193,9 @@ def test_shipped_config_is_mdistillers_setting():
 
 @pytest.mark.slow
 @pytest.mark.skipif(DATA is None, reason="set MMKD_DATA to the shared data folder")
-def test_config_trains_one_step_on_a_tiny_real_subset(tmp_path):
-    from mmkd.cli import main
-
-    code = main(["run", "experiment=cifar10_vid", f"data_root={DATA}", "data.args.limit_per_class=3",
-                 "data.args.val_size=10", "data.args.test_limit_per_class=1", f"data.args.cache_dir={tmp_path / 'img'}",
-                 f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "teachers.resnet.epochs=0",
-                 "trainer.max_epochs=1", "trainer.batch_size=20", "trainer.tensorboard=false", "trainer.progress=off",
-                 "baseline=false", "export=[]"])
-    assert code == 0
-    (run_dir,) = (tmp_path / "cifar10_vid").iterdir()
-    assert 0.0 <= json.loads((run_dir / "results.json").read_text())["student"]["test_acc"] <= 1.0
+def test_config_trains_one_step_on_a_tiny_real_subset(run_experiment):
+    run_dir, results = run_experiment("cifar10_vid", *TINY_CIFAR10)
+    assert 0.0 <= results["student"]["test_acc"] <= 1.0
     state = torch.load(run_dir / "student" / "last.pt", weights_only=True)
     (epoch,) = state["history"]
     assert state["step"] == 1 and all(math.isfinite(epoch[f"train/vid_layer{i}"]) for i in (1, 2, 3))

@@ -4,7 +4,7 @@ Teacher Needs Guidance: Ground-Truth Targets Dampen Regularization Imposed by Se
 NeurIPS 2021, arXiv:2102.13088).
 
 Round 0 fits the labels, round ``tau = 1..R`` (``method.rounds``) the mixed target of the loss
-``gt_mix`` (:mod:`mmkd.losses.gt_mix`),
+``gt_mix`` (:mod:`mmkd.losses.self.gt_mix`),
 
     q_tau = alpha_tau * onehot(y) + (1 - alpha_tau) * softmax(z^(tau-1)),
     L_tau = mean_c (softmax(z)_c - q_tau,c)^2,
@@ -74,7 +74,7 @@ from mmkd import io, run
 from mmkd.build import build_model, load_data, load_weights, trainer_config
 from mmkd.config import ConfigError, check_names, typed_sections
 from mmkd.data import loader
-from mmkd.losses.gt_mix import CRITERIA
+from mmkd.losses.self.gt_mix import CRITERIA
 from mmkd.net import Net
 from mmkd.registry import DATASETS, PIPELINES
 from mmkd.trainer import Trainer, to_device

@@ -58,19 +58,19 @@ from mmkd.losses.ce import ce  # noqa: E402
 from mmkd.losses.dist import dist  # noqa: E402
 from mmkd.losses.dkd import dkd  # noqa: E402
 from mmkd.losses.gld import gld  # noqa: E402
-from mmkd.losses.gt_mix import gt_labels, gt_mix  # noqa: E402  (self-distillation's mixed target; round 0's)
 from mmkd.losses.kd import kd  # noqa: E402
-from mmkd.losses.lelp import lelp  # noqa: E402  (and PseudoClassHead, its head and projections)
 from mmkd.losses.mcmi import mcmi  # noqa: E402  (and the callback mcmi_centroids, its official centroids)
 from mmkd.losses.nkd import nkd  # noqa: E402
-from mmkd.losses.ofa import ofa, ofa_branches  # noqa: E402  (and OFABranches, the stage projectors)
 from mmkd.losses.pld import pld  # noqa: E402
 from mmkd.losses.sinkd import sinkd  # noqa: E402
 from mmkd.losses.swing import swing  # noqa: E402  (per-instance temperature from a privacy score, noisy targets)
-from mmkd.losses.uskd import uskd  # noqa: E402
 from mmkd.losses.adaptive import ctkd, taid, tgeo  # noqa: E402  (adaptive/: targets, temperatures that move)
+from mmkd.losses.heads import lelp, ofa, ofa_branches  # noqa: E402  (heads/: extra heads on the student)
+from mmkd.losses.self import gt_labels, gt_mix, uskd  # noqa: E402  (self/: targets from the student itself)
 from mmkd.losses.tokens import fkl, gjsd, rkl, skew_fkl, skew_rkl, tvd  # noqa: E402  (tokens/: next-token divergences)
-from mmkd.losses.features import at, crd, fitnet, kdsvd, nd, nst, ofd, pkt, reviewkd, rkd, sp, vid  # noqa: E402  (features/: feature, relation losses)
+from mmkd.losses.features import at, crd, fitnet, kdsvd, nd, nst, ofd, pkt, reviewkd, rkd, sp, vid  # noqa: E402,E501
 
-__all__ = ["register_loss", "reduce", "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "tvd", "bkl", "ce", "ctkd", "dist", "dkd", "gld", "gt_mix", "kd", "lelp", "mcmi", "nkd", "ofa",
-           "ofa_branches", "pld", "sinkd", "swing", "taid", "tgeo", "uskd", "at", "crd", "fitnet", "kdsvd", "nd", "nst", "ofd", "pkt", "reviewkd", "rkd", "sp", "vid"]
+__all__ = ["register_loss", "reduce", "bkl", "ce", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd", "swing",
+           "ctkd", "taid", "tgeo", "lelp", "ofa", "ofa_branches", "gt_labels", "gt_mix", "uskd",
+           "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "tvd",
+           "at", "crd", "fitnet", "kdsvd", "nd", "nst", "ofd", "pkt", "reviewkd", "rkd", "sp", "vid"]

@@ -7,7 +7,7 @@ With p = softmax(z) at T = 1, target y, and N(z)_i = softmax over the non-target
 where t_y (the teacher's target probability) is detached. Yang, Zeng, Li, Zhang, Yuan and Li,
 "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with Normalized
 Loss and Customized Soft Labels", ICCV 2023. The teacher-free variant of the same paper is
-``uskd`` (:mod:`mmkd.losses.uskd`).
+``uskd`` (:mod:`mmkd.losses.self.uskd`).
 """
 from __future__ import annotations
 

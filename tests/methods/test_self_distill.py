@@ -1,4 +1,4 @@
-"""Self-distillation with ground-truth targets (mmkd.methods.self_distill, mmkd.losses.gt_mix): the
+"""Self-distillation with ground-truth targets (mmkd.methods.self_distill, mmkd.losses.self.gt_mix): the
 mixed target against a naive loop and the official two-term loss, the closed-form alpha against a
 brute-force grid on kernel ridge regression, the options' one-line errors, and the rounds chained
 through their run directories by one ``mmkd run``."""

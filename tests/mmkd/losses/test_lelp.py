@@ -1,4 +1,4 @@
-"""LELP (mmkd.losses.lelp): the per-class projections against a naive computation, the pseudo-subclass
+"""LELP (mmkd.losses.heads.lelp): the per-class projections against a naive computation, the pseudo-subclass
 targets by hand, the loss against python loops, gradients, the head's projections computed from the
 teacher at the fit's start and kept exactly on resume, and the AG News configs."""
 import math
@@ -11,7 +11,7 @@ from torch import nn
 
 from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
 from mmkd.losses import lelp
-from mmkd.losses.lelp import PseudoClassHead, affine_fit, class_directions, pseudo_targets
+from mmkd.losses.heads.lelp import PseudoClassHead, affine_fit, class_directions, pseudo_targets
 from mmkd.routers import ConstantRouter
 from tests.reference import Crash, CrashAtEpoch
 

@@ -1,4 +1,4 @@
-"""OFA-KD (mmkd.losses.ofa): the OFA loss against a naive loop, its eps = 1 form (KD at T = 1 plus the
+"""OFA-KD (mmkd.losses.heads.ofa): the OFA loss against a naive loop, its eps = 1 form (KD at T = 1 plus the
 teacher's entropy), gradients, the stage branches (their shapes and official structure), a learned
 term training with the student, and the shipped cifar10_ofa config on real CIFAR-10."""
 import csv
@@ -11,7 +11,7 @@ from torch import nn
 
 from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
 from mmkd.losses import kd, ofa, ofa_branches
-from mmkd.losses.ofa import OFABranches, PatchMerging, SepConv
+from mmkd.losses.heads.ofa import OFABranches, PatchMerging, SepConv
 from mmkd.routers import ConstantRouter
 from tests.reference import TINY_CIFAR10
 

@@ -1,4 +1,4 @@
-"""Tests for USKD (mmkd/losses/uskd.py) against a naive loop reference and hand-computed cases, and for
+"""Tests for USKD (mmkd/losses/self/uskd.py) against a naive loop reference and hand-computed cases, and for
 the logit standardisation option (``standardize=True``, mmkd.losses.kd.zscore) of kd, dkd and nkd."""
 import inspect
 import math
@@ -13,7 +13,7 @@ from mmkd.config import check_loss_args
 from mmkd.losses.dkd import dkd
 from mmkd.losses.kd import kd, zscore
 from mmkd.losses.nkd import nkd
-from mmkd.losses.uskd import uskd, zipf_labels
+from mmkd.losses.self.uskd import uskd, zipf_labels
 from mmkd.registry import LOSSES
 from tests.mmkd.losses.test_logit_losses import make, ref_dkd, ref_kd, ref_nkd, softmax
 

@@ -21,8 +21,10 @@ ZOO = {  # method -> (experiment, overrides)
     **LOSSES,
     "kd_ls": ("cifar10_kd", ["losses.ce.weight=1.0", "losses.kd.weight=9.0", "losses.kd.args.temperature=2.0",
                              "+losses.kd.args.standardize=true"]),  # the official LS setting for KD
-    "dkd_ls": ("cifar10_dkd", ["losses.dkd.args.alpha=9.0", "losses.dkd.args.beta=72.0",
-                               "losses.dkd.args.temperature=2.0", "+losses.dkd.args.standardize=true"]),
+    # the official LS setting for DKD (tools/train.py --logit-stand --kd-weight 9): alpha 1 x 9, beta set from
+    # the already scaled alpha (9 x 9 = 81), and DKD's own T = 4 kept (--base-temp sets KD's temperature only)
+    "dkd_ls": ("cifar10_dkd", ["losses.dkd.args.alpha=9.0", "losses.dkd.args.beta=81.0",
+                               "+losses.dkd.args.standardize=true"]),
     "uskd": ("cifar10_uskd", []),
     "taid": ("cifar10_taid", []),
     "ctkd": ("cifar10_ctkd", []),

@@ -31,9 +31,10 @@ def dkd(student_logits, teacher_logits, target, *, alpha=1.0, beta=8.0, temperat
 
     ``standardize``: z-score each side's logits first (:func:`mmkd.losses.kd.zscore`; Sun et al.,
     "Logit Standardization in Knowledge Distillation", CVPR 2024), before both splits; off by default.
-    The official LS setting for DKD on CIFAR-100 multiplies alpha and beta by the KD weight 9
-    (alpha = 9, beta = 72) and sets the temperature to the base temperature 2, with CE weight 1
-    (``tools/train.py --logit-stand --base-temp 2 --kd-weight 9``).
+    The official LS setting for DKD on CIFAR-100 (``tools/train.py --logit-stand --base-temp 2
+    --kd-weight 9``) multiplies alpha by the KD weight 9 and sets beta to the scaled alpha times 9
+    (alpha = 9, beta = 81, as its code reads), keeping DKD's own temperature (4): ``--base-temp`` sets
+    KD's temperature only; CE weight 1.
     """
     if standardize:
         student_logits, teacher_logits = zscore(student_logits), zscore(teacher_logits)

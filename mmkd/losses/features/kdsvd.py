@@ -10,7 +10,8 @@ an RBF kernel relates every channel's entry of one to every channel's entry of t
     G_l[i, j, n] = exp(-(v_l[i, n] - v_{l-1}[j, n])^2 / 8)
     KDSVD(s, t) = sum_{l >= 2} sum_{i, j, n} (G^S_l[i, j, n] - G^T_l[i, j, n])^2   per instance
 
-(non-finite singular values or vectors and non-finite entries count as 0). Lee, Kim and Song,
+(non-finite singular values or vectors and non-finite entries count as 0, and so do non-finite entries
+of the gradient through the SVD, which is infinite where singular values repeat). Lee, Kim and Song,
 "Self-supervised Knowledge Distillation Using Singular Value Decomposition", ECCV 2018
 (arXiv:1807.06819; official code: sseung0703/SSKD_SVD, TensorFlow). Followed: mdistiller's port
 (megvii-research/mdistiller, ``mdistiller/distillers/KDSVD.py``, ``kdsvd_loss``): ``k = 1``, the
@@ -49,6 +50,8 @@ def leading(features: Tensor, n: int, layout: str) -> tuple[Tensor, Tensor]:
     for ``"channels"``, ``D = C``; ``[C H, W]`` for ``"mdistiller"``, ``D = W``)."""
     b, c, h, w = features.shape
     x = features.flatten(2).transpose(1, 2) if layout == "channels" else features.reshape(b, c * h, w)
+    if x.requires_grad:  # the SVD's gradient is infinite at repeated singular values: those entries count as 0
+        x.register_hook(lambda g: None if g is None else finite(g))
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
     s, v = finite(s), finite(vh.transpose(1, 2))
     return F.normalize(s[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)

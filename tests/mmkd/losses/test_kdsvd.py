@@ -148,3 +148,13 @@ def test_config_trains_one_step_on_a_tiny_real_subset(run_experiment):
     state = torch.load(run_dir / "student" / "last.pt", weights_only=True)
     (epoch,) = state["history"]
     assert state["step"] == 1 and epoch["train/kdsvd"] > 0 and math.isfinite(epoch["train/kdsvd"])
+
+
+def test_repeated_singular_values_give_a_finite_gradient():
+    """Where singular values repeat the SVD's gradient is infinite; those entries count as 0, so a
+    step never turns the student's weights non-finite (the teacher's maps are not differentiated)."""
+    g = torch.Generator().manual_seed(0)
+    s = [torch.ones(2, 4, 3, 3, requires_grad=True), torch.ones(2, 4, 2, 2, requires_grad=True)]  # rank 1: zeros repeat
+    t = [torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 2, 2, generator=g)]
+    kdsvd(s, t).backward()
+    assert all(torch.isfinite(x.grad).all() for x in s)

@@ -395,8 +395,9 @@ class Trainer:
                 self._backward.backward(losses, params)
             else:
                 loss.backward()
-            if c.grad_clip:
-                nn.utils.clip_grad_norm_(params, c.grad_clip)
+            norm = nn.utils.clip_grad_norm_(params, c.grad_clip) if c.grad_clip else None
+            if step % c.finite_check_every == 0:
+                self._check_gradients(params, norm, step)
             opt.step()
             sched.step()
             for k, v in losses.items():
@@ -459,6 +460,20 @@ class Trainer:
             if key in saved:
                 cb.load_state_dict(saved[key])
         log.info("resumed from %s at epoch %d", last, self.epoch)
+
+    def _check_gradients(self, params: list, norm: Tensor | None, step: int) -> None:
+        """:class:`NonFiniteLoss` before the optimizer steps when a gradient holds NaN or inf although
+        the loss is finite (a loss whose gradient is unstable, e.g. through an SVD): the weights stay
+        as they were. ``norm``: the total gradient norm when clipping computed it already."""
+        if norm is None:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                return
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if not torch.isfinite(norm):
+            raise NonFiniteLoss(f"{self.stage}: non-finite gradient at epoch {self.epoch + 1}, step {step + 1}, "
+                                "the loss being finite: a loss term's gradient is unstable; check the terms' "
+                                "inputs, lower trainer.lr, or set trainer.grad_clip")
 
     def _diverged(self, losses: dict[str, Tensor], batch: Batch, step: int, module: nn.Module) -> str:
         """One line for a non-finite loss: the stage, epoch and step, the non-finite terms, and advice

@@ -346,6 +346,34 @@ def test_non_finite_from_the_first_step_blames_the_loss_not_the_learning_rate(tm
         trainer(tmp_path, stage="student").fit(mod, train, val)
 
 
+class SqrtAt(nn.Module):
+    """Adds ``sqrt(0 * w)`` to its training output on the ``at``-th call: a finite value (0) whose
+    gradient is infinite."""
+
+    def __init__(self, inner, at):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                out = out + (0 * self.inner[0].weight).sqrt().sum()
+        return out
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_a_non_finite_gradient_of_a_finite_loss_stops_before_the_step(tmp_path, data, grad_clip):
+    train, val = data
+    torch.manual_seed(0)
+    model = SqrtAt(nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C)), at=3)
+    mod = make_module(model=model)
+    with pytest.raises(NonFiniteLoss, match=r"^student: non-finite gradient at epoch 1, step 3, the loss being finite"):
+        trainer(tmp_path, stage="student", grad_clip=grad_clip).fit(mod, train, val)
+    assert model.calls == 3 and all(torch.isfinite(p).all() for p in mod.parameters())  # not stepped
+
+
 def test_non_finite_inputs_are_named(tmp_path, data):
     train, val = data
     x = train.tensors["x"].clone()

@@ -103,7 +103,7 @@ class VisionTransformer(Classifier, nn.Module):
         """``[batch, C, H, W] -> [batch, 1 + patches, dim]``: patch embeddings after the class token, plus
         the position embeddings."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        return torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pool(self.norm(self.blocks(self.tokens(x)))))

@@ -75,6 +75,7 @@ FAMILIES = {
     "wrn_16_1": ({}, image((3, 16, 16)), ["pt2"]),  # and the other wide ResNets
     "mobilenetv2": ({}, image((3, 32, 32)), ["pt2"]),
     "shufflenetv2": ({}, image((3, 16, 16)), ["onnx", "pt2"]),
+    "vit_tiny": ({"dim": 16, "depth": 2, "heads": 2}, image((3, 16, 16)), ["onnx", "pt2"]),
 }
 GRAPH_FAMILIES = ["gcn", "sage", "gat", "appnp", "dgl_gcn"]
 

@@ -48,9 +48,10 @@ CASES = {
     "wrn_16_1": ({"in_shape": (3, 16, 16)}, ["image3"], 64),
     "mobilenetv2": ({"in_shape": (3, 32, 32)}, ["image32"], 1280),
     "shufflenetv2": ({"in_shape": (3, 16, 16)}, ["image3"], 1024),
+    "vit_tiny": ({"in_shape": (3, 16, 16), "dim": 16, "depth": 2, "heads": 2}, ["image3"], 16),
 }
 CONTRACT = {"mlp", "cnn", "resnet18", "audio_cnn", "text_transformer", "text_minilm", "clip", "fusion", "resnet8",
-            "wrn_16_1", "mobilenetv2", "shufflenetv2"}
+            "wrn_16_1", "mobilenetv2", "shufflenetv2", "vit_tiny"}
 
 _built: dict[str, nn.Module] = {}
 

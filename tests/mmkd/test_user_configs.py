@@ -175,7 +175,7 @@ def test_composing_a_users_file_leaves_no_option_in_the_config_store(tmp_path):
     ({"bad.yaml": "- 1\n"}, ["experiment=bad.yaml"],
      "experiment: '{tmp}/bad.yaml' holds a list; an experiment is a mapping of config keys"),
     ({"cfgs/experiment/kd_t2.yaml": KD_T2, "cfgs/flat.yaml": "seed: 1\n"}, ["--config-dir", "cfgs", "experiment=nope"],
-     "experiment: unknown experiment 'nope'; choose from: flat, kd_t2 (in {tmp}/cfgs), av_"),
+     "experiment: unknown experiment 'nope'; choose from: flat, kd_t2 (in {tmp}/cfgs), agnews_"),
     ({}, ["--config-dir", "nodir"], "--config-dir: no such folder 'nodir'"),
     ({"f.yaml": "seed: 1\n"}, ["--config-dir", "f.yaml"], "--config-dir: 'f.yaml' is a file; give the folder"),
     ({}, ["--config-dir"], "--config-dir: give a folder: --config-dir DIR"),

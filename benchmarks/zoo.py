@@ -4,7 +4,9 @@ The same teacher (trained once into the work folder that ``cifar10.py`` uses), s
 subset, epochs and scaled protocol as ``cifar10.py``; each method at the settings of its paper's or
 mdistiller's code (the experiment configs ``configs/experiment/cifar10_<method>.yaml``). Every method
 reads the teacher from the augmentation-aware view cache (its logits and, for feature methods, the
-features the method reads). Columns: test accuracy mean ± std, the student's seconds per epoch, the paper.
+features the method reads). Columns: test accuracy mean ± std, the number of seeds, the student's seconds
+per epoch, the paper. A run whose config equals a finished one under ``<work>/out`` is read back, so
+invocations add seeds; ``--only-finished`` renders the table from what exists.
 
     MMKD_DATA=../shared/data python benchmarks/zoo.py [--seeds 3] [--methods kd at ...]
 """

@@ -92,7 +92,7 @@ def build_router(cfg: DictConfig, meta: dict, student: nn.Module, data: DataSpli
         args.setdefault("num_classes", meta["num_classes"])
     if "feature_shapes" in accepts and "feature_shapes" not in args and cfg.student.features:
         with torch.no_grad():
-            out = Net(student, cfg.student.inputs, cfg.student.features).eval()(next(iter(loader(data.train, 2))))
+            out = Net(student, cfg.student.inputs, cfg.student.features, data.tokens).eval()(next(iter(loader(data.train, 2))))
         args["feature_shapes"] = {p: tuple(f.shape[1:]) for p, f in out.features.items()}
     try:
         return factory(**args)

@@ -44,15 +44,26 @@ def teacher_hash(teacher: Teacher) -> str:
     return h.hexdigest()
 
 
-class CachedTeacher(nn.Module):
+class Cached(nn.Module):
+    """A stand-in for a frozen teacher that serves its stored outputs on the training set; ``live`` is
+    the teacher itself (not a sub-module: its weights are not saved again), for any other data
+    (the fidelity metrics on the test split)."""
+
+    def __init__(self, teacher: Teacher):
+        super().__init__()
+        self.__dict__["live"] = teacher
+        self.keys, self.frozen = teacher.keys, True
+
+
+class CachedTeacher(Cached):
     """Stands in for a frozen teacher: returns stored outputs for the batch's ``"index"`` entry.
 
     Only valid for batches of the data set it was built on (the training set).
     """
 
     def __init__(self, teacher: Teacher, logits: Tensor, features: dict[str, Tensor], path: Path):
-        super().__init__()
-        self.keys, self.frozen, self.path = teacher.keys, True, path
+        super().__init__(teacher)
+        self.path = path
         self.logits, self.features = logits, features
 
     def forward(self, batch: Batch) -> Output:

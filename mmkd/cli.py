@@ -563,6 +563,31 @@ def cmd_predict(args: Sequence[str]) -> int:
     return 0
 
 
+def _number(opts: dict, key: str, default: str, kind=float):
+    try:
+        return kind(opts.get(key, default))
+    except ValueError:
+        raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {opts[key]!r}") from None
+
+
+def cmd_generate(args: Sequence[str]) -> int:
+    from mmkd.generate import generate
+    from mmkd.io import check_writable, write_text
+
+    usage = ("mmkd generate run_dir=DIR prompt=TEXT [max_new_tokens=200] [temperature=0 (greedy)] [top_p=1] "
+             "[seed=0] [output=FILE]")
+    opts = _options(args, ("run_dir", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "output"),
+                    ("run_dir", "prompt"), usage)
+    output = check_writable(opts["output"], "output", file=True) if "output" in opts else None
+    samples = generate(opts["run_dir"], [opts["prompt"].replace("\\n", "\n")], _number(opts, "max_new_tokens", "200", int),
+                       _number(opts, "temperature", "0"), _number(opts, "top_p", "1"), _number(opts, "seed", "0", int))
+    text = samples[0].prompt + samples[0].text
+    if output is not None:
+        write_text(text, output)
+    print(text)
+    return 0
+
+
 CONFIG_DIR_COMMANDS = ("run", "list", "init")
 
 
@@ -620,6 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("predict", help="classify raw features with a run's exported student: mmkd predict run_dir=DIR "
                    "input=FEATURES [output=preds.csv] [batch_size=N] [format=onnx|pt2]").add_argument(
         "options", nargs="*")
+    sub.add_parser("generate", help="continue a prompt with a run's language-model student: mmkd generate "
+                   "run_dir=DIR prompt=TEXT [max_new_tokens=200] [temperature=0] [top_p=1] [seed=0] "
+                   "[output=FILE]").add_argument("options", nargs="*")
     multirun = bool(argv) and argv[0] == "run" and any(a in ("--multirun", "-m") for a in argv)
     argv = [a for a in argv if not (multirun and a in ("--multirun", "-m"))]  # anywhere among the overrides
     args = parser.parse_args(argv)
@@ -645,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_summary(args.options)
         if args.command == "predict":
             return cmd_predict(args.options)
+        if args.command == "generate":
+            return cmd_generate(args.options)
         return cmd_export(args.options)
     except (ConfigError, UnknownName, DataError, NoSpace, NonFiniteLoss, ExportFailed) as e:
         print(f"mmkd: error: {e}", file=sys.stderr)

@@ -237,6 +237,12 @@ class DataSplits:
     # A graph's neighbour-sampled training set has a seed per node (distillation reaches every node),
     # this one a seed per labelled node, as GLNN trains its teachers.
     labelled: Optional[Dataset] = None
+    # sequence data (next-token prediction): the batch entry holding the [batch, time] token mask; a
+    # token is then an instance (each batch's "label" holds the kept tokens' targets, [tokens])
+    tokens: Optional[str] = None
+    # the tokenizer that made the token ids, for runs that decode them (generation); anything with
+    # ``save(path)``, written to the run directory as tokenizer.json
+    tokenizer: Any = None
 
     def meta(self) -> dict:
         """JSON-serialisable description (saved in every run directory, read by export).
@@ -248,7 +254,7 @@ class DataSplits:
         return {"num_classes": self.num_classes, "shapes": {k: list(v) for k, v in self.shapes.items()},
                 "class_names": self.class_names, "label_key": self.label_key,
                 "preprocessing": self.preprocessing, "text_inputs": self.text_inputs, "metrics": self.metrics,
-                "inputs": input_stats(self.train, list(self.shapes))}
+                "inputs": input_stats(self.train, list(self.shapes)), "tokens": self.tokens}
 
 
 INPUT_SAMPLE = 512  # items of the training split (evenly spaced) that input_stats reads

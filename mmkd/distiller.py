@@ -20,12 +20,13 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from mmkd.cache import CachedTeacher
+from mmkd.cache import Cached
 from mmkd.callbacks import Callback
 from mmkd.net import Batch, Net, Output, Teacher
 from mmkd.registry import LOSSES
 from mmkd.router import Router
 from mmkd.schedules import Clock, Schedule, value_at
+from mmkd.sparse import SparseLogits
 from mmkd.trainer import Module
 from mmkd.transforms import BatchTransform
 
@@ -66,7 +67,7 @@ class Term:
         self.module = factory(**{k: v for k, v in {**self.sizes, **self.args}.items() if k in own}) if factory else None
         self.args = {k: v for k, v in self.args.items() if k not in own}
         self.reads_teacher, self.per_sample = meta["teacher"], meta["per_sample"]
-        self.reads_batch = meta.get("batch", False)
+        self.reads_batch, self.sparse = meta.get("batch", False), meta.get("sparse", False)
         self.name = self.name or self.loss
         self.weight = Schedule.parse(self.weight, f"loss term {self.name!r}, weight")
         self.args = {k: Schedule.parse(v, f"loss term {self.name!r}, {k}") for k, v in self.args.items()}
@@ -159,7 +160,7 @@ class Distiller(Module):
         self.adapters = nn.ModuleDict({t.name: t.adapter for t in self.terms if t.adapter is not None})
         self.loss_modules = nn.ModuleDict({t.name: t.module for t in self.terms if t.module is not None})
         moving = [type(t).__name__ for t in transforms if not t.keeps_inputs]
-        if moving and any(isinstance(t, CachedTeacher) for t in teachers):
+        if moving and any(isinstance(t, Cached) for t in teachers):
             raise ValueError(f"the batch transforms {moving} change the teachers' inputs, which a cached "
                              "teacher cannot follow; give the live teachers (teacher cache: false)")
         self.transforms = nn.ModuleList(transforms)
@@ -219,6 +220,8 @@ class Distiller(Module):
         parts = []
         for i, t in enumerate(outs):
             t_in = as_float(pick(t, term.teacher))
+            if isinstance(t_in, SparseLogits) and not term.sparse:
+                t_in = t_in.dense()
             if term.per_sample:
                 parts.append(mean(w[:, i] * term.fn(s_in, t_in, target, reduction="none", **kwargs)))
             else:
@@ -229,6 +232,20 @@ class Distiller(Module):
     def predict(self, batch: Batch) -> Tensor:
         """The student's logits (what evaluation and deployment use)."""
         return self.student(batch).logits
+
+    @torch.no_grad()
+    def reference(self, batch: Batch) -> Tensor | None:
+        """What the student is distilled towards, for the fidelity metrics: ``log sum_t w[b, t] p_t``,
+        the router-weighted mixture of the teachers' probabilities (live teachers, also for cached
+        ones: this works on any split); None without teachers."""
+        if not len(self.teachers):
+            return None
+        device = next(self.student.parameters()).device
+        live = [t.live.to(device) if isinstance(t, Cached) else t for t in self.teachers]
+        outs = [t(batch) for t in live]
+        w = self.router(self.student(batch), outs, batch).float()
+        log_p = torch.stack([torch.log_softmax(o.logits.float(), -1) for o in outs], 1)
+        return torch.logsumexp(log_p + w.clamp(min=1e-30).log().unsqueeze(-1), 1)
 
 
 def loss_term(module: nn.Module, name: str, arg: str, who: str) -> Term:

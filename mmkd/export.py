@@ -137,6 +137,23 @@ def _reads_graph(model: nn.Module, keys: Sequence[str]) -> bool:
     return message_passing is not None and any(isinstance(m, message_passing) for m in model.modules())
 
 
+def trained_student(run_dir: str | os.PathLike):
+    """The student of the finished run in ``run_dir``, its config and its ``data.json``: built from the
+    run's config (its ``imports`` imported first), loaded from ``student.pt``, in eval mode. A missing file is a :class:`~mmkd.config.ConfigError` naming it."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    for needed in ("config.yaml", "data.json", "student.pt"):
+        if not (run_dir / needed).exists():
+            raise ConfigError(f"run_dir: {str(run_dir)!r} has no {needed}; give the directory of a finished run")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    import_modules(cfg.get("imports", []))
+    meta = OmegaConf.to_container(OmegaConf.load(run_dir / "data.json"))
+    student = build_model(cfg.student, meta, "student")
+    student.load_state_dict(io.load(run_dir / "student.pt", "the student's weights", "rerun the experiment"))
+    return student.eval(), cfg, meta
+
+
 def export_student(run_dir: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
     """Export the student of a finished run to ``<run_dir>/export/``: ``student.onnx`` (``onnx``)
     and/or ``student.pt2`` (``pt2``, alias ``torchscript``: a ``torch.export`` program), plus ``meta.json``: the
@@ -148,27 +165,16 @@ def export_student(run_dir: str | os.PathLike, formats: Sequence[str]) -> list[P
     serves graph-free students (an MLP distilled from the GNN); that, an unknown format or an
     unfinished run is a :class:`~mmkd.config.ConfigError`, raised before anything is written.
     """
-    from omegaconf import OmegaConf
-
-
     run_dir = Path(run_dir)
-    for needed in ("config.yaml", "data.json", "student.pt"):
-        if not (run_dir / needed).exists():
-            raise ConfigError(f"run_dir: {str(run_dir)!r} has no {needed}; give the directory of a finished run")
     for fmt in formats:
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"format: unknown export format {fmt!r}; choose from: {', '.join(EXPORT_FORMATS)}")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    import_modules(cfg.get("imports", []))
-    meta = OmegaConf.to_container(OmegaConf.load(run_dir / "data.json"))
+    student, cfg, meta = trained_student(run_dir)
     keys = list(cfg.student.inputs)
-    student = build_model(cfg.student, meta, "student")
     if _reads_graph(student, keys):
         raise ConfigError(f"student: {cfg.student.name} reads a whole graph (inputs {', '.join(keys)}), which an "
                           "export cannot serve without the graph; distil it into an MLP on node features "
                           "(e.g. experiment=g2m_glnn) and export that")
-    student.load_state_dict(io.load(run_dir / "student.pt", "the student's weights", "rerun the experiment"))
-    student.eval()
     example = example_inputs(meta, keys)
     out = run_dir / "export"
     paths = []

@@ -12,7 +12,16 @@ processes in ``compute()``.
 ``f1``     macro F1, the unweighted mean over classes of ``2 P_c R_c / (P_c + R_c)``
 ``auroc``  macro one-vs-rest ROC-AUC on ``softmax(z)``
 ``top5``   top-5 accuracy
+``ppl``    perplexity, ``exp(loss)`` (a language model's, over its tokens: each is an instance)
+``agree``  fidelity: top-1 agreement with the teachers, ``mean_b [argmax z_b = argmax p_b]``
+``tkl``    fidelity: mean ``KL(p_b || softmax(z_b))`` to the teachers
 ========  ==========================================================================
+
+The fidelity metrics (:class:`Fidelity`) compare the predictions with the module's reference
+distribution ``p`` (:meth:`mmkd.trainer.Module.reference`: for a
+:class:`~mmkd.distiller.Distiller`, the router-weighted mixture of its live teachers' probabilities);
+without teachers they report nothing. The ``distill`` pipeline adds both to every distilled
+student's test evaluation.
 
 A data set declares the metrics that suit its task (:attr:`mmkd.data.DataSplits.metrics`, used unless
 ``trainer.metrics`` is set); :func:`task_metrics` chooses them from the labels: ROC-AUC first for two
@@ -42,9 +51,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, Mul
 from mmkd.registry import METRICS
 
 
-def register_metric(name: str) -> Callable:
-    """Register a factory ``num_classes -> torchmetrics.Metric`` under ``name``."""
-    return METRICS.register(name)
+def register_metric(name: str, lower: bool = False) -> Callable:
+    """Register a factory ``num_classes -> torchmetrics.Metric`` under ``name``; ``lower``: lower values
+    are better (a monitor on it then picks the minimum, ``trainer.mode=auto``)."""
+    return METRICS.register(name, lower=lower)
 
 
 class _Mean(Metric):
@@ -82,11 +92,48 @@ class CrossEntropy(_Mean):
         return F.cross_entropy(logits, target, reduction="sum")
 
 
+class Perplexity(CrossEntropy):
+    """``exp`` of the mean cross-entropy."""
+
+    def compute(self):
+        return super().compute().exp()
+
+
+class Fidelity(_Mean):
+    """A metric of the predictions against a reference distribution (log-probabilities ``[B, C]``):
+    its ``update`` takes ``(logits, target, reference)``."""
+
+    def value(self, logits: Tensor, target: Tensor, reference: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, logits: Tensor, target: Tensor, reference: Tensor) -> None:
+        self.total += self.value(logits, target, reference).double()
+        self.count += len(target)
+
+
+class Agreement(Fidelity):
+    """Top-1 agreement with the reference."""
+
+    def value(self, logits, target, reference):
+        return (logits.argmax(1) == reference.argmax(1)).sum()
+
+
+class TeacherKL(Fidelity):
+    """``KL(reference || softmax(logits))`` per instance, summed."""
+
+    def value(self, logits, target, reference):
+        return F.kl_div(F.log_softmax(logits.float(), 1), reference.float(), log_target=True, reduction="sum")
+
+
 register_metric("acc")(lambda num_classes: Accuracy())
-register_metric("loss")(lambda num_classes: CrossEntropy())
+register_metric("loss", lower=True)(lambda num_classes: CrossEntropy())
 register_metric("f1")(lambda num_classes: MulticlassF1Score(num_classes, average="macro"))
 register_metric("auroc")(lambda num_classes: MulticlassAUROC(num_classes, average="macro"))
 register_metric("top5")(lambda num_classes: MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"))
+register_metric("ppl", lower=True)(lambda num_classes: Perplexity())
+register_metric("agree")(lambda num_classes: Agreement())
+register_metric("tkl", lower=True)(lambda num_classes: TeacherKL())
+FIDELITY = ("agree", "tkl")  # what the distill pipeline adds to a distilled student's test evaluation
 
 
 IMBALANCED = 10.0  # largest / smallest class size from which macro-F1 leads a multi-class data set's metrics
@@ -110,6 +157,8 @@ class MetricSet:
 
     def __init__(self, names: Sequence[str], device: torch.device | str = "cpu"):
         self.factories = {name: METRICS[name] for name in names}
+        # whether a metric reads a reference distribution (Fidelity); told by one built for 2 classes
+        self.reads_reference = any(isinstance(f(2), Fidelity) for f in self.factories.values())
         self.device = torch.device(device)
         self.metrics: dict[str, Metric] = {}
         self.classes: int | None = None
@@ -120,13 +169,19 @@ class MetricSet:
         for m in self.metrics.values():
             m.reset()
 
-    def update(self, logits: Tensor, target: Tensor) -> None:
+    def update(self, logits: Tensor, target: Tensor, reference: Tensor | None = None) -> None:
+        """Add a batch; ``reference`` (log-probabilities, or None) feeds the :class:`Fidelity` metrics."""
         if logits.shape[1] != self.classes:  # the first batch, or a data set with another class count
             self.metrics = {n: f(logits.shape[1]).to(self.device) for n, f in self.factories.items()}
             self.classes = logits.shape[1]
         self.count += len(target)
         for m in self.metrics.values():
-            m.update(logits, target)
+            if not isinstance(m, Fidelity):
+                m.update(logits, target)
+            elif reference is not None:
+                m.update(logits, target, reference)
 
     def compute(self) -> dict[str, float]:
-        return {name: float(m.compute()) for name, m in self.metrics.items()}
+        """The metrics' values; a :class:`Fidelity` metric that saw no reference is left out."""
+        return {name: float(m.compute()) for name, m in self.metrics.items()
+                if not (isinstance(m, Fidelity) and m.count == 0)}

@@ -15,6 +15,17 @@ from mmkd.checks import COUNT, FRACTION, PROBABILITY, Each
 from mmkd.registry import MODELS
 
 
+class Generative:
+    """A model that continues token sequences (a causal language model): subclass this mixin before
+    ``nn.Module`` and implement :meth:`generate`."""
+
+    def generate(self, ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> Tensor:
+        """The ``[batch, max_new_tokens]`` tokens continuing ``ids`` ``[batch, time]``: greedy at
+        ``temperature=0``, else sampled at that temperature from the top-p nucleus (seeded)."""
+        raise NotImplementedError
+
+
 class Classifier:
     """The classifier-head contract (timm's): a model that ends in a classifier fed by an embedding.
 

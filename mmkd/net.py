@@ -29,10 +29,17 @@ def select(batch: Batch, keys: Sequence[str]) -> list[Tensor]:
 
 @dataclass
 class Output:
-    """What a student or teacher returns: logits and named intermediate features."""
+    """What a student or teacher returns: logits and named intermediate features.
+
+    For a sequence model (a :class:`Net` with ``tokens``) a token is an instance: ``logits`` are
+    ``[tokens, vocab]`` over the positions the batch's token mask keeps (and the features likewise),
+    ``sequence`` is the ``[batch, time, vocab]`` view and ``mask`` the ``[batch, time]`` mask.
+    A cached teacher's ``logits`` may be a :class:`~mmkd.sparse.SparseLogits` (top-k)."""
 
     logits: Tensor
     features: dict[str, Tensor] = field(default_factory=dict)
+    sequence: Tensor | None = None
+    mask: Tensor | None = None
 
 
 class Net(nn.Module):
@@ -43,13 +50,17 @@ class Net(nn.Module):
         keys: batch entries passed to ``model`` as positional arguments, in order.
         features: dotted module paths (as in ``model.named_modules()``) whose forward outputs are
             returned in :attr:`Output.features`.
+        tokens: for a sequence model (``[batch, time, vocab]`` logits), the batch entry holding the
+            ``[batch, time]`` token mask; the outputs are then the kept tokens' rows (see :class:`Output`).
     """
 
-    def __init__(self, model: nn.Module, keys: Sequence[str] = ("x",), features: Sequence[str] = ()):
+    def __init__(self, model: nn.Module, keys: Sequence[str] = ("x",), features: Sequence[str] = (),
+                 tokens: str | None = None):
         super().__init__()
         self.model = model
         self.keys = tuple(keys)
         self.feature_paths = tuple(features)
+        self.tokens = tokens
         for path in self.feature_paths:
             model.get_submodule(path)  # fail early on a wrong path
 
@@ -65,15 +76,23 @@ class Net(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        return Output(logits, features)
+        if self.tokens is None:
+            return Output(logits, features)
+        mask = select(batch, [self.tokens])[0].bool()
+        if logits.shape[:2] != mask.shape:
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for a token mask "
+                             f"{self.tokens!r} of shape {tuple(mask.shape)}; a sequence model returns "
+                             "[batch, time, vocab]")
+        rows = {k: f[mask] if f.shape[:2] == mask.shape else f for k, f in features.items()}
+        return Output(logits[mask], rows, logits, mask)
 
 
 class Teacher(Net):
     """A :class:`Net` that is either frozen (no gradient, always in eval mode) or co-trained."""
 
     def __init__(self, model: nn.Module, keys: Sequence[str] = ("x",), features: Sequence[str] = (),
-                 frozen: bool = True):
-        super().__init__(model, keys, features)
+                 frozen: bool = True, tokens: str | None = None):
+        super().__init__(model, keys, features, tokens)
         self.frozen = frozen
         if frozen:
             model.requires_grad_(False)

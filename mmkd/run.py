@@ -27,10 +27,14 @@ from mmkd.data import DataSplits, cacheable
 from mmkd.distiller import Distiller, Term
 from mmkd.export import export_student
 from mmkd.net import Net, Teacher, num_params
+from mmkd.generate import write_samples
+from mmkd.metrics import FIDELITY
+from mmkd.models import Generative
 from mmkd.registry import PIPELINES
 from mmkd.report import add_latencies, plot_curves
 from mmkd.rundir import claim
 from mmkd.trainer import FitResult, Trainer, seed_everything
+from mmkd.token_cache import cache_tokens
 from mmkd.view_cache import cache_views, reproducible
 
 log = logging.getLogger("mmkd")
@@ -40,12 +44,12 @@ def fit(name: str, module: Distiller, data: DataSplits, cfg: DictConfig, run_dir
         epochs: int | None = None, lr: float | None = None,
         callbacks: Sequence[Callback] = ()) -> tuple[FitResult, dict[str, float]]:
     """Train ``module`` as stage ``name`` (in ``run_dir/name``, with ``callbacks``) and evaluate it on
-    the test split."""
+    the test split (with the fidelity metrics, :data:`mmkd.metrics.FIDELITY`, when it has teachers)."""
     log.info("stage %s", name)
     trainer = Trainer(trainer_config(cfg, epochs, lr, data), run_dir / name, resume=cfg.resume, stage=name,
                       cache_dir=cache_path(cfg))
     result = trainer.fit(module, data.train, data.val, callbacks)
-    return result, trainer.evaluate(module, data.test)
+    return result, trainer.evaluate(module, data.test, FIDELITY if isinstance(module, Distiller) and len(module.teachers) else ())
 
 
 def train_teacher(name: str, tc: DictConfig, model: nn.Module, data: DataSplits, cfg: DictConfig,
@@ -63,7 +67,7 @@ def train_teacher(name: str, tc: DictConfig, model: nn.Module, data: DataSplits,
     train = data.labelled if data.labelled is not None else data.train  # labels alone: the labelled items suffice
     key = store.teacher_key(spec, model, tcfg, [train, data.val]) if tc.reuse else None
     hit = store.load(cache_path(cfg), key, run_dir / stage) if key else None
-    net = Net(model, tc.inputs)
+    net = Net(model, tc.inputs, tokens=data.tokens)
     terms = build_terms(tc, net, [], data, f"teachers.{name}.losses") if tc.losses else [Term("ce")]
     callbacks = build_plugins(tc, "callbacks", f"teachers.{name}.callbacks")
     module = Distiller(net, [], terms)
@@ -126,13 +130,16 @@ def cache_path(cfg: DictConfig) -> Path:
     return Path(cfg.cache_dir or os.path.join(cfg.out_dir, "cache"))
 
 
-def start(cfg: DictConfig, meta: dict) -> Path:
-    """The run directory, once the config has been checked: ``config.yaml`` and ``data.json`` are
-    written there (a resumed run keeps the ones it started with)."""
+def start(cfg: DictConfig, meta: dict, tokenizer: Any = None) -> Path:
+    """The run directory, once the config has been checked: ``config.yaml``, ``data.json`` and the
+    data set's ``tokenizer`` (``tokenizer.json``, read by ``mmkd generate`` and later runs) are written
+    there (a resumed run keeps the ones it started with)."""
     run_dir = Path(cfg.run_dir)
     if not cfg.resume:
         io.write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
         io.write_json(meta, run_dir / "data.json")
+        if tokenizer is not None:
+            tokenizer.save(run_dir / "tokenizer.json")
     return run_dir
 
 
@@ -182,7 +189,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     init = copy.deepcopy(student.state_dict())
     router = build_router(cfg, meta, student, data, len(cfg.teachers)) if cfg.teachers else None
     transforms, policies, callbacks = (build_plugins(cfg, k) for k in ("transforms", "policies", "callbacks"))
-    run_dir = start(cfg, meta)
+    run_dir = start(cfg, meta, data.tokenizer)
 
     results: dict[str, Any] = {"experiment": cfg.experiment, "seed": cfg.seed, "run_dir": str(run_dir),
                                "metrics": trainer_config(cfg, data=data).metrics}
@@ -191,28 +198,33 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         model, fitted = teacher_models[name], None
         if not tc.checkpoint and tc.epochs != 0:  # epochs: 0 uses the model as built (pretrained)
             fitted = train_teacher(name, tc, model, data, cfg, run_dir)
-        teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen)
+        teacher = Teacher(model, tc.inputs, tc.features, frozen=tc.frozen, tokens=data.tokens)
         test = Trainer(trainer_config(cfg, data=data)).evaluate(Distiller(teacher, [], ce), data.test)
         row = {**scores(test, fitted), "params": num_params(model)}
         if tc.frozen and tc.cache and all(t.keeps_inputs for t in transforms):
-            if cacheable(data.train):
+            if data.tokens is not None and cacheable(data.train):  # sequences: top-k per token, sharded
+                teacher = cache_tokens(teacher, data.train, cache_dir, tc.cache_topk, device=device)
+            elif cacheable(data.train):
                 teacher = cache_teacher(teacher, data.train, cache_dir, device=device)
             elif reproducible(data.train):  # seeded augmentation: each view once
                 teacher = cache_views(teacher, data.train, cache_dir, tc.cache_topk)
         teachers.append(teacher)
         results.setdefault("teachers", {})[name] = row
 
-    student_net = Net(student, cfg.student.inputs, cfg.student.features)
+    student_net = Net(student, cfg.student.inputs, cfg.student.features, data.tokens)
     terms = build_terms(cfg, student_net, teachers, data)
     distiller = Distiller(student_net, teachers, terms, router, transforms=transforms)
     fitted, test = fit("student", distiller, data, cfg, run_dir, callbacks=[*policies, *callbacks])
     results["student"] = {**scores(test, fitted.metrics), "params": num_params(student)}
     io.save(student.state_dict(), run_dir / "student.pt")
+    if isinstance(student, Generative) and data.tokenizer is not None:
+        results["samples"] = str(write_samples(student, data.tokenizer, data.test, run_dir / "samples.txt"))
 
     if cfg.baseline:
         baseline = build_model(cfg.student, meta, "student")
         baseline.load_state_dict(init)
-        fitted, test = fit("baseline", Distiller(Net(baseline, cfg.student.inputs), [], ce), data, cfg, run_dir)
+        fitted, test = fit("baseline", Distiller(Net(baseline, cfg.student.inputs, tokens=data.tokens), [], ce), data,
+                           cfg, run_dir)
         results["baseline"] = scores(test, fitted.metrics)
 
     add_latencies(results, data, {"student": (student, cfg.student.inputs),

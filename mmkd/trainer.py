@@ -78,12 +78,13 @@ def resolved(c: TrainerConfig, metrics: Sequence[str] | None = None) -> TrainerC
     """A copy of ``c`` with its automatic choices made: ``metrics`` (``None``: the data set's
     ``metrics``, else :data:`DEFAULT_METRICS`), ``monitor`` (``auto``: ``val/<first metric>``; a
     registered metric ``val/<m>`` outside the set adds ``m`` to it; a module may also report its own) and ``mode`` (``auto``: ``min`` when the monitored
-    value is a loss, else ``max``)."""
+    value is a loss or a metric registered ``lower=True``, such as ``ppl``, else ``max``)."""
     names = list(c.metrics if c.metrics is not None else metrics or DEFAULT_METRICS)
     monitor = f"val/{names[0]}" if c.monitor == "auto" else c.monitor
     if monitor.startswith("val/") and monitor[4:] in METRICS and monitor[4:] not in names:
         names.append(monitor[4:])
-    mode = c.mode if c.mode != "auto" else ("min" if monitor.endswith("loss") else "max")
+    lower = monitor.endswith("loss") or (monitor[4:] in METRICS and METRICS.meta(monitor[4:]).get("lower", False))
+    mode = c.mode if c.mode != "auto" else ("min" if lower else "max")
     return dataclasses.replace(c, metrics=names, monitor=monitor, mode=mode)
 
 
@@ -143,6 +144,11 @@ class Module(nn.Module):
 
     def predict(self, batch: Batch) -> Tensor:
         raise NotImplementedError
+
+    def reference(self, batch: Batch) -> Tensor | None:
+        """The log-probabilities ``[B, C]`` that fidelity metrics compare ``predict`` with (a
+        distiller's teachers), or None (the default: nothing to be faithful to)."""
+        return None
 
     def callbacks(self) -> list[Callback]:
         """Callbacks a fit of this module runs first (e.g. the clock of scheduled loss arguments)."""
@@ -502,24 +508,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, module: Module, dataset: Dataset) -> dict[str, float]:
-        """``trainer.metrics`` (:mod:`mmkd.metrics`; default accuracy and cross-entropy) of
-        ``module.predict`` on ``dataset``'s labelled instances (label >= 0), sharded across
-        processes under DDP."""
+    def evaluate(self, module: Module, dataset: Dataset, extra: Sequence[str] = ()) -> dict[str, float]:
+        """``trainer.metrics`` (:mod:`mmkd.metrics`; default accuracy and cross-entropy), and the
+        metrics ``extra`` names, of ``module.predict`` on ``dataset``'s labelled instances (label >= 0),
+        sharded across processes under DDP; fidelity metrics compare it with ``module.reference``."""
         _expect_module(module)
         module.to(self.device).eval()
         shard = list(range(self.rank, len(dataset), self.world))
-        if self._metrics is None:
-            self._metrics = MetricSet(self.cfg.metrics, self.device)
+        names = [*self.cfg.metrics, *(m for m in extra if m not in self.cfg.metrics)]
+        if self._metrics is None or list(self._metrics.factories) != names:
+            self._metrics = MetricSet(names, self.device)
         metrics = self._metrics
         metrics.reset()
         for batch in loader(dataset, max(256, self.cfg.batch_size), shard, self.cfg.num_workers):
             batch = to_device(batch, self.device)
             with self._autocast():
                 logits = module.predict(batch).float()
+                ref = module.reference(batch) if metrics.reads_reference else None
             y = batch[module.label_key]
             labelled = y >= 0  # negative labels mark instances outside the split (e.g. graph nodes)
-            metrics.update(logits[labelled], y[labelled])
+            metrics.update(logits[labelled], y[labelled], None if ref is None else ref.float()[labelled])
         count = torch.tensor(metrics.count, device=self.device)
         if self.world > 1:
             dist.all_reduce(count)

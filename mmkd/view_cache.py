@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mmkd import io
-from mmkd.cache import teacher_hash
+from mmkd.cache import Cached, teacher_hash
 from mmkd.data import Epochal, Fingerprinted
 from mmkd.net import Batch, Output, Teacher
 
@@ -78,13 +78,12 @@ def half(x: Tensor, what: str) -> np.ndarray:
     return x.numpy().astype(np.float16)
 
 
-class ViewCachedTeacher(nn.Module):
+class ViewCachedTeacher(Cached):
     """Stands in for a frozen teacher on a reproducible augmented training set (module docstring)."""
 
     def __init__(self, teacher: Teacher, folder: Path, items: int, topk: int | None):
-        super().__init__()
+        super().__init__(teacher)
         self.teacher, self.folder, self.items, self.topk = teacher, folder, items, topk
-        self.keys, self.frozen = teacher.keys, True
         self.paths = sorted(teacher.feature_paths)
         self.classes: int | None = None
         self.shapes: dict[str, list[int]] = {}  # feature path -> the shape of one view's features

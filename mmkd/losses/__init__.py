@@ -23,7 +23,7 @@ from mmkd.registry import LOSSES
 
 def register_loss(name: str, *, teacher: bool = True, per_sample: bool = True, batch: bool = False,
                   ranges: Mapping[str, Any] | None = None, negative_weight: bool = False,
-                  module: Callable[..., Any] | None = None) -> Callable:
+                  module: Callable[..., Any] | None = None, sparse: bool = False) -> Callable:
     """Register a loss function under ``name``.
 
     ``teacher``: whether the loss reads teacher logits (False for label-only losses such as CE).
@@ -37,9 +37,11 @@ def register_loss(name: str, *, teacher: bool = True, per_sample: bool = True, b
     made for each term from the term's arguments that the factory takes; the term's module trains
     with the student (it is saved with it), the loss receives it as the keyword argument ``module``,
     and a module that is also a :class:`~mmkd.callbacks.Callback` is called during the fit.
+    ``sparse``: whether the loss reads a :class:`~mmkd.sparse.SparseLogits` teacher (a top-k cache)
+    as it is; other losses receive its dense reconstruction.
     """
     return LOSSES.register(name, teacher=teacher, per_sample=per_sample, batch=batch, ranges=dict(ranges or {}),
-                           negative_weight=negative_weight, module=module)
+                           negative_weight=negative_weight, module=module, sparse=sparse)
 
 
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:

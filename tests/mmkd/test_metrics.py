@@ -90,5 +90,5 @@ def test_trainer_evaluates_the_named_set_and_monitors_any(tmp_path):
 
 
 def test_unknown_metric_is_refused():
-    with pytest.raises(ValueError, match=r"trainer.metrics: unknown metric 'f2'; choose from: acc, auroc, f1, loss, top5"):
+    with pytest.raises(ValueError, match=r"trainer.metrics: unknown metric 'f2'; choose from: acc, agree, auroc, f1, loss, ppl, tkl, top5"):
         Trainer(metrics=["acc", "f2"], device="cpu")

@@ -113,15 +113,15 @@ class ModelCheckpoint(Callback):
         score = monitored(metrics, self.monitor)
         if self.keep == "last" or better(score, self.best, self.mode, self.ties):
             self.best, self.best_epoch = score, metrics["epoch"]
+            model, _ = trainer.model_state(module)  # every process: gathered from the shards under FSDP
             if trainer.is_main:
-                io.save({"epoch": metrics["epoch"], "model": module.state_dict(), "metrics": metrics},
-                        trainer.run_dir / "best.pt")
+                io.save({"epoch": metrics["epoch"], "model": model, "metrics": metrics}, trainer.run_dir / "best.pt")
 
     def load_best(self, trainer, module) -> dict[str, float]:
         """Load the best epoch's weights into ``module``; return that epoch's metrics."""
         state = io.load(trainer.run_dir / "best.pt", "the best epoch's weights",
                         "delete it and last.pt to train that stage again")
-        module.load_state_dict(state["model"])
+        trainer.load_model_state(module, state["model"])
         return state["metrics"]
 
     def state_dict(self):

@@ -86,15 +86,17 @@ SAMPLE_TOKENS = 96
 
 
 def write_samples(model: Generative, tokenizer, test, path: str | os.PathLike) -> Path:
-    """Greedy continuations by ``model`` of the first tokens of the first :data:`SAMPLE_PROMPTS` items of
-    the token data set ``test``, written to ``path`` (the run's ``samples.txt``)."""
+    """Greedy continuations by ``model`` (of :data:`SAMPLE_TOKENS` tokens, at most half a block) of the
+    first tokens of the first :data:`SAMPLE_PROMPTS` items of the token data set ``test``, written to
+    ``path`` (the run's ``samples.txt``)."""
     from mmkd.io import write_text
 
     items = [test[i] for i in range(min(SAMPLE_PROMPTS, len(test)))]
-    room = max(1, getattr(model, "context", SAMPLE_PROMPT_TOKENS + SAMPLE_TOKENS) - SAMPLE_TOKENS)
-    prompts = [tokenizer.decode(item["input_ids"][:min(SAMPLE_PROMPT_TOKENS, room)].tolist()) for item in items]
+    length = len(items[0]["input_ids"])  # the model's context holds a block at least
+    new = min(SAMPLE_TOKENS, length // 2)
+    prompts = [tokenizer.decode(item["input_ids"][:min(SAMPLE_PROMPT_TOKENS, length - new)].tolist()) for item in items]
     model.eval()
-    samples = continue_prompts(model, tokenizer, prompts, SAMPLE_TOKENS)
+    samples = continue_prompts(model, tokenizer, prompts, new)
     text = "".join(f"=== prompt {i}\n{s.prompt}\n=== continuation (greedy)\n{s.text}\n\n" for i, s in enumerate(samples))
     write_text(text, path)
     return Path(path)

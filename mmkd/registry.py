@@ -106,5 +106,5 @@ METRICS = Registry("metric")  # evaluation metrics (mmkd.metrics)
 TRANSFORMS = Registry("batch transform")  # batch -> batch before the loss terms (mmkd.transforms)
 POLICIES = Registry("data policy")  # the training set between epochs (mmkd.policies)
 GRADIENTS = Registry("backward rule")  # losses -> parameter gradients in a training step (mmkd.gradients)
-TOKENIZERS = Registry("tokenizer")  # the "type" of a saved tokenizer.json -> its class (with ``load(path)``)
+TOKENIZERS = Registry("tokenizer")  # the "type" of a saved tokenizer.json -> its loader, path -> tokenizer
 PIPELINES = Registry("pipeline")  # what `mmkd run` does with a config: "distill" (mmkd.run) or a method's stages

@@ -33,9 +33,9 @@ class SparseLogits:
     @classmethod
     def topk(cls, logits: Tensor, k: int) -> "SparseLogits":
         """The sparse form of the distributions ``softmax(logits)`` (``[N, V]``), keeping ``k`` classes."""
-        log_p = torch.log_softmax(logits.float(), dim=-1)
+        log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         values, indices = log_p.topk(min(k, logits.shape[-1]), dim=-1)
-        tail = (1 - values.exp().sum(-1)).clamp(min=0)
+        tail = log_p.scatter(-1, indices, -math.inf).logsumexp(-1).exp()  # exact; 0 when k covers the vocabulary
         return cls(values, indices, tail, logits.shape[-1])
 
     @property
@@ -86,10 +86,11 @@ def bucket(student_logits: Tensor, teacher: SparseLogits, temperature: float = 1
     dense one (data processing: merging classes never increases an f-divergence), and equal to it when
     the tail is empty. A temperature other than 1 re-tempers the stored teacher probabilities,
     ``p^(1/T)`` renormalised over support and bucket (the bucket treated as one class)."""
-    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+                              / temperature, dim=-1)
     q_support = log_q.gather(-1, teacher.indices.long())
     q_tail = log_q.scatter(-1, teacher.indices.long(), -math.inf).logsumexp(-1, keepdim=True)
-    p = torch.cat([teacher.values.float(), teacher.tail.float().clamp(min=0).log().unsqueeze(-1)], -1)
+    p = torch.cat([teacher.values.to(log_q.dtype), teacher.tail.to(log_q.dtype).clamp(min=0).log().unsqueeze(-1)], -1)
     if temperature != 1:
         p = torch.log_softmax(p / temperature, dim=-1)
     return torch.cat([q_support, q_tail], -1), p

@@ -14,7 +14,7 @@ import random
 import re
 import time
 import dataclasses
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler
 
-from mmkd import io
+from mmkd import fsdp, io
 from mmkd.callbacks import Callback, EarlyStopping, MetricsLogger, ModelCheckpoint, ProgressBar
 from mmkd.data import DataError, EpochSampler, Epochal, SelfBatching, loader
 from mmkd.gradients import BackwardRule
@@ -63,6 +63,7 @@ class TrainerConfig:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile the module
+    strategy: str = "auto"  # under torchrun: auto / ddp (replicas, DistributedDataParallel) | fsdp (sharded, mmkd.fsdp)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     seed: int = 0
     num_workers: int = 0
@@ -89,7 +90,7 @@ def resolved(c: TrainerConfig, metrics: Sequence[str] | None = None) -> TrainerC
 
 
 CHOICES = {"optimizer": ("adamw", "adam", "sgd"), "scheduler": ("cosine", "linear", "step", "none"), "mode": ("max", "min", "auto"),
-           "ties": ("first", "last"), "keep": ("best", "last"), "precision": ("auto", "bf16", "fp32"), "progress": ("auto", "on", "off")}
+           "ties": ("first", "last"), "keep": ("best", "last"), "precision": ("auto", "bf16", "fp32"), "strategy": ("auto", "ddp", "fsdp"), "progress": ("auto", "on", "off")}
 AT_LEAST = {"max_epochs": 1, "batch_size": 1, "step_epochs": 1, "finite_check_every": 1, "num_workers": 0,
             "warmup_epochs": 0, "weight_decay": 0, "momentum": 0, "patience": 1}
 
@@ -248,6 +249,7 @@ class Trainer:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.bf16 = precision == "bf16"
         self._metrics: MetricSet | None = None  # built at the first evaluation, reset for each
+        self.fsdp, self._replicated = False, []  # set by fit: trainer.strategy=fsdp under torchrun
 
     def _device(self) -> torch.device:
         name = self.cfg.device
@@ -318,6 +320,9 @@ class Trainer:
         _expect_module(module)
         c = self.cfg
         module.to(self.device)
+        self.fsdp = self.world > 1 and c.strategy == "fsdp"
+        sharding = ExitStack()
+        self._replicated = sharding.enter_context(fsdp.sharded(module, self.device)) if self.fsdp else []
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the module has no trainable parameters")
@@ -346,7 +351,7 @@ class Trainer:
         seed_everything(c.seed, c.deterministic)  # on resume too (deterministic kernels); RNG restored below
         self._restore(module, opt, sched)
         ddp = module
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             ddp = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         step_fn = torch.compile(ddp) if c.compile else ddp
@@ -354,14 +359,15 @@ class Trainer:
             self._call("on_fit_start", module)
             while self.epoch < c.max_epochs and not self.should_stop:
                 self._epoch(module, step_fn, opt, sched, params)
-                if self.is_main:
-                    self._save(module, opt, sched)
+                self._save(module, opt, sched)
                 self.epoch += 1
             if self.world > 1:
                 dist.barrier()
             result = FitResult(checkpoint.best_epoch, checkpoint.best, checkpoint.load_best(self, module),
                                self.history)
             self._call("on_fit_end", module, result)
+            sharding.close()  # the trained weights back in the module's own (unsharded) Nets
+            self.fsdp = False
         finally:
             for cb in self.callbacks:
                 cb.teardown(self)
@@ -401,7 +407,10 @@ class Trainer:
                 self._backward.backward(losses, params)
             else:
                 loss.backward()
-            norm = nn.utils.clip_grad_norm_(params, c.grad_clip) if c.grad_clip else None
+            if self._replicated:
+                fsdp.average_gradients(self._replicated)
+            clip = fsdp.clip if self.fsdp else nn.utils.clip_grad_norm_
+            norm = clip(params, c.grad_clip) if c.grad_clip else None
             if step % c.finite_check_every == 0:
                 self._check_gradients(params, norm, step)
             opt.step()
@@ -437,9 +446,27 @@ class Trainer:
                 states[name if not seen[name] else f"{name}#{seen[name]}"] = state
         return states
 
+    def model_state(self, module: Module, opt=None) -> tuple[dict, dict | None]:
+        """The full state dicts of ``module`` (and of ``opt``): gathered from the shards under FSDP (a
+        collective call; every process must make it), the module's own otherwise."""
+        if self.fsdp:
+            return fsdp.full_state(module, opt)
+        return module.state_dict(), None if opt is None else opt.state_dict()
+
+    def load_model_state(self, module: Module, model: dict, opt=None, optim: dict | None = None) -> None:
+        """Load full state dicts (as :meth:`model_state` gives them) into ``module`` and ``opt``."""
+        if self.fsdp:
+            return fsdp.load_full_state(module, model, opt, optim)
+        module.load_state_dict(model)
+        if opt is not None:
+            opt.load_state_dict(optim)
+
     def _save(self, module: Module, opt, sched) -> None:
-        io.save({"epoch": self.epoch, "step": self.global_step, "model": module.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+        model, optim = self.model_state(module, opt)
+        if not self.is_main:
+            return
+        io.save({"epoch": self.epoch, "step": self.global_step, "model": model,
+                 "optimizer": optim, "scheduler": sched.state_dict(), "rng": _rng_state(),
                  "history": self.history, "callbacks": self._states(module),
                  "done": self.should_stop or self.epoch + 1 == self.cfg.max_epochs}, self.run_dir / "last.pt")
 
@@ -448,8 +475,7 @@ class Trainer:
         if not (self.resume and last.exists()):
             return
         state = io.load(last, "the training state", "delete it to train that stage again")
-        module.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        self.load_model_state(module, state["model"], opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.epoch = self.cfg.max_epochs if state["done"] else state["epoch"] + 1
@@ -471,7 +497,9 @@ class Trainer:
         """:class:`NonFiniteLoss` before the optimizer steps when a gradient holds NaN or inf although
         the loss is finite (a loss whose gradient is unstable, e.g. through an SVD): the weights stay
         as they were. ``norm``: the total gradient norm when clipping computed it already."""
-        if norm is None:
+        if norm is None and self.fsdp:
+            norm = fsdp.grad_norm(params)
+        elif norm is None:
             grads = [p.grad for p in params if p.grad is not None]
             if not grads:
                 return
@@ -520,7 +548,8 @@ class Trainer:
             self._metrics = MetricSet(names, self.device)
         metrics = self._metrics
         metrics.reset()
-        for batch in loader(dataset, max(256, self.cfg.batch_size), shard, self.cfg.num_workers):
+        batches = loader(dataset, max(256, self.cfg.batch_size), shard, self.cfg.num_workers)
+        for batch in batches:
             batch = to_device(batch, self.device)
             with self._autocast():
                 logits = module.predict(batch).float()
@@ -528,6 +557,15 @@ class Trainer:
             y = batch[module.label_key]
             labelled = y >= 0  # negative labels mark instances outside the split (e.g. graph nodes)
             metrics.update(logits[labelled], y[labelled], None if ref is None else ref.float()[labelled])
+        if self.fsdp:  # sharded weights are gathered in every forward: all processes make as many
+            most = torch.tensor(len(batches), device=self.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            extra = to_device(next(iter(loader(dataset, 1))), self.device)
+            for _ in range(int(most) - len(batches)):
+                with self._autocast():
+                    module.predict(extra)
+                    if metrics.reads_reference:
+                        module.reference(extra)
         count = torch.tensor(metrics.count, device=self.device)
         if self.world > 1:
             dist.all_reduce(count)

@@ -69,10 +69,10 @@ from mmkd.losses.swing import swing  # noqa: E402  (per-instance temperature fro
 from mmkd.losses.adaptive import ctkd, taid, tgeo  # noqa: E402  (adaptive/: targets, temperatures that move)
 from mmkd.losses.heads import lelp, ofa, ofa_branches  # noqa: E402  (heads/: extra heads on the student)
 from mmkd.losses.self import gt_labels, gt_mix, uskd  # noqa: E402  (self/: targets from the student itself)
-from mmkd.losses.tokens import fkl, gjsd, rkl, skew_fkl, skew_rkl, tvd  # noqa: E402  (tokens/: next-token divergences)
+from mmkd.losses.tokens import dac_kl, fkl, gjsd, rkl, skew_fkl, skew_rkl, span_corr, tvd  # noqa: E402  (tokens/)
 from mmkd.losses.features import at, crd, fitnet, kdsvd, nd, nst, ofd, pkt, reviewkd, rkd, sp, vid  # noqa: E402,E501
 
 __all__ = ["register_loss", "reduce", "bkl", "ce", "dist", "dkd", "gld", "kd", "mcmi", "nkd", "pld", "sinkd", "swing",
            "ctkd", "taid", "tgeo", "lelp", "ofa", "ofa_branches", "gt_labels", "gt_mix", "uskd",
-           "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "tvd",
+           "dac_kl", "fkl", "gjsd", "rkl", "skew_fkl", "skew_rkl", "span_corr", "tvd",
            "at", "crd", "fitnet", "kdsvd", "nd", "nst", "ofd", "pkt", "reviewkd", "rkd", "sp", "vid"]

@@ -298,3 +298,31 @@ def test_create_model_builds_what_the_factory_builds():
     torch.manual_seed(0)
     b = MLP(num_classes=3, in_shape=(4,), hidden=[5])
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+LM = ["experiment=lm_shakespeare_fkl", "trainer.max_epochs=1", "trainer.progress=off", "export=[]"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.args.block_size=0", "data.args.block_size=0; it must be an integer >= 1"),
+    ("data.args.vocab_size=100", "data.args.vocab_size=100; it must be an integer >= 258"),
+    ("data.args.tokenizer=word", "data.args.tokenizer='word'; choose from: char, bpe"),
+    ("data.name=agnews_lm data.args.layout=zip", "data.args.layout='zip'; choose from: pad, pack"),
+    ("data_root=/nonexistent", "tinyshakespeare: missing /nonexistent/tinyshakespeare/input.txt; put tiny "),
+    ("student.args.family=bert", "student.args: family='bert' is not a causal-LM family; choose from: gpt2, llama"),
+    ("student.args.n_head=3", "student.args: n_embd=128 is not a multiple of n_head=3"),
+    ("losses.fkl.args.temperature=0", "losses.fkl.args.temperature=0; it must be a number >= 0.01"),
+    ("+losses.dac_kl.args.keep=-1", "losses.dac_kl.args.keep=-1; it must be a number >= 0"),
+    ("+losses.span_corr.args.length=0", "losses.span_corr.args.length=0; it must be an integer >= 1"),
+    ("trainer.strategy=zero", "trainer.strategy='zero'; choose from: auto, ddp, fsdp"),
+])
+def test_language_model_input_refused_in_one_line(capsys, tmp_path, override, expected):
+    out, corpus = tmp_path / "runs", tmp_path / "data" / "tinyshakespeare"
+    corpus.mkdir(parents=True)
+    (corpus / "input.txt").write_text("Now is the winter of our discontent\n" * 600, encoding="utf-8")
+    root = [] if "data_root" in override else [f"data_root={tmp_path / 'data'}"]
+    code, stdout, err = run_cli(capsys, "run", *LM, *root, *override.split(), f"out_dir={out}")
+    assert code == 2, err
+    assert err.startswith("mmkd: error: " + expected), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert files(out) == set(), f"{override} left {files(out)}"

@@ -78,6 +78,7 @@ FAMILIES = {
     "vit_tiny": ({"dim": 16, "depth": 2, "heads": 2}, image((3, 16, 16)), ["onnx", "pt2"]),
 }
 GRAPH_FAMILIES = ["gcn", "sage", "gat", "appnp", "dgl_gcn"]
+LM_FAMILIES = ["causal_lm"]  # exported in test_export_causal_lm; served by `mmkd generate`, not `mmkd predict`
 
 
 def test_every_student_family_is_covered():
@@ -88,7 +89,24 @@ def test_every_student_family_is_covered():
         return qualname if "<locals>" in qualname else name
 
     shipped = {family(n) for n in MODELS.names() if MODELS[n].__module__.startswith("mmkd.")}
-    assert shipped == {family(n) for n in FAMILIES} | set(GRAPH_FAMILIES)
+    assert shipped == {family(n) for n in FAMILIES} | set(GRAPH_FAMILIES) | set(LM_FAMILIES)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_export_causal_lm(family, tmp_path):
+    """A causal LM exports to torch.export and ONNX with a dynamic batch; both give torch's next-token
+    logits ``[batch, time, vocab]`` (onnxruntime checked inside export_onnx, torch.export here)."""
+    from mmkd.export import export_onnx, export_program
+    from mmkd.modalities.lm.models import causal_lm
+
+    torch.manual_seed(0)
+    model = causal_lm(30, (12,), family=family, n_layer=1, n_embd=16, n_head=2).eval()
+    ids = torch.randint(0, 30, (2, 12))
+    program = torch.export.load(export_program(model, (ids,), tmp_path / "lm.pt2"))
+    more = torch.randint(0, 30, (5, 12))
+    with torch.no_grad():
+        close(program.module()(more), model(more), f"{family}: torch.export, batch 5")
+    assert export_onnx(model, (ids,), tmp_path / "lm.onnx", ["input_ids"]).is_file()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ official implementation (TRL's ``GKDTrainer.generalized_jsd_loss``), ``beta = 0`
 these are its limits divided by beta, resp. 1 - beta), and the mixture is formed in log space.
 Default beta = 0.5 (TRL's ``GKDConfig.beta``). Agarwal, Vieillard, Zhou, Stanczyk, Ramos, Geist and
 Bachem, "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes", ICLR 2024.
+A :class:`~mmkd.sparse.SparseLogits` teacher (a top-k cache) is compared on its k classes plus
+the tail bucket (:func:`mmkd.losses.tokens.pair`); at temperature 1 the value is at most the dense one.
 """
 from __future__ import annotations
 
@@ -18,15 +20,15 @@ import torch
 
 from mmkd.checks import FRACTION, TEMPERATURE
 from mmkd.losses import register_loss
-from mmkd.losses.tokens import log_probs, per_token, same_vocab, xlogy_sum
+from mmkd.losses.tokens import pair, per_token, xlogy_sum
 
 
-@register_loss("gjsd", teacher=True, per_sample=True, ranges={"beta": FRACTION, "temperature": TEMPERATURE})
+@register_loss("gjsd", teacher=True, per_sample=True, sparse=True,
+               ranges={"beta": FRACTION, "temperature": TEMPERATURE})
 def gjsd(student_logits, teacher_logits, target=None, *, beta=0.5, temperature=1.0, mask=None, reduction="mean"):
     """``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q`` per token; forward KL at
     ``beta = 0``, reverse KL at ``beta = 1`` (GKD, ICLR 2024)."""
-    same_vocab("gjsd", student_logits, teacher_logits)
-    log_q, log_p = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    log_q, log_p = pair("gjsd", student_logits, teacher_logits, temperature)
     p, q = log_p.exp(), log_q.exp()
     if beta == 0:
         return per_token(xlogy_sum(p, log_p, log_q), mask, reduction)

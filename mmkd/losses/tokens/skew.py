@@ -10,6 +10,8 @@ in jongwooko/distillm). The official ``skewed_forward_kl`` returns the cross ent
 ``-sum p log m``, this KL minus the teacher's entropy: the same gradient, shifted so that the loss is
 0 at q = p. Ko, Kim, Chen and Yun, "DistiLLM: Towards Streamlined Distillation for Large Language
 Models", ICML 2024.
+A :class:`~mmkd.sparse.SparseLogits` teacher (a top-k cache) is compared on its k classes plus
+the tail bucket (:func:`mmkd.losses.tokens.pair`); at temperature 1 the value is at most the dense one.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from mmkd.checks import PROBABILITY, TEMPERATURE
 from mmkd.losses import register_loss
-from mmkd.losses.tokens import log_probs, per_token, same_vocab, xlogy_sum
+from mmkd.losses.tokens import pair, per_token, xlogy_sum
 
 
 def skewed(log_a, log_b, alpha):
@@ -29,17 +31,17 @@ def skewed(log_a, log_b, alpha):
     return torch.logaddexp(log_a + math.log(alpha), log_b + math.log(1 - alpha))
 
 
-@register_loss("skew_fkl", teacher=True, per_sample=True, ranges={"alpha": PROBABILITY, "temperature": TEMPERATURE})
+@register_loss("skew_fkl", teacher=True, per_sample=True, sparse=True,
+               ranges={"alpha": PROBABILITY, "temperature": TEMPERATURE})
 def skew_fkl(student_logits, teacher_logits, target=None, *, alpha=0.1, temperature=1.0, mask=None, reduction="mean"):
     """``KL(p || alpha p + (1 - alpha) q)`` per token (DistiLLM, ICML 2024)."""
-    same_vocab("skew_fkl", student_logits, teacher_logits)
-    log_q, log_p = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    log_q, log_p = pair("skew_fkl", student_logits, teacher_logits, temperature)
     return per_token(xlogy_sum(log_p.exp(), log_p, skewed(log_p, log_q, alpha)), mask, reduction)
 
 
-@register_loss("skew_rkl", teacher=True, per_sample=True, ranges={"alpha": PROBABILITY, "temperature": TEMPERATURE})
+@register_loss("skew_rkl", teacher=True, per_sample=True, sparse=True,
+               ranges={"alpha": PROBABILITY, "temperature": TEMPERATURE})
 def skew_rkl(student_logits, teacher_logits, target=None, *, alpha=0.1, temperature=1.0, mask=None, reduction="mean"):
     """``KL(q || (1 - alpha) p + alpha q)`` per token (DistiLLM, ICML 2024)."""
-    same_vocab("skew_rkl", student_logits, teacher_logits)
-    log_q, log_p = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    log_q, log_p = pair("skew_rkl", student_logits, teacher_logits, temperature)
     return per_token(xlogy_sum(log_q.exp(), log_q, skewed(log_q, log_p, alpha)), mask, reduction)

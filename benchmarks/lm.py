@@ -14,7 +14,7 @@ the cached one is compared with; the cache's bytes per token come from its ``met
 A run whose config equals that of a finished run under ``<work>/out`` is read back, not trained again,
 so an interrupted invocation resumes where it stopped.
 
-    MMKD_DATA=../shared/data python benchmarks/lm.py [--seeds 3] [--epochs 2] [--teacher-epochs 4]
+    MMKD_DATA=../shared/data python benchmarks/lm.py [--seeds 3] [--epochs 2] [--teacher-epochs 4] [--limit BLOCKS]
 """
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ def teacher_run(args) -> tuple[Path, dict]:
 
 def student(args, teacher: Path, method: str, seed: int, live: bool = False) -> dict:
     overrides = [f"experiment={METHODS[method]}", f"seed={seed}", f"trainer.max_epochs={args.epochs}", *common(args)]
+    if args.limit:
+        overrides += [f"data.args.limit={args.limit}"]
     if method != "ce":
         overrides += [f"teachers.lm.checkpoint={teacher}"]
     if live:
@@ -96,6 +98,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--teacher-epochs", type=int, default=4)
+    p.add_argument("--limit", type=int, default=None, help="train students on the first LIMIT blocks only")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "lm")
     p.add_argument("--data", default="${oc.env:MMKD_DATA,data}")
@@ -112,8 +115,8 @@ def main() -> None:
                      *fid, f"{mean_std([r['train_s'] for r in runs])[0]:.1f}"])
     live = student(args, teacher, "fkl", 0, live=True)
     cached = data["methods"]["fkl"][0]["train_s"] if "fkl" in data["methods"] else None
-    meta = next((args.work / "cache" / "tokens").glob("*/meta.json"), None)
-    cache = json.loads(meta.read_text()) if meta else {}
+    metas = [json.loads(m.read_text()) for m in (args.work / "cache" / "tokens").glob("*/meta.json")]
+    cache = next((m for m in metas if m["examples"] == (args.limit or m["examples"])), {})  # the students' cache
     data.update(live_train_s=live["train_s"], cached_train_s=cached, cache=cache)
     rows.append(["forward KL, live teacher (seed 0)", f"{live['val_ppl']:.3f}", f"{live['test_ppl']:.3f}",
                  f"{100 * live['test_agree']:.2f}", f"{live['test_tkl']:.3f}", f"{live['train_s']:.1f}"])
@@ -121,11 +124,13 @@ def main() -> None:
     sizes = ", ".join(f"k={k}, vocabulary {v}: {bytes_per_token(k, v)} B" for k, v in ((16, 65), (32, 50257), (128, 50257)))
     notes = (f"Teacher: GPT-2 6 x 256 ({trow['params']:,} parameters), {trow['epochs']} epochs on labels: test "
              f"perplexity {trow['test_ppl']:.3f}, {trow['train_s_per_epoch']:.0f} s an epoch. Students: 2 x 128, "
-             f"{args.epochs} epochs, {args.seeds} seeds (mean ± std); fidelity on the test split (agreement in %, "
+             f"{args.epochs} epochs on {f'the first {args.limit} blocks' if args.limit else 'all blocks'} of the "
+             f"training split, {args.seeds} seeds (mean ± std); fidelity on the test split (agreement in %, "
              f"mean KL per token in nats). A cached student epoch against the live teacher's: {speed} faster "
              f"(seed 0, forward KL). Token cache: top-{cache.get('k')} of {cache.get('vocab')} characters, "
              f"{cache.get('bytes_per_token')} bytes a token ({sizes}). Command: `python benchmarks/lm.py "
-             f"--seeds {args.seeds} --epochs {args.epochs} --teacher-epochs {args.teacher_epochs}`.")
+             f"--seeds {args.seeds} --epochs {args.epochs} --teacher-epochs {args.teacher_epochs}"
+             f"{f' --limit {args.limit}' if args.limit else ''}`.")
     write(args.name, data, ["student", "val ppl", "test ppl", "test agreement %", "test KL", "s / epoch"], rows, notes)
 
 

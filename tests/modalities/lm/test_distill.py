@@ -265,3 +265,33 @@ def test_a_saved_model_with_another_vocabulary(corpus, tmp_path, capsys):
     err = one_line_error(capsys, ["run", "experiment=lm_shakespeare_ce", f"data_root={corpus}", f"out_dir={tmp_path / 'o'}",
                                   "data.args.block_size=16", f"student.args.path={tmp_path / 'hf'}"])
     assert f"vocabulary of {V + 5} tokens" in err and "tokenizer" in err
+
+
+def test_taid_on_tokens_resumes_exactly(tmp_path):
+    """TAID over tokens, 3 epochs straight and 1 epoch + a crash + a resume: the same t, the same weights."""
+    from mmkd.losses.adaptive.taid import TAIDInterpolation
+    from tests.reference import Crash, CrashAtEpoch
+
+    data = padded_docs()
+
+    def module():
+        torch.manual_seed(6)
+        teacher = Teacher(causal_lm(V, (T,), n_layer=1, n_embd=8, n_head=2), ("input_ids",), tokens="mask")
+        student = Net(causal_lm(V, (T,), n_layer=1, n_embd=8, n_head=2), ("input_ids",), tokens="mask")
+        return Distiller(student, [teacher], [Term("taid")], router=ConstantRouter())
+
+    def trainer(name, **kw):
+        return Trainer(run_dir=tmp_path / name, max_epochs=3, batch_size=4, device="cpu", progress="off",
+                       tensorboard=False, **kw)
+
+    full = trainer("full").fit(module(), data, data, [TAIDInterpolation(alpha=0.05)])
+    with pytest.raises(Crash):
+        trainer("cut").fit(module(), data, data, [TAIDInterpolation(alpha=0.05), CrashAtEpoch(1)])
+    resumed = trainer("cut", resume=True).fit(module(), data, data, [TAIDInterpolation(alpha=0.05)])
+    assert [r["taid/t"] for r in resumed.history] == [r["taid/t"] for r in full.history]
+    assert full.history[-1]["taid/t"] > 0.4  # t moved
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert all(torch.equal(v, b["callbacks"]["TAIDInterpolation"][k]) for k, v in a["callbacks"]["TAIDInterpolation"].items())

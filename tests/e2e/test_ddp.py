@@ -1,16 +1,13 @@
 """A two-process DDP run on CPU (gloo), launched with torch.distributed.run: the ranks end with
 identical weights, each sees its own half of the data, metrics are reduced over both, and only
 rank 0 writes files."""
-import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.distributed as dist
+
+from tests.reference import torchrun
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -79,31 +76,13 @@ SCRIPT = textwrap.dedent(f"""
 """)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    script = out / "train_ddp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)]
-    proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the ranks it started
-        log, _ = proc.communicate()
-        pytest.fail(f"DDP run timed out after 120 s:\n{log[-4000:]}")
+    rc, log = torchrun(SCRIPT, out, "train_ddp", timeout=120)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) if (out / f"rank{r}.pt").exists() else None
              for r in range(2)]
-    return proc.returncode, log, out, ranks
+    return rc, log, out, ranks
 
 
 def test_ddp_run_succeeds(ddp_run):

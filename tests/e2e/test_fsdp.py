@@ -4,16 +4,13 @@ under FSDP must end with the same weights (both average the same gradients; FSDP
 process must hold only half of each sharded parameter during the fit, checkpoints must hold full
 (unsharded) tensors, and a fit cut after one epoch and resumed under FSDP must end where the uncut one
 does."""
-import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.distributed as dist
+
+from tests.reference import torchrun
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -73,29 +70,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    script = out / "train_fsdp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)]
-    proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"FSDP run timed out after 240 s:\n{log[-4000:]}")
-    assert proc.returncode == 0, log[-4000:]
+    rc, log = torchrun(SCRIPT, out, "train_fsdp", timeout=240)
+    assert rc == 0, log[-4000:]
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

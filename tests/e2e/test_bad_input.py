@@ -73,9 +73,9 @@ CASES = [
     ("trainer.lr=inf", "trainer.lr=inf; it must be a positive finite number"),
     ("trainer.gamma=-1", "trainer.gamma=-1.0; it must be a positive finite number"),
     ("trainer.weight_decay=nan", "trainer.weight_decay=nan; give a finite number"),
-    ("trainer.monitor=val/zz", "trainer.monitor='val/zz'; choose from: auto, train/loss, val/acc, val/auroc, val/f1, "
-                               "val/loss, val/top5 (a val/ metric joins trainer.metrics)"),
-    ("trainer.metrics=[acc,f2]", "trainer.metrics: unknown metric 'f2'; choose from: acc, auroc, f1, loss, top5"),
+    ("trainer.monitor=val/zz", "trainer.monitor='val/zz'; choose from: auto, train/loss, val/acc, val/agree, val/auroc, "
+                               "val/f1, val/loss, val/ppl, val/tkl, val/top5 (a val/ metric joins trainer.metrics)"),
+    ("trainer.metrics=[acc,f2]", "trainer.metrics: unknown metric 'f2'; choose from: acc, agree, auroc, f1, loss, ppl, tkl, top5"),
     # batch transforms, data policies, callbacks
     ("transforms=[{name:mixupp}]", "transforms[0].name: unknown batch transform 'mixupp'; choose from: cutmix, mixup"),
     ("transforms=[{name:cutmix,args:{mode:swap}}]", "transforms[0].args: cutmix.mode='swap'; choose from: append, replace"),

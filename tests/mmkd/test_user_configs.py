@@ -170,7 +170,7 @@ def test_composing_a_users_file_leaves_no_option_in_the_config_store(tmp_path):
     ({"bad.yaml": "defaults:\n  - quickstrat\n"}, ["experiment=bad.yaml"],
      "defaults: no config 'quickstrat' in experiment/ (in {tmp}/bad.yaml); choose from: "),
     ({"bad.yaml": "defaults:\n  - /teacher@teachers.x: nope\n"}, ["experiment=bad.yaml"],
-     "defaults: no config 'nope' in teacher/ (in {tmp}/bad.yaml); choose from: av_audio, av_fusion, av_image"),
+     "defaults: no config 'nope' in teacher/ (in {tmp}/bad.yaml); choose from: agnews_lm, av_audio, av_fusion, av_image"),
     ({"bad.yaml": "a: [1\n"}, ["experiment=bad.yaml"], "experiment: cannot read '{tmp}/bad.yaml': ParserError: "),
     ({"bad.yaml": "- 1\n"}, ["experiment=bad.yaml"],
      "experiment: '{tmp}/bad.yaml' holds a list; an experiment is a mapping of config keys"),

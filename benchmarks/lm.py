@@ -121,7 +121,8 @@ def main() -> None:
     rows.append(["forward KL, live teacher (seed 0)", f"{live['val_ppl']:.3f}", f"{live['test_ppl']:.3f}",
                  f"{100 * live['test_agree']:.2f}", f"{live['test_tkl']:.3f}", f"{live['train_s']:.1f}"])
     speed = f"{live['train_s'] / cached:.2f}x" if cached else "n/a"
-    sizes = ", ".join(f"k={k}, vocabulary {v}: {bytes_per_token(k, v)} B" for k, v in ((16, 65), (32, 50257), (128, 50257)))
+    sizes = ", ".join(f"k={k}, vocabulary {v}: {bytes_per_token(k, v)} B"
+                      for k, v in ((32, 50257), (128, 50257)))  # GPT-2's vocabulary, for comparison
     notes = (f"Teacher: GPT-2 6 x 256 ({trow['params']:,} parameters), {trow['epochs']} epochs on labels: test "
              f"perplexity {trow['test_ppl']:.3f}, {trow['train_s_per_epoch']:.0f} s an epoch. Students: 2 x 128, "
              f"{args.epochs} epochs on {f'the first {args.limit} blocks' if args.limit else 'all blocks'} of the "

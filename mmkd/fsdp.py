@@ -97,12 +97,10 @@ def average_gradients(params: list[nn.Parameter]) -> None:
 
 def full_state(module: nn.Module, opt: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
     """The full (unsharded) state dicts of ``module`` and ``opt``, on the CPU (collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if opt is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         return get_model_state_dict(module, options=options), None
     return get_state_dict(module, opt, options=options)
 

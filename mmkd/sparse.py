@@ -43,10 +43,6 @@ class SparseLogits:
         return torch.Size((len(self.values), self.vocab))
 
     @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
     def k(self) -> int:
         return self.values.shape[-1]
 
@@ -58,12 +54,6 @@ class SparseLogits:
 
     def float(self) -> "SparseLogits":
         return SparseLogits(self.values.float(), self.indices.long(), self.tail.float(), self.vocab)
-
-    def to(self, device) -> "SparseLogits":
-        return SparseLogits(self.values.to(device), self.indices.to(device), self.tail.to(device), self.vocab)
-
-    def detach(self) -> "SparseLogits":
-        return self
 
     def dense(self) -> Tensor:
         """Log-probabilities ``[N, V]``: the k stored ones and the tail spread evenly over the rest."""

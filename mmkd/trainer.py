@@ -560,8 +560,9 @@ class Trainer:
         if self.fsdp:  # sharded weights are gathered in every forward: all processes make as many
             most = torch.tensor(len(batches), device=self.device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            extra = to_device(next(iter(loader(dataset, 1))), self.device)
-            for _ in range(int(most) - len(batches)):
+            missing = int(most) - len(batches)
+            extra = to_device(next(iter(loader(dataset, 1))), self.device) if missing else None
+            for _ in range(missing):
                 with self._autocast():
                     module.predict(extra)
                     if metrics.reads_reference:

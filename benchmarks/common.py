@@ -25,6 +25,27 @@ def fmt(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson's correlation coefficient (NaN when either series is constant)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
+
+
+def kendall(xs: list[float], ys: list[float]) -> float:
+    """Kendall's tau-b: (concordant - discordant) pairs over the geometric mean of the pairs untied in
+    each series (NaN when either series is constant)."""
+    c = d = tx = ty = 0
+    for i in range(len(xs)):
+        for j in range(i + 1, len(xs)):
+            s = (xs[i] - xs[j]) * (ys[i] - ys[j])
+            c, d = c + (s > 0), d + (s < 0)
+            tx, ty = tx + (xs[i] == xs[j] and ys[i] != ys[j]), ty + (ys[i] == ys[j] and xs[i] != xs[j])
+    return (c - d) / ((c + d + tx) * (c + d + ty)) ** 0.5 if c + d + tx and c + d + ty else float("nan")
+
+
 def random_images(n: int, name: str) -> tuple[TensorDictDataset, TensorDictDataset]:
     """``n`` random 1x28x28 images with random labels (timing only), and a 256-item validation set."""
     g = torch.Generator().manual_seed(0)

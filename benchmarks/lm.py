@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "lm")
     p.add_argument("--data", default="${oc.env:MMKD_DATA,data}")
     p.add_argument("--name", default="lm")
+    p.add_argument("--no-live", dest="live", action="store_false",
+                   help="skip the live-teacher forward-KL run that times the cache's speed-up")
     args = p.parse_args()
     args.work = args.work.resolve()
     teacher, trow = teacher_run(args)
@@ -113,25 +115,28 @@ def main() -> None:
         fid = [fmt([r["test_agree"] for r in runs], 100), fmt([r["test_tkl"] for r in runs], 1, 3)] if m != "ce" else ["", ""]
         rows.append([LABELS[m], fmt([r["val_ppl"] for r in runs], 1, 3), fmt([r["test_ppl"] for r in runs], 1, 3),
                      *fid, f"{mean_std([r['train_s'] for r in runs])[0]:.1f}"])
-    live = student(args, teacher, "fkl", 0, live=True)
+    live = student(args, teacher, "fkl", 0, live=True) if args.live else None
     cached = data["methods"]["fkl"][0]["train_s"] if "fkl" in data["methods"] else None
     metas = [json.loads(m.read_text()) for m in (args.work / "cache" / "tokens").glob("*/meta.json")]
     cache = next((m for m in metas if m["examples"] == (args.limit or m["examples"])), {})  # the students' cache
-    data.update(live_train_s=live["train_s"], cached_train_s=cached, cache=cache)
-    rows.append(["forward KL, live teacher (seed 0)", f"{live['val_ppl']:.3f}", f"{live['test_ppl']:.3f}",
-                 f"{100 * live['test_agree']:.2f}", f"{live['test_tkl']:.3f}", f"{live['train_s']:.1f}"])
-    speed = f"{live['train_s'] / cached:.2f}x" if cached else "n/a"
+    data.update(live_train_s=live and live["train_s"], cached_train_s=cached, cache=cache)
+    if live:
+        rows.append(["forward KL, live teacher (seed 0)", f"{live['val_ppl']:.3f}", f"{live['test_ppl']:.3f}",
+                     f"{100 * live['test_agree']:.2f}", f"{live['test_tkl']:.3f}", f"{live['train_s']:.1f}"])
+    speed = f"{live['train_s'] / cached:.2f}x faster" if live and cached else "not measured"
     sizes = ", ".join(f"k={k}, vocabulary {v}: {bytes_per_token(k, v)} B"
                       for k, v in ((32, 50257), (128, 50257)))  # GPT-2's vocabulary, for comparison
     notes = (f"Teacher: GPT-2 6 x 256 ({trow['params']:,} parameters), {trow['epochs']} epochs on labels: test "
              f"perplexity {trow['test_ppl']:.3f}, {trow['train_s_per_epoch']:.0f} s an epoch. Students: 2 x 128, "
              f"{args.epochs} epochs on {f'the first {args.limit} blocks' if args.limit else 'all blocks'} of the "
              f"training split, {args.seeds} seeds (mean ± std); fidelity on the test split (agreement in %, "
-             f"mean KL per token in nats). A cached student epoch against the live teacher's: {speed} faster "
+             f"mean KL per token in nats). A cached student epoch against the live teacher's: {speed} "
              f"(seed 0, forward KL). Token cache: top-{cache.get('k')} of {cache.get('vocab')} characters, "
              f"{cache.get('bytes_per_token')} bytes a token ({sizes}). Command: `python benchmarks/lm.py "
              f"--seeds {args.seeds} --epochs {args.epochs} --teacher-epochs {args.teacher_epochs}"
-             f"{f' --limit {args.limit}' if args.limit else ''}`.")
+             f"{f' --limit {args.limit}' if args.limit else ''}"
+             f"{' --methods ' + ' '.join(args.methods) if args.methods != list(METHODS) else ''}"
+             f"{' --no-live' if not args.live else ''}{f' --name {args.name}' if args.name != 'lm' else ''}`.")
     write(args.name, data, ["student", "val ppl", "test ppl", "test agreement %", "test KL", "s / epoch"], rows, notes)
 
 

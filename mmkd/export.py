@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mmkd import io
-from mmkd.build import build_model
+from mmkd.build import build_model, load_weights
 from mmkd.config import EXPORT_FORMATS, ConfigError, import_modules
 
 EXAMPLE_BATCH = 2  # rows of the example inputs an export traces with (the batch dimension stays dynamic)
@@ -140,18 +140,48 @@ def _reads_graph(model: nn.Module, keys: Sequence[str]) -> bool:
 def trained_student(run_dir: str | os.PathLike):
     """The student of the finished run in ``run_dir``, its config and its ``data.json``: built from the
     run's config (its ``imports`` imported first), loaded from ``student.pt``, in eval mode. A missing file is a :class:`~mmkd.config.ConfigError` naming it."""
+    return trained_model(run_dir)
+
+
+def finished_run(run_dir: str | os.PathLike, teacher: str | None = None, key: str = "run_dir",
+                 teacher_key: str = "teacher"):
+    """The config of the finished run in ``run_dir`` that has a trained student (``teacher=None``) or
+    teacher ``teacher``; a missing file or an unknown teacher is a :class:`~mmkd.config.ConfigError`
+    naming the file and the config key that gave it (``key``, ``teacher_key``). Reads the config alone
+    (a check before anything is loaded)."""
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
-    for needed in ("config.yaml", "data.json", "student.pt"):
+    weights = "student.pt" if teacher is None else f"teachers/{teacher}/best.pt"
+    if (run_dir / "config.yaml").is_file() and teacher is not None:
+        teachers = OmegaConf.load(run_dir / "config.yaml").get("teachers", {})
+        if teacher not in teachers:
+            raise ConfigError(f"{teacher_key}: the run in {str(run_dir)!r} has no teacher {teacher!r}; its teachers: "
+                              f"{', '.join(teachers) or 'none'}")
+    for needed in ("config.yaml", "data.json", weights):
         if not (run_dir / needed).exists():
-            raise ConfigError(f"run_dir: {str(run_dir)!r} has no {needed}; give the directory of a finished run")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+            raise ConfigError(f"{key}: {str(run_dir)!r} has no {needed}; give the directory of a finished run")
+    return OmegaConf.load(run_dir / "config.yaml")
+
+
+def trained_model(run_dir: str | os.PathLike, teacher: str | None = None):
+    """The student (``teacher=None``) or the teacher ``teacher`` of the run in ``run_dir``, its config
+    and its ``data.json``, in eval mode: built from the run's config (its ``imports`` imported first) and
+    loaded from ``student.pt`` or ``teachers/<teacher>/best.pt``. A missing file or an unknown teacher is a
+    :class:`~mmkd.config.ConfigError` naming it (:func:`finished_run`)."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    cfg = finished_run(run_dir, teacher)
     import_modules(cfg.get("imports", []))
     meta = OmegaConf.to_container(OmegaConf.load(run_dir / "data.json"))
-    student = build_model(cfg.student, meta, "student")
-    student.load_state_dict(io.load(run_dir / "student.pt", "the student's weights", "rerun the experiment"))
-    return student.eval(), cfg, meta
+    if teacher is None:
+        model = build_model(cfg.student, meta, "student")
+        model.load_state_dict(io.load(run_dir / "student.pt", "the student's weights", "rerun the experiment"))
+    else:
+        model = build_model(cfg.teachers[teacher], meta, f"teachers.{teacher}")
+        load_weights(model, str(run_dir / "teachers" / teacher / "best.pt"), f"teachers.{teacher}")
+    return model.eval(), cfg, meta
 
 
 def export_student(run_dir: str | os.PathLike, formats: Sequence[str]) -> list[Path]:

@@ -56,6 +56,30 @@ def disagreement(module: nn.Module, dataset: Dataset, device: torch.device, batc
     return torch.cat(scores)
 
 
+@register_policy("random", ranges={"fraction": Range(0, 1, low_open=True)})
+class RandomSubset(DataPolicy):
+    """Train on a random ``fraction`` of the training set: ``max(1, int(fraction * n))`` items drawn once,
+    from the run's seed, kept in index order. The same-budget baseline of the selection policies
+    (MiniPLM's difference sampling, pruning by score)."""
+
+    def __init__(self, fraction: float = 0.5):
+        self.fraction = fraction
+        self.indices: Tensor | None = None
+
+    def select(self, trainer, module, dataset):
+        if self.indices is None:
+            g = torch.Generator().manual_seed(trainer.cfg.seed)
+            keep = max(1, int(self.fraction * len(dataset)))
+            self.indices = torch.randperm(len(dataset), generator=g)[:keep].sort().values
+        return Subset(dataset, self.indices.tolist())
+
+    def state_dict(self):
+        return {"indices": self.indices}
+
+    def load_state_dict(self, state):
+        self.indices = state["indices"]
+
+
 @register_policy("hardest", ranges={"fraction": Range(0, 1, low_open=True), "start": NON_NEGATIVE_INT,
                                     "every": COUNT})
 class Hardest(DataPolicy):

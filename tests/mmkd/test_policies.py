@@ -1,11 +1,13 @@
 """Data policies (mmkd.policies): the disagreement score against a naive per-item computation, the
 subset `hardest` trains on, and an exact resume with a policy's state."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
 from mmkd import Distiller, Net, TensorDictDataset, Teacher, Term, Trainer
-from mmkd.policies import Hardest, disagreement
+from mmkd.policies import Hardest, RandomSubset, disagreement
 from mmkd.routers import ConstantRouter
 
 N, D, C = 40, 4, 3
@@ -77,3 +79,16 @@ def test_epochs_train_on_the_selection_and_resume_exactly(tmp_path):
         assert torch.equal(a, b)
     strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in res.history]
     assert strip == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in again.history]
+
+
+def test_random_keeps_a_seeded_fraction_in_index_order():
+    mod, ds, t = kd(), data(), Trainer_()
+    t.cfg = SimpleNamespace(seed=3)
+    subset = RandomSubset(fraction=0.3).select(t, mod, ds)
+    want = torch.randperm(len(ds), generator=torch.Generator().manual_seed(3))[:int(0.3 * len(ds))].sort().values
+    assert subset.indices == want.tolist() and len(subset) == int(0.3 * N)
+    policy = RandomSubset(fraction=0.3)
+    policy.load_state_dict({"indices": torch.tensor([4, 1])})  # a resumed run keeps its selection
+    assert policy.select(t, mod, ds).indices == [4, 1]
+    t.cfg.seed = 4
+    assert RandomSubset(fraction=0.3).select(t, mod, ds).indices != subset.indices

@@ -315,6 +315,17 @@ LM = ["experiment=lm_shakespeare_fkl", "trainer.max_epochs=1", "trainer.progress
     ("+losses.dac_kl.args.keep=-1", "losses.dac_kl.args.keep=-1; it must be a number >= 0"),
     ("+losses.span_corr.args.length=0", "losses.span_corr.args.length=0; it must be an integer >= 1"),
     ("trainer.strategy=zero", "trainer.strategy='zero'; choose from: auto, ddp, fsdp"),
+    # the recipes' batch transform and data policies
+    ("transforms=[{name:on_policy,args:{lambda_:1.5}}]", "transforms[0].args.lambda_=1.5; it must be a number in [0, 1]"),
+    ("transforms=[{name:on_policy,args:{top_p:0}}]", "transforms[0].args.top_p=0; it must be a number in (0, 1]"),
+    ("transforms=[{name:on_policy,args:{pick:last}}]", "transforms[0].args: on_policy.pick='last'; choose from: "),
+    ("policies=[{name:ddk,args:{init:zero}}]", "policies[0].args: init='zero'; choose from: factor, uniform"),
+    ("policies=[{name:ddk,args:{alpha:2}}]", "policies[0].args.alpha=2; it must be a number in [0, 1]"),
+    ("policies=[{name:random,args:{fraction:0}}]", "policies[0].args.fraction=0; it must be a number in (0, 1]"),
+    ("policies=[{name:miniplm,args:{teacher:/nonexistent,reference:/nonexistent}}]",
+     "policies[0].args: teacher: '/nonexistent' has no config.yaml; give the directory of a finished run"),
+    ("policies=[{name:miniplm,args:{teacher:/x,reference:/x,ratio:1.5}}]",
+     "policies[0].args.ratio=1.5; it must be a number in (0, 1]"),
 ])
 def test_language_model_input_refused_in_one_line(capsys, tmp_path, override, expected):
     out, corpus = tmp_path / "runs", tmp_path / "data" / "tinyshakespeare"

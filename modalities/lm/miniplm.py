@@ -39,6 +39,8 @@ from mmkd.data import loader
 from mmkd.net import Net
 from mmkd.policies import DataPolicy, register_policy
 
+from .models import run_net
+
 
 @torch.no_grad()
 def difference_scores(teacher: Net, reference: Net, dataset: Dataset, device: torch.device,
@@ -83,17 +85,13 @@ class DifferenceSampling(DataPolicy):
 
     def __init__(self, teacher: str, reference: str, ratio: float = 0.5, teacher_name: str | None = None,
                  reference_name: str | None = None, batch_size: int = 64):
-        from mmkd.export import finished_run, trained_model  # the export module imports the model registry
+        from mmkd.export import finished_run  # the export module imports the model registry
 
         self.ratio, self.batch_size = ratio, batch_size
-        self.models = []
         runs = (("teacher", teacher, teacher_name), ("reference", reference, reference_name))
         for what, run_dir, name in runs:  # both checked before either is loaded
             finished_run(run_dir, name, key=what, teacher_key=f"{what}_name")
-        for what, run_dir, name in runs:
-            model, cfg, meta = trained_model(run_dir, name)
-            inputs = cfg.student.inputs if name is None else cfg.teachers[name].inputs
-            self.models.append((what, Net(model, inputs, tokens="mask"), meta["num_classes"]))
+        self.models = [(what, *run_net(run_dir, name)) for what, run_dir, name in runs]
         self.indices: Tensor | None = None
         self.scores: Tensor | None = None
         self.seconds = 0.0

@@ -66,12 +66,13 @@ class CausalLM(Generative, nn.Module):
     def generate(self, ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> Tensor:
         """Continue ``ids`` ``[batch, time]`` by ``max_new_tokens`` tokens with ``lm.generate``: greedy at
-        ``temperature=0``, else sampled at that temperature from the top-p nucleus (seeded). A prompt
-        longer than the context leaves room for the new tokens keeps its last tokens."""
-        if max_new_tokens >= self.context:
+        ``temperature=0``, else sampled at that temperature from the top-p nucleus (seeded). The model
+        reads at most its context: a prompt keeps its last ``context + 1 - max_new_tokens`` tokens (the
+        last new token is predicted from ``context`` tokens)."""
+        if max_new_tokens > self.context:
             raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the model's context of {self.context} "
-                             f"tokens; ask for at most {self.context - 1}")
-        ids = ids[:, -(self.context - max_new_tokens):]
+                             f"tokens; ask for at most {self.context}")
+        ids = ids[:, -(self.context + 1 - max_new_tokens):]
         torch.manual_seed(seed)
         sample = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
             else {"do_sample": False}
@@ -128,4 +129,16 @@ def causal_lm(num_classes: int, in_shape: Any, family: str = "gpt2", n_layer: in
         raise ValueError(f"the data set's blocks have {block} tokens, more than the model's context of "
                          f"{model.context}; lower data.args.block_size or raise the model's context")
     return model
+
+
+def run_net(run_dir: str, name: str | None = None):
+    """The student (``name=None``) or the teacher ``name`` of the finished run in ``run_dir`` as a token
+    :class:`~mmkd.net.Net` (the run's inputs, ``tokens="mask"``) in eval mode, and its vocabulary size
+    (:func:`mmkd.export.trained_model`; check the run first with :func:`mmkd.export.finished_run`)."""
+    from mmkd.export import trained_model
+    from mmkd.net import Net
+
+    model, cfg, meta = trained_model(run_dir, name)
+    inputs = cfg.student.inputs if name is None else cfg.teachers[name].inputs
+    return Net(model, inputs, tokens="mask").eval(), int(meta["num_classes"])
 

@@ -24,7 +24,6 @@ from mmkd.sparse import SparseLogits
 from mmkd.token_cache import SHARD, bytes_per_token, cache_tokens
 
 V, T = 11, 6
-TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
 
 
 class NaNAtPadding(nn.Module):
@@ -176,14 +175,6 @@ def test_sparse_cache_loss_is_close_to_the_live_dense_one(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end, CLI
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lmdata")
-    (root / "tinyshakespeare").mkdir()
-    (root / "tinyshakespeare" / "input.txt").write_text(TEXT, encoding="utf-8")
-    return root
 
 
 TINY = ["teachers.lm.args.n_layer=1", "teachers.lm.args.n_embd=16", "teachers.lm.args.n_head=2",

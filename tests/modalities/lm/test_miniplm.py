@@ -15,7 +15,7 @@ from mmkd.modalities.lm.corpus import TokenBlocks, tinyshakespeare
 from mmkd.modalities.lm.miniplm import difference_scores, top_fraction
 from mmkd.net import Net
 
-from .test_distill import TINY, corpus, one_line_error  # noqa: F401 (corpus: the fixture, a tiny text under a data root)
+from .test_distill import TINY, one_line_error
 
 V, T = 7, 5
 

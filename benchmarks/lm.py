@@ -46,7 +46,7 @@ def finished(cfg, out: Path) -> dict | None:
 
     want = OmegaConf.to_container(cfg, resolve=True)
     want.pop("run_dir")
-    for cfg_file in sorted(out.glob(f"{cfg.experiment}/*/config.yaml")):
+    for cfg_file in sorted(out.glob(f"{cfg.name or cfg.experiment}/*/config.yaml")):  # <out_dir>/<name>/<date>
         have, results = yaml.safe_load(cfg_file.read_text()), cfg_file.parent / "results.json"
         if have.pop("run_dir") and have == want and results.is_file():
             return {**json.loads(results.read_text()), "run_dir": str(cfg_file.parent)}

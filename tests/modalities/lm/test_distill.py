@@ -177,18 +177,6 @@ def test_sparse_cache_loss_is_close_to_the_live_dense_one(tmp_path):
 # ----------------------------------------------------------------------------- end to end, CLI
 
 
-TINY = ["teachers.lm.args.n_layer=1", "teachers.lm.args.n_embd=16", "teachers.lm.args.n_head=2",
-        "student.args.n_embd=16", "student.args.n_head=2", "student.args.n_layer=1", "teachers.lm.epochs=1",
-        "trainer.max_epochs=1", "data.args.block_size=16", "trainer.progress=off", "trainer.tensorboard=false"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lmrun")
-    rc = main(["run", "experiment=lm_shakespeare_fkl", f"data_root={corpus}", f"run_dir={out / 'run'}",
-               f"cache_dir={out / 'cache'}", *TINY])
-    assert rc == 0
-    return out / "run"
 
 
 def test_a_tiny_lm_run_reports_perplexity_fidelity_and_samples(tiny_run):

@@ -15,7 +15,8 @@ from mmkd.modalities.lm.corpus import TokenBlocks, tinyshakespeare
 from mmkd.modalities.lm.miniplm import difference_scores, top_fraction
 from mmkd.net import Net
 
-from .test_distill import TINY, one_line_error
+from .conftest import TINY
+from .test_distill import one_line_error
 
 V, T = 7, 5
 
@@ -56,20 +57,11 @@ def test_the_top_fraction_is_kept_in_corpus_order_ties_to_the_lower_index():
     assert top_fraction(scores, 1.0).tolist() == [0, 1, 2, 3, 4, 5]
 
 
-@pytest.fixture(scope="module")
-def scorers(corpus, tmp_path_factory):
-    """A finished tiny run: its teacher `lm` scores as the teacher, its student as the reference."""
-    out = tmp_path_factory.mktemp("miniplm")
-    assert main(["run", "experiment=lm_shakespeare_fkl", f"data_root={corpus}", f"run_dir={out / 'run'}",
-                 f"cache_dir={out / 'cache'}", *TINY]) == 0
-    return out / "run"
-
-
 STUDENT = [t for t in TINY if not t.startswith("teachers.")]
 
 
-def test_a_run_trains_on_the_kept_blocks_alone(scorers, corpus, tmp_path):
-    policy = (f"policies=[{{name: miniplm, args: {{teacher: '{scorers}', teacher_name: lm, reference: '{scorers}', "
+def test_a_run_trains_on_the_kept_blocks_alone(tiny_run, corpus, tmp_path):
+    policy = (f"policies=[{{name: miniplm, args: {{teacher: '{tiny_run}', teacher_name: lm, reference: '{tiny_run}', "
               "ratio: 0.25}}]")
     assert main(["run", "experiment=lm_shakespeare_miniplm", f"data_root={corpus}", f"run_dir={tmp_path / 'run'}",
                  policy, *STUDENT]) == 0
@@ -81,8 +73,8 @@ def test_a_run_trains_on_the_kept_blocks_alone(scorers, corpus, tmp_path):
     assert float(first[header.index("miniplm/kept")]) == int(0.25 * len(train))
 
 
-def test_a_reference_that_is_not_a_finished_run(scorers, corpus, tmp_path, capsys):
-    policy = (f"policies=[{{name: miniplm, args: {{teacher: '{scorers}', teacher_name: lm, "
+def test_a_reference_that_is_not_a_finished_run(tiny_run, corpus, tmp_path, capsys):
+    policy = (f"policies=[{{name: miniplm, args: {{teacher: '{tiny_run}', teacher_name: lm, "
               f"reference: '{tmp_path / 'none'}'}}}}]")
     err = one_line_error(capsys, ["run", "experiment=lm_shakespeare_miniplm", f"data_root={corpus}",
                                   f"out_dir={tmp_path / 'out'}", policy, *STUDENT])
@@ -90,9 +82,9 @@ def test_a_reference_that_is_not_a_finished_run(scorers, corpus, tmp_path, capsy
     assert not (tmp_path / "out").exists()  # nothing written before the config is checked
 
 
-def test_a_teacher_name_the_run_does_not_have(scorers, corpus, tmp_path, capsys):
-    policy = (f"policies=[{{name: miniplm, args: {{teacher: '{scorers}', teacher_name: big, "
-              f"reference: '{scorers}'}}}}]")
+def test_a_teacher_name_the_run_does_not_have(tiny_run, corpus, tmp_path, capsys):
+    policy = (f"policies=[{{name: miniplm, args: {{teacher: '{tiny_run}', teacher_name: big, "
+              f"reference: '{tiny_run}'}}}}]")
     err = one_line_error(capsys, ["run", "experiment=lm_shakespeare_miniplm", f"data_root={corpus}",
                                   f"out_dir={tmp_path / 'out'}", policy, *STUDENT])
     assert "policies[0].args: teacher_name: " in err and "no teacher 'big'; its teachers: lm" in err

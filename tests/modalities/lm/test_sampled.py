@@ -20,7 +20,7 @@ from mmkd.modalities.lm.corpus import tinyshakespeare
 from mmkd.modalities.lm.models import causal_lm, run_net
 from mmkd.modalities.lm.sampled import Golden, Sampled, token_kl
 
-from .test_distill import TINY
+from .conftest import TINY
 
 T = 16  # TINY's block size
 
@@ -33,14 +33,6 @@ def test_generation_reads_at_most_the_context():
     assert new.shape == (1, 8)  # the prompt kept its last token, then 8 new ones: the model read <= 8 tokens
     with pytest.raises(ValueError, match="ask for at most 8"):
         model.generate(torch.tensor([[1, 2]]), 9)
-
-
-@pytest.fixture(scope="module")
-def oracle_run(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("oracle")
-    assert main(["run", "experiment=lm_shakespeare_fkl", f"data_root={corpus}", f"run_dir={out / 'run'}",
-                 f"cache_dir={out / 'cache'}", *TINY]) == 0
-    return out / "run"
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +49,9 @@ def student_of(run):
     return Distiller(net, [], [Term("ce")])
 
 
-def test_samples_continue_seeded_prompts_and_mask_them(oracle_run, train):
-    policy = Sampled(str(oracle_run), "lm", count=10, prompt=4, every=0, seed=3, batch_size=4)
-    module = student_of(oracle_run)
+def test_samples_continue_seeded_prompts_and_mask_them(tiny_run, train):
+    policy = Sampled(str(tiny_run), "lm", count=10, prompt=4, every=0, seed=3, batch_size=4)
+    module = student_of(tiny_run)
     before = torch.random.get_rng_state()
     data = policy.select(trainer(0), module, train)
     assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left as it was
@@ -70,37 +62,37 @@ def test_samples_continue_seeded_prompts_and_mask_them(oracle_run, train):
     item = data[0]
     assert item["mask"].tolist() == [False] * 3 + [True] * (T - 3)
     assert torch.equal(item["label"], policy.ids[0, 4:])  # the targets: the sampled tokens
-    again = Sampled(str(oracle_run), "lm", count=10, prompt=4, every=0, seed=3, batch_size=4)
+    again = Sampled(str(tiny_run), "lm", count=10, prompt=4, every=0, seed=3, batch_size=4)
     assert torch.equal(again.select(trainer(0), module, train).ids, policy.ids)  # seeded
-    other = Sampled(str(oracle_run), "lm", count=10, prompt=4, every=0, seed=4, batch_size=4)
+    other = Sampled(str(tiny_run), "lm", count=10, prompt=4, every=0, seed=4, batch_size=4)
     assert not torch.equal(other.select(trainer(0), module, train).ids, policy.ids)
     assert policy.select(trainer(1), module, train).ids is policy.ids  # offline: drawn once
 
 
-def test_online_samples_are_fresh_every_epoch_and_resume(oracle_run, train):
-    module = student_of(oracle_run)
-    policy = Sampled(str(oracle_run), "lm", count=6, prompt=2, every=1, seed=0)
+def test_online_samples_are_fresh_every_epoch_and_resume(tiny_run, train):
+    module = student_of(tiny_run)
+    policy = Sampled(str(tiny_run), "lm", count=6, prompt=2, every=1, seed=0)
     first = policy.select(trainer(0), module, train).ids
     second = policy.select(trainer(1), module, train).ids
     assert not torch.equal(first, second)
-    resumed = Sampled(str(oracle_run), "lm", count=6, prompt=2, every=1, seed=0)
+    resumed = Sampled(str(tiny_run), "lm", count=6, prompt=2, every=1, seed=0)
     resumed.load_state_dict(policy.state_dict())
     assert torch.equal(resumed.select(trainer(1), module, train).ids, second)  # not drawn again
 
 
-def test_a_cached_teacher_and_a_prompt_as_long_as_the_block_are_refused(oracle_run, train):
-    net, _ = run_net(str(oracle_run), "lm")
+def test_a_cached_teacher_and_a_prompt_as_long_as_the_block_are_refused(tiny_run, train):
+    net, _ = run_net(str(tiny_run), "lm")
     module = SimpleNamespace(teachers=[Cached(Teacher(net.model, ("input_ids",), tokens="mask"))])
     with pytest.raises(ConfigError, match="cached teacher"):
-        Sampled(str(oracle_run), "lm", count=2).select(trainer(0), module, train)
+        Sampled(str(tiny_run), "lm", count=2).select(trainer(0), module, train)
     with pytest.raises(ConfigError, match="give a prompt of 1 to 15 tokens"):
-        Sampled(str(oracle_run), "lm", count=2, prompt=16).select(trainer(0), student_of(oracle_run), train)
+        Sampled(str(tiny_run), "lm", count=2, prompt=16).select(trainer(0), student_of(tiny_run), train)
 
 
-def test_golden_is_the_mean_token_kl_from_the_oracle(oracle_run, corpus):
+def test_golden_is_the_mean_token_kl_from_the_oracle(tiny_run, corpus):
     val = tinyshakespeare(root=corpus, block_size=T).val
-    oracle, _ = run_net(str(oracle_run), "lm")
-    student, _ = run_net(str(oracle_run))
+    oracle, _ = run_net(str(tiny_run), "lm")
+    student, _ = run_net(str(tiny_run))
     got = token_kl(oracle, student, val, torch.device("cpu"), batch_size=3)
     batch = next(iter(loader(val, len(val))))
     with torch.no_grad():
@@ -108,17 +100,17 @@ def test_golden_is_the_mean_token_kl_from_the_oracle(oracle_run, corpus):
     assert got == pytest.approx(float((p.exp() * (p - q)).sum(1).mean()), rel=1e-5) and got > 0
     assert token_kl(student, student, val, torch.device("cpu")) == pytest.approx(0.0, abs=1e-6)
     metrics = {}
-    Golden(str(oracle_run)).on_epoch_end(SimpleNamespace(device=torch.device("cpu"), val_data=val),
+    Golden(str(tiny_run)).on_epoch_end(SimpleNamespace(device=torch.device("cpu"), val_data=val),
                                          Distiller(student, [], [Term("ce")]), metrics)
     assert metrics["val/golden"] == pytest.approx(0.0, abs=1e-6)  # the oracle is the student itself
 
 
-def test_a_run_on_online_samples_reports_proxy_and_golden(oracle_run, corpus, tmp_path):
+def test_a_run_on_online_samples_reports_proxy_and_golden(tiny_run, corpus, tmp_path):
     run = tmp_path / "run"
     assert main(["run", "experiment=lm_shakespeare_fkl", f"data_root={corpus}", f"run_dir={run}",
-                 f"cache_dir={tmp_path / 'cache'}", "teachers.lm.cache=false", f"teachers.lm.checkpoint={oracle_run}",
-                 f"policies=[{{name: sampled, args: {{model: '{oracle_run}', model_name: lm, count: 8, prompt: 4, every: 1}}}}]",
-                 f"callbacks=[{{name: golden, args: {{model: '{oracle_run}', model_name: lm}}}}]",
+                 f"cache_dir={tmp_path / 'cache'}", "teachers.lm.cache=false", f"teachers.lm.checkpoint={tiny_run}",
+                 f"policies=[{{name: sampled, args: {{model: '{tiny_run}', model_name: lm, count: 8, prompt: 4, every: 1}}}}]",
+                 f"callbacks=[{{name: golden, args: {{model: '{tiny_run}', model_name: lm}}}}]",
                  "trainer.metrics=[ppl,acc,tkl]", "baseline=false", *TINY, "trainer.max_epochs=2"]) == 0
     with (run / "student" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))

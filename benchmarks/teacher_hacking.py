@@ -6,17 +6,18 @@ samples, the same steps), and online data (fresh oracle samples every epoch).
 
 One run (``experiment=lm_shakespeare_fkl``, cached once into ``<work>``) trains the oracle, a 2 x 128
 GPT-2 on Tiny Shakespeare's labels (its teacher ``lm``), and distils the teacher, 2 x 64, from it
-(its student, forward KL on the corpus). Each study run then distils a 1 x 32 student from that
+(its student, forward KL on the corpus). Each study run then distils a 1 x 64 student from that
 teacher with forward KL on sequences from the oracle (policy ``sampled``: the first ``--prompt``
 characters of training blocks continued to 129 characters at temperature 1): ``offline``
 ``--count`` sequences drawn once, ``diverse`` 4 x ``--count`` drawn once, ``online`` ``--count`` fresh
 ones every epoch; every setting takes the same number of optimizer steps, at a constant learning rate
 (AdamW, 2e-3). After every epoch: ``val/tkl`` (proxy) and ``val/golden`` (callback ``golden``) on
 Tiny Shakespeare's validation split. Writes ``results/teacher_hacking.{json,md,png}``: per setting and
-seed the final and minimum golden metric and the epoch of the minimum, whether golden rose from its
-minimum by the end while the proxy kept falling (the paper's signature), and both curves.
+seed the final and minimum golden metric and the step of the minimum, the proxy on the training sequences (``train/fkl``)
+and held out, whether golden rose from its minimum by the end while the training proxy kept falling
+(the paper's signature), and the curves.
 
-    MMKD_DATA=../shared/data python benchmarks/teacher_hacking.py [--seeds 3] [--count 128] [--epochs 40]
+    MMKD_DATA=../shared/data python benchmarks/teacher_hacking.py [--seeds 3] [--count 64] [--epochs 100]
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def study(args, base: Path, setting: str, seed: int) -> list[dict]:
     cfg = compose([
         "experiment=lm_shakespeare_fkl", f"name=hacking_{setting}", f"seed={seed}", "teachers.lm.cache=false",
         f"teachers.lm.checkpoint={base / 'student' / 'best.pt'}", "teachers.lm.args.n_layer=2",
-        "teachers.lm.args.n_embd=64", "teachers.lm.args.n_head=4", "student.args.n_layer=1", "student.args.n_embd=32",
+        "teachers.lm.args.n_embd=64", "teachers.lm.args.n_head=4", "student.args.n_layer=1", "student.args.n_embd=64",
         f"policies=[{{name: sampled, args: {{{model}, count: {times * args.count}, prompt: {args.prompt}, "
         f"every: {every}, seed: {seed}}}}}]", f"callbacks=[{{name: golden, args: {{{model}}}}}]",
         "trainer.metrics=[ppl,acc,tkl]", f"trainer.max_epochs={epochs}", "trainer.scheduler=none",
@@ -69,13 +70,14 @@ def study(args, base: Path, setting: str, seed: int) -> list[dict]:
     with (Path(done["run_dir"]) / "student" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     steps = -(-times * args.count // cfg.trainer.batch_size)
-    return [{"step": int(r["epoch"]) * steps, "proxy": float(r["val/tkl"]), "golden": float(r["val/golden"])}
-            for r in rows]
+    return [{"step": int(r["epoch"]) * steps, "train_proxy": float(r["train/fkl"]), "proxy": float(r["val/tkl"]),
+             "golden": float(r["val/golden"])} for r in rows]
 
 
 def hacked(curve: list[dict]) -> bool:
-    """Golden above its minimum by more than 1% at the end while the proxy ended at its minimum or within 1%."""
-    g, p = [c["golden"] for c in curve], [c["proxy"] for c in curve]
+    """The paper's signature: the golden metric ended more than 1% above its minimum while the proxy the
+    student optimises (its KL from the teacher on its training sequences) ended within 1% of its own."""
+    g, p = [c["golden"] for c in curve], [c["train_proxy"] for c in curve]
     return g[-1] > 1.01 * min(g) and p[-1] <= 1.01 * min(p)
 
 
@@ -89,8 +91,10 @@ def plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
     for ax, (setting, runs) in zip(axes[0], curves.items()):
         for i, curve in enumerate(runs):
             steps = [c["step"] for c in curve]
-            ax.plot(steps, [c["proxy"] for c in curve], color="tab:blue", alpha=0.8, label="proxy: KL(teacher || student)" if i == 0 else None)
-            ax.plot(steps, [c["golden"] for c in curve], color="tab:red", alpha=0.8, label="golden: KL(oracle || student)" if i == 0 else None)
+            for key, colour, label in (("train_proxy", "tab:cyan", "proxy, training sequences"),
+                                       ("proxy", "tab:blue", "proxy: KL(teacher || student), held out"),
+                                       ("golden", "tab:red", "golden: KL(oracle || student), held out")):
+                ax.plot(steps, [c[key] for c in curve], color=colour, alpha=0.8, label=label if i == 0 else None)
         ax.set(title=LABELS[setting], xlabel="optimizer steps")
     axes[0][0].set_ylabel("mean KL per token, validation (nats)")
     axes[0][0].legend(fontsize=7)
@@ -102,8 +106,8 @@ def plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--count", type=int, default=128, help="sequences of the offline set (and of each online draw)")
-    p.add_argument("--epochs", type=int, default=40, help="epochs over the offline set (the diverse set: a quarter)")
+    p.add_argument("--count", type=int, default=64, help="sequences of the offline set (and of each online draw)")
+    p.add_argument("--epochs", type=int, default=100, help="epochs over the offline set (the diverse set: a quarter)")
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--oracle-epochs", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "teacher_hacking")
@@ -116,17 +120,21 @@ def main() -> None:
     for s, runs in curves.items():
         low = [min(c["golden"] for c in r) for r in runs]
         at = [min(r, key=lambda c: c["golden"])["step"] for r in runs]
-        rows.append([LABELS[s], fmt([r[-1]["proxy"] for r in runs], 1, 4), fmt([r[-1]["golden"] for r in runs], 1, 4),
+        rows.append([LABELS[s], fmt([r[-1]["train_proxy"] for r in runs], 1, 4), fmt([r[-1]["proxy"] for r in runs], 1, 4),
+                     fmt([min(c["proxy"] for c in r) for r in runs], 1, 4), fmt([r[-1]["golden"] for r in runs], 1, 4),
                      fmt(low, 1, 4), fmt([float(a) for a in at], 1, 0), f"{sum(hacked(r) for r in runs)} of {len(runs)}"])
     plot(curves, Path(__file__).parent / "results" / "teacher_hacking.png")
-    notes = (f"Oracle GPT-2 2 x 128, teacher 2 x 64 distilled from it, student 1 x 32 distilled from the teacher (forward "
+    notes = (f"Oracle GPT-2 2 x 128, teacher 2 x 64 distilled from it, student 1 x 64 distilled from the teacher (forward "
              f"KL, live teacher); {args.count} offline sequences of {args.prompt} prompt + {129 - args.prompt} sampled "
-             f"characters, {args.epochs} epochs ({args.seeds} seeds, mean ± std). Hacked: golden ended more than 1% "
-             f"above its minimum while the proxy ended within 1% of its own. Curves: `results/teacher_hacking.png`. "
+             f"characters, {args.epochs} epochs ({args.seeds} seeds, mean ± std). Proxy: KL(teacher || student) per token, "
+             f"on the training sequences (the epoch's mean, as trained) and on the validation split; golden: "
+             f"KL(oracle || student) on the validation split. Hacked: golden ended more than 1% above its minimum "
+             f"while the training proxy ended within 1% of its own. Curves: `results/teacher_hacking.png`. "
              f"Command: `python benchmarks/teacher_hacking.py --seeds {args.seeds} --count {args.count} --epochs "
              f"{args.epochs}`.")
     write("teacher_hacking", {"curves": curves, "count": args.count, "epochs": args.epochs}, [
-        "data", "final proxy", "final golden", "min golden", "step of min golden", "hacked"], rows, notes)
+        "data", "final proxy (train)", "final proxy (held out)", "min proxy (held out)", "final golden", "min golden",
+        "step of min golden", "hacked"], rows, notes)
 
 
 if __name__ == "__main__":

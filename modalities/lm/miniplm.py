@@ -16,7 +16,9 @@ No teacher runs while the student trains: the two models score the training set 
 epoch, and are released; the selection is saved with the training state, so a resumed run trains on
 the same blocks. Teacher and reference are models of finished runs (:func:`mmkd.export.trained_model`):
 ``teacher`` and ``reference`` are run directories, ``teacher_name`` / ``reference_name`` the teacher of
-that run to use (``None``: the run's student).
+that run to use (``None``: the run's student). The scores are written to the student stage's
+``miniplm_scores.npy``; ``scores: <that file>`` refines the same corpus for other students without
+running either model again (the paper's point: one refined corpus, many students).
 
 Where this differs: the paper scores documents of the Pile in 1,024-token instances and pre-trains on
 tens of billions of tokens; here an instance is a training block of the configured data set (any
@@ -28,6 +30,9 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -79,38 +84,65 @@ class DifferenceSampling(DataPolicy):
     the training blocks with the largest ``log p_T - log p_ref`` per token; every epoch trains on them.
 
     ``teacher`` / ``reference``: run directories; ``teacher_name`` / ``reference_name``: which of the
-    run's teachers (``None``: its student). Reports ``miniplm/kept`` (blocks) and ``miniplm/score_s``
-    (the seconds scoring took) with each epoch's metrics; ``scores`` holds every block's score.
+    run's teachers (``None``: its student); or ``scores``: the ``miniplm_scores.npy`` an earlier run
+    wrote (one float per training block; neither model is loaded). Reports ``miniplm/kept`` (blocks)
+    and ``miniplm/score_s`` (the seconds scoring took, 0 with ``scores``) with each epoch's metrics.
     """
 
-    def __init__(self, teacher: str, reference: str, ratio: float = 0.5, teacher_name: str | None = None,
-                 reference_name: str | None = None, batch_size: int = 64):
+    def __init__(self, teacher: str | None = None, reference: str | None = None, ratio: float = 0.5,
+                 teacher_name: str | None = None, reference_name: str | None = None, scores: str | None = None,
+                 batch_size: int = 64):
         from mmkd.export import finished_run  # the export module imports the model registry
 
         self.ratio, self.batch_size = ratio, batch_size
+        self.indices: Tensor | None = None
+        self.scores: Tensor | None = None
+        self.seconds = 0.0
+        self.models = []
+        if scores is not None:
+            path = Path(scores)
+            if not path.is_file():
+                raise ConfigError(f"scores: no such file {str(path)!r}; give the miniplm_scores.npy of an earlier run")
+            try:
+                self.scores = torch.from_numpy(np.load(path, allow_pickle=False)).double()
+            except ValueError as e:
+                raise ConfigError(f"scores: {str(path)!r} is not a NumPy array of scores ({e})") from None
+            return
+        if teacher is None or reference is None:
+            raise ConfigError("give both teacher and reference (run directories), or scores (an earlier run's "
+                              "miniplm_scores.npy)")
         runs = (("teacher", teacher, teacher_name), ("reference", reference, reference_name))
         for what, run_dir, name in runs:  # both checked before either is loaded
             finished_run(run_dir, name, key=what, teacher_key=f"{what}_name")
         self.models = [(what, *run_net(run_dir, name)) for what, run_dir, name in runs]
-        self.indices: Tensor | None = None
-        self.scores: Tensor | None = None
-        self.seconds = 0.0
 
     def select(self, trainer, module, dataset):
         if self.indices is None:
-            first = {k: v.to(trainer.device) for k, v in next(iter(loader(dataset, 1))).items()}
-            vocab = module.student(first).logits.shape[-1]
-            for what, _, n in self.models:
-                if n != vocab:
-                    raise ConfigError(f"policies: miniplm {what} predicts {n} tokens, the student {vocab}; give "
-                                      "a teacher and a reference trained with the data set's tokenizer")
-            start = time.perf_counter()
-            nets = [net.to(trainer.device) for _, net, _ in self.models]
-            self.scores = difference_scores(*nets, dataset, trainer.device, self.batch_size)
+            if self.scores is None:
+                self.scores = self.score(trainer, module, dataset)
+                if trainer.is_main:
+                    Path(trainer.run_dir).mkdir(parents=True, exist_ok=True)
+                    np.save(Path(trainer.run_dir) / "miniplm_scores.npy", self.scores.numpy())
+            elif len(self.scores) != len(dataset):
+                raise ConfigError(f"scores: {len(self.scores)} scores for {len(dataset)} training blocks; give the "
+                                  "scores of this data set (the same data.args)")
             self.indices = top_fraction(self.scores, self.ratio)
-            self.seconds = time.perf_counter() - start
-            self.models = []  # released: no teacher runs while the student trains
         return Subset(dataset, self.indices.tolist())
+
+    def score(self, trainer, module, dataset) -> Tensor:
+        """Both models' :func:`difference_scores` of ``dataset``, then the models are released."""
+        first = {k: v.to(trainer.device) for k, v in next(iter(loader(dataset, 1))).items()}
+        vocab = module.student(first).logits.shape[-1]
+        for what, _, n in self.models:
+            if n != vocab:
+                raise ConfigError(f"policies: miniplm {what} predicts {n} tokens, the student {vocab}; give "
+                                  "a teacher and a reference trained with the data set's tokenizer")
+        start = time.perf_counter()
+        nets = [net.to(trainer.device) for _, net, _ in self.models]
+        scores = difference_scores(*nets, dataset, trainer.device, self.batch_size)
+        self.seconds = time.perf_counter() - start
+        self.models = []  # released: no teacher runs while the student trains
+        return scores
 
     def on_epoch_end(self, trainer, module, metrics):
         metrics["miniplm/kept"] = float(len(self.indices))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -71,6 +72,20 @@ def test_a_run_trains_on_the_kept_blocks_alone(tiny_run, corpus, tmp_path):
     header, first = rows[0].split(","), rows[1].split(",")
     train = tinyshakespeare(root=corpus, block_size=16).train
     assert float(first[header.index("miniplm/kept")]) == int(0.25 * len(train))
+    scores = np.load(tmp_path / "run" / "student" / "miniplm_scores.npy")
+    assert scores.shape == (len(train),)
+    # the same refined corpus for another student, without either model
+    again = f"policies=[{{name: miniplm, args: {{scores: '{tmp_path / 'run' / 'student' / 'miniplm_scores.npy'}', ratio: 0.25}}}}]"
+    assert main(["run", "experiment=lm_shakespeare_miniplm", f"data_root={corpus}", f"run_dir={tmp_path / 'again'}",
+                 again, *STUDENT]) == 0
+    rows = (tmp_path / "again" / "student" / "metrics.csv").read_text().splitlines()
+    header, first = rows[0].split(","), rows[1].split(",")
+    assert float(first[header.index("miniplm/kept")]) == int(0.25 * len(train))
+    assert float(first[header.index("miniplm/score_s")]) == 0.0
+    np.save(tmp_path / "short.npy", scores[:-1])
+    short = f"policies=[{{name: miniplm, args: {{scores: '{tmp_path / 'short.npy'}'}}}}]"
+    assert main(["run", "experiment=lm_shakespeare_miniplm", f"data_root={corpus}", f"run_dir={tmp_path / 'short'}",
+                 short, *STUDENT]) == 2
 
 
 def test_a_reference_that_is_not_a_finished_run(tiny_run, corpus, tmp_path, capsys):
@@ -80,6 +95,13 @@ def test_a_reference_that_is_not_a_finished_run(tiny_run, corpus, tmp_path, caps
                                   f"out_dir={tmp_path / 'out'}", policy, *STUDENT])
     assert "policies[0].args: reference: " in err and "none' has no config.yaml" in err and "finished run" in err
     assert not (tmp_path / "out").exists()  # nothing written before the config is checked
+
+
+def test_neither_models_nor_scores(corpus, tmp_path, capsys):
+    err = one_line_error(capsys, ["run", "experiment=lm_shakespeare_miniplm", f"data_root={corpus}",
+                                  f"out_dir={tmp_path / 'out'}", *STUDENT])
+    assert "give both teacher and reference" in err and "miniplm_scores.npy" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_teacher_name_the_run_does_not_have(tiny_run, corpus, tmp_path, capsys):

@@ -75,10 +75,11 @@ def study(args, base: Path, setting: str, seed: int) -> list[dict]:
 
 
 def hacked(curve: list[dict]) -> bool:
-    """The paper's signature: the golden metric ended more than 1% above its minimum while the proxy the
-    student optimises (its KL from the teacher on its training sequences) ended within 1% of its own."""
-    g, p = [c["golden"] for c in curve], [c["train_proxy"] for c in curve]
-    return g[-1] > 1.01 * min(g) and p[-1] <= 1.01 * min(p)
+    """The paper's signature: after the golden metric's minimum, golden rose (it ended more than 1% above
+    the minimum) while the proxy the student optimises (its KL from the teacher on its training
+    sequences) kept falling (it ended below its value at golden's minimum)."""
+    low = min(range(len(curve)), key=lambda i: curve[i]["golden"])
+    return curve[-1]["golden"] > 1.01 * curve[low]["golden"] and curve[-1]["train_proxy"] < curve[low]["train_proxy"]
 
 
 def plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
@@ -128,8 +129,8 @@ def main() -> None:
              f"KL, live teacher); {args.count} offline sequences of {args.prompt} prompt + {129 - args.prompt} sampled "
              f"characters, {args.epochs} epochs ({args.seeds} seeds, mean ± std). Proxy: KL(teacher || student) per token, "
              f"on the training sequences (the epoch's mean, as trained) and on the validation split; golden: "
-             f"KL(oracle || student) on the validation split. Hacked: golden ended more than 1% above its minimum "
-             f"while the training proxy ended within 1% of its own. Curves: `results/teacher_hacking.png`. "
+             f"KL(oracle || student) on the validation split. Hacked: after golden's minimum, golden rose by more than 1% "
+             f"while the training proxy kept falling. Curves: `results/teacher_hacking.png`. "
              f"Command: `python benchmarks/teacher_hacking.py --seeds {args.seeds} --count {args.count} --epochs "
              f"{args.epochs}`.")
     write("teacher_hacking", {"curves": curves, "count": args.count, "epochs": args.epochs}, [

@@ -84,7 +84,7 @@ CASES = [
     ("policies=[{name:hardest,args:{fraction:2}}]", "policies[0].args.fraction=2; it must be a number in (0, 1]"),
     ("pipeline=mst_stage1 callbacks=[{name:grad_norm}]",
      "callbacks[0]: transforms, policies and callbacks apply to the distill pipeline's student stage"),
-    ("callbacks=[{name:nope}]", "callbacks[0].name: unknown callback 'nope'; choose from: grad_norm"),
+    ("callbacks=[{name:nope}]", "callbacks[0].name: unknown callback 'nope'; choose from: golden, grad_norm"),
     ("seed=99999999999999999999999", "seed=99999999999999999999999; it must be an integer in [0, 9223372036854775807]"),
     ("seed=-1", "seed=-1; it must be an integer in [0, "),
     # what the owners of values declare

@@ -44,7 +44,7 @@ from mmkd.data import loader
 from mmkd.net import Net
 from mmkd.policies import DataPolicy, register_policy
 
-from .models import run_net
+from .models import check_vocab, run_net
 
 
 @torch.no_grad()
@@ -114,7 +114,7 @@ class DifferenceSampling(DataPolicy):
         runs = (("teacher", teacher, teacher_name), ("reference", reference, reference_name))
         for what, run_dir, name in runs:  # both checked before either is loaded
             finished_run(run_dir, name, key=what, teacher_key=f"{what}_name")
-        self.models = [(what, *run_net(run_dir, name)) for what, run_dir, name in runs]
+        self.models = [(what, *run_net(run_dir, name, what)) for what, run_dir, name in runs]
 
     def select(self, trainer, module, dataset):
         if self.indices is None:
@@ -131,12 +131,8 @@ class DifferenceSampling(DataPolicy):
 
     def score(self, trainer, module, dataset) -> Tensor:
         """Both models' :func:`difference_scores` of ``dataset``, then the models are released."""
-        first = {k: v.to(trainer.device) for k, v in next(iter(loader(dataset, 1))).items()}
-        vocab = module.student(first).logits.shape[-1]
         for what, _, n in self.models:
-            if n != vocab:
-                raise ConfigError(f"policies: miniplm {what} predicts {n} tokens, the student {vocab}; give "
-                                  "a teacher and a reference trained with the data set's tokenizer")
+            check_vocab(f"policies: miniplm {what}", n, module.student, dataset, trainer.device)
         start = time.perf_counter()
         nets = [net.to(trainer.device) for _, net, _ in self.models]
         scores = difference_scores(*nets, dataset, trainer.device, self.batch_size)

@@ -131,14 +131,36 @@ def causal_lm(num_classes: int, in_shape: Any, family: str = "gpt2", n_layer: in
     return model
 
 
-def run_net(run_dir: str, name: str | None = None):
+def run_net(run_dir: str, name: str | None = None, key: str = "run_dir"):
     """The student (``name=None``) or the teacher ``name`` of the finished run in ``run_dir`` as a token
     :class:`~mmkd.net.Net` (the run's inputs, ``tokens="mask"``) in eval mode, and its vocabulary size
-    (:func:`mmkd.export.trained_model`; check the run first with :func:`mmkd.export.finished_run`)."""
-    from mmkd.export import trained_model
+    (:func:`mmkd.export.trained_model`). A run that is not finished, or lacks teacher ``name``, is a
+    :class:`~mmkd.config.ConfigError` naming the config keys ``key`` and ``<key>_name``."""
+    from mmkd.export import finished_run, trained_model
     from mmkd.net import Net
 
+    finished_run(run_dir, name, key=key, teacher_key=f"{key}_name")
     model, cfg, meta = trained_model(run_dir, name)
     inputs = cfg.student.inputs if name is None else cfg.teachers[name].inputs
     return Net(model, inputs, tokens="mask").eval(), int(meta["num_classes"])
 
+
+def forked_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU's generator and ``device``'s when it is a GPU: random draws
+    inside leave the run's global random state as it was."""
+    cuda = [] if device.type != "cuda" else [torch.cuda.current_device() if device.index is None else device.index]
+    return torch.random.fork_rng(devices=cuda)
+
+
+def check_vocab(where: str, vocab: int, student: nn.Module, dataset, device) -> None:
+    """A :class:`~mmkd.config.ConfigError` unless a model of ``vocab`` tokens (named by ``where``) predicts
+    the same tokens as ``student`` on ``dataset``'s first block (the global random state untouched)."""
+    from mmkd.config import ConfigError
+    from mmkd.data import loader
+
+    with torch.no_grad(), forked_rng(device):  # a data loader draws its seed from the global generator
+        first = {k: v.to(device) for k, v in next(iter(loader(dataset, 1))).items()}
+        theirs = student(first).logits.shape[-1]
+    if theirs != vocab:
+        raise ConfigError(f"{where} predicts {vocab} tokens, the student {theirs}; give a model trained with the "
+                          "data set's tokenizer")

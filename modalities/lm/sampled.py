@@ -37,34 +37,26 @@ from mmkd.callbacks import Callback, register_callback
 from mmkd.checks import COUNT, NON_NEGATIVE_INT, SEED, TEMPERATURE
 from mmkd.config import ConfigError
 from mmkd.data import loader
+from mmkd.metrics import TeacherKL
 from mmkd.net import Net
 from mmkd.policies import DataPolicy, register_policy
 
 from .corpus import TokenBlocks
-from .models import run_net
-
-
-def oracle(run_dir: str, name: str | None, key: str) -> tuple[Net, int]:
-    """A finished run's student (``name=None``) or teacher ``name``, checked first (errors name ``key``)."""
-    from mmkd.export import finished_run  # the export module imports the model registry
-
-    finished_run(run_dir, name, key=key, teacher_key=f"{key}_name")
-    return run_net(run_dir, name)
+from .models import check_vocab, forked_rng, run_net
 
 
 @torch.no_grad()
 def token_kl(reference: Net, student: Net, dataset: Dataset, device: torch.device, batch_size: int = 64) -> float:
-    """The mean over ``dataset``'s target tokens of ``KL(p_ref || p_S)`` (both in eval mode; the student's
-    mode is restored)."""
+    """The mean over ``dataset``'s target tokens of ``KL(p_ref || p_S)`` (the ``tkl`` metric's
+    :class:`~mmkd.metrics.TeacherKL`; both in eval mode, the student's mode restored)."""
     was = student.training
     student.eval(), reference.eval()
-    total, count = 0.0, 0
+    kl, total, count = TeacherKL(), 0.0, 0
     for batch in loader(dataset, batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        log_r = reference(batch).logits.float().log_softmax(-1)
-        log_s = student(batch).logits.float().log_softmax(-1)
-        total += float((log_r.exp() * (log_r - log_s)).sum())
-        count += len(log_r)
+        logits = student(batch).logits
+        total += float(kl.value(logits, None, reference(batch).logits.float().log_softmax(-1)))
+        count += len(logits)
     student.train(was)
     return total / max(count, 1)
 
@@ -86,7 +78,7 @@ class Sampled(DataPolicy):
 
     def __init__(self, model: str, model_name: str | None = None, count: int | None = None, prompt: int = 16,
                  every: int = 0, temperature: float = 1.0, seed: int = 0, batch_size: int = 256):
-        self.net, self.vocab = oracle(model, model_name, "model")
+        self.net, self.vocab = run_net(model, model_name, "model")
         self.count, self.prompt, self.every, self.temperature = count, prompt, every, temperature
         self.seed, self.batch_size = seed, batch_size
         self.ids: Tensor | None = None  # the current samples, [count, T + 1]
@@ -98,6 +90,8 @@ class Sampled(DataPolicy):
             raise ConfigError("policies: sampled trains on new sequences, which a cached teacher has not seen; give "
                               "live teachers (teachers.<name>.cache=false)")
         epoch = trainer.epoch
+        if self.ids is None:
+            check_vocab("policies: sampled model", self.vocab, module.student, dataset, trainer.device)
         if self.ids is None or (self.every and epoch % self.every == 0 and self.drawn != epoch):
             self.ids, self.drawn = self.sample(dataset, epoch, trainer.device), epoch
         mask = torch.ones(len(self.ids), self.ids.shape[1] - 1, dtype=torch.bool)
@@ -117,7 +111,7 @@ class Sampled(DataPolicy):
         order = torch.cat([torch.randperm(len(dataset), generator=g) for _ in range(-(-count // len(dataset)))])[:count]
         model = self.net.to(device).model
         out = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with forked_rng(device):
             for i, start in enumerate(range(0, count, self.batch_size)):
                 rows = order[start:start + self.batch_size].tolist()
                 prompts = torch.stack([dataset[r]["input_ids"][:self.prompt] for r in rows]).to(device)
@@ -140,8 +134,11 @@ class Golden(Callback):
     student), the study's oracle."""
 
     def __init__(self, model: str, model_name: str | None = None, batch_size: int = 64):
-        self.net, self.vocab = oracle(model, model_name, "model")
+        self.net, self.vocab = run_net(model, model_name, "model")
         self.batch_size = batch_size
+
+    def on_fit_start(self, trainer, module):
+        check_vocab("callbacks: golden model", self.vocab, module.student, trainer.val_data, trainer.device)
 
     def on_epoch_end(self, trainer, module, metrics):
         metrics["val/golden"] = token_kl(self.net.to(trainer.device), module.student, trainer.val_data,

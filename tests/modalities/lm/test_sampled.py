@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmkd import Distiller, Teacher, Term
+from mmkd import Distiller, Net, Teacher, Term
 from mmkd.cache import Cached
 from mmkd.cli import main
 from mmkd.config import ConfigError
@@ -118,3 +118,9 @@ def test_a_run_on_online_samples_reports_proxy_and_golden(tiny_run, corpus, tmp_
     # the oracle is the teacher here: golden and proxy are the same KL
     assert [float(r["val/golden"]) for r in rows] == pytest.approx([float(r["val/tkl"]) for r in rows], rel=1e-4)
     assert json.loads((run / "results.json").read_text())["student"]["test_ppl"] > 0
+
+
+def test_a_model_of_another_vocabulary_is_refused(tiny_run, train):
+    other = Net(causal_lm(60, (T,), n_layer=1, n_embd=8, n_head=2), ("input_ids",), tokens="mask")
+    with pytest.raises(ConfigError, match="policies: sampled model predicts .* tokens, the student 60"):
+        Sampled(str(tiny_run), "lm", count=2).select(trainer(0), SimpleNamespace(teachers=[], student=other), train)

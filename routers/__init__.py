@@ -4,7 +4,9 @@ Parameter-free: ``constant`` (:class:`ConstantRouter`), ``confidence`` (:class:`
 Learned, on the student's logits or a student feature: ``linear`` (:class:`LinearRouter`), ``mlp``
 (:class:`MLPRouter`), ``noisy_topk`` (:class:`NoisyTopKRouter`), in ``soft``, ``topk`` or ``hard``
 mode with a load-balancing loss (:mod:`mmkd.routers.gating`). MST-Distill, which routes over
-specialised teachers with these routers, is in :mod:`mmkd.methods.mst_distill`.
+specialised teachers with these routers, is in :mod:`mmkd.methods.mst_distill`. At inference,
+:class:`DynamicFusion` weighs a large model, a small base and small experts per token for dynamic logit
+fusion, and :class:`Fused` is the fused model (:mod:`mmkd.routers.fusion`).
 
 Write your own by subclassing :class:`Router` and registering it::
 
@@ -20,11 +22,12 @@ Write your own by subclassing :class:`Router` and registering it::
 from mmkd.routers.base import Router, register_router
 from mmkd.routers.confidence import ConfidenceRouter
 from mmkd.routers.constant import ConstantRouter
+from mmkd.routers.fusion import DynamicFusion, Fused
 from mmkd.routers.gating import (cv2_balance, cv_balance, hard_top_k, kl_balance, kl_sum_balance, softmax_weights,
                                  top_k_gates, top_k_mask)
 from mmkd.routers.learned import GateRouter, LinearRouter, MLPRouter
 from mmkd.routers.noisy_topk import NoisyTopKRouter
 
 __all__ = ["Router", "register_router", "ConstantRouter", "ConfidenceRouter", "GateRouter", "LinearRouter",
-           "MLPRouter", "NoisyTopKRouter", "softmax_weights", "top_k_mask", "top_k_gates", "hard_top_k",
+           "MLPRouter", "NoisyTopKRouter", "DynamicFusion", "Fused", "softmax_weights", "top_k_mask", "top_k_gates", "hard_top_k",
            "kl_balance", "kl_sum_balance", "cv_balance", "cv2_balance"]

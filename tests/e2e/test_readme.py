@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ def test_readme_python_blocks_run():
     assert len(blocks) >= 3
     scope: dict = {}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), scope)
+        exec(compile(textwrap.dedent(block), str(README), "exec"), scope)  # a block in a list item is indented
     assert 0.0 <= scope["trainer"].evaluate(scope["kd"], scope["data"].test)["acc"] <= 1.0
     history = scope["fitted"].history  # the callback's metric, the running maximum of val/acc
     assert [row["val/best_acc"] for row in history] == [max(r["val/acc"] for r in history[:i + 1])

@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: mean ± std and result files (JSON + markdown)."""
+"""Shared helpers for the benchmark scripts: mean ± std, result files (JSON + markdown) and figures."""
 from __future__ import annotations
 
 import json
@@ -59,6 +59,23 @@ def machine() -> str:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {dev}; "
             f"torch {torch.__version__}, Python {sys.version.split()[0]}")
+
+
+def pyplot():
+    """matplotlib's ``pyplot`` on the file-only Agg backend (imported on first use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` (tight layout, 120 dpi) and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
 
 
 def write(name: str, data: dict, header: list[str], rows: list[list[str]], notes: str = "") -> None:

@@ -20,9 +20,9 @@ import os
 import statistics
 from pathlib import Path
 
-from common import fmt, write
+from common import fmt, pyplot, save, write
 from fusion import perplexity, topic
-from lm import finished
+from lm import common, trained
 from mmkd.cli import compose
 from mmkd.export import trained_model
 from mmkd.modalities.lm.corpus import DOMAINS
@@ -32,21 +32,8 @@ from mmkd.run import run
 METHODS = {"kd": ("KD, data as it is", "lm_agnews_kd"), "ddk": ("DDK, data re-mixed by topic", "lm_agnews_ddk")}
 
 
-def trained(args, overrides: list[str], what: str) -> dict:
-    cfg = compose([*overrides, f"out_dir={args.work / 'out'}", f"cache_dir={args.work / 'cache'}",
-                   f"data_root={args.data}", "trainer.progress=off", "baseline=false", "export=[]"])
-    done = finished(cfg, args.work / "out")
-    if done is None:
-        print(what, flush=True)
-        done = run(cfg)
-    return done
-
-
 def plot(weights: dict[int, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for i, dom in enumerate(DOMAINS):
@@ -55,9 +42,7 @@ def plot(weights: dict[int, list[dict]], path: Path) -> None:
                     label=dom if seed == 0 else None)
     ax.set(xlabel="epoch", ylabel="domain weight r (next epoch's share)", title="DDK's topic weights")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

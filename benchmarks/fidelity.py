@@ -26,7 +26,7 @@ import itertools
 import json
 from pathlib import Path
 
-from common import RESULTS, fmt, kendall, pearson, write
+from common import RESULTS, fmt, kendall, pearson, pyplot, save, write
 from lm import finished
 from mmkd.cli import compose
 from mmkd.run import run
@@ -66,10 +66,7 @@ def within(runs: list[dict], key: str) -> float:
 
 
 def plot(runs: list[dict], lm: list[dict] | None, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(10 if lm else 5, 4), squeeze=False)
     ax = axes[0][0]
@@ -91,9 +88,7 @@ def plot(runs: list[dict], lm: list[dict] | None, path: Path) -> None:
         ax.set(xlabel="student-teacher agreement on test tokens (%)", ylabel="student test perplexity",
                title="Tiny Shakespeare: one teacher, each divergence")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

@@ -64,6 +64,17 @@ def common(args) -> list[str]:
             "trainer.progress=off", "baseline=false"]
 
 
+def trained(args, overrides: list[str], what: str) -> dict:
+    """The results of the run of ``overrides`` (with :func:`common`'s): a finished one under
+    ``<work>/out`` read back, or a new one, announced with ``what``."""
+    cfg = compose([*overrides, *common(args)])
+    done = finished(cfg, args.work / "out")
+    if done is None:
+        print(what, flush=True)
+        done = run(cfg)
+    return done
+
+
 def teacher_run(args) -> tuple[Path, dict]:
     """The teacher's run directory (trained now when absent) and its test perplexity and epochs."""
     folder = args.work / f"teacher-{args.teacher_epochs}e"

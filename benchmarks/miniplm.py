@@ -27,21 +27,10 @@ import statistics
 from pathlib import Path
 
 from common import fmt, mean_std, write
-from lm import common, finished, teacher_run, train_seconds
-from mmkd.cli import compose
-from mmkd.run import run
+from lm import teacher_run, train_seconds, trained
 
 HALF = "policies=[{name: random, args: {fraction: 0.5}}]"
 LABELS = {"random": "random half, LM loss", "miniplm": "MiniPLM half, LM loss", "kd": "random half, forward KL"}
-
-
-def trained(args, overrides: list[str], what: str) -> dict:
-    cfg = compose([*overrides, *common(args)])
-    done = finished(cfg, args.work / "out")
-    if done is None:
-        print(what, flush=True)
-        done = run(cfg)
-    return done
 
 
 def reference(args) -> dict:

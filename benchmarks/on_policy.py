@@ -31,13 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from common import fmt, write
-from lm import finished, train_seconds
-from mmkd.cli import compose
+from lm import train_seconds, trained
 from mmkd.export import trained_model
 from mmkd.modalities.lm.on_policy import OnPolicy
 from mmkd.net import Net
 from mmkd.registry import DATASETS
-from mmkd.run import run
 
 TEACHER = ["teachers.lm.args.n_layer=2", "teachers.lm.args.n_embd=128", "teachers.lm.args.n_head=4",
            "teachers.lm.args.dropout=0.0"]
@@ -49,16 +47,6 @@ METHODS = {  # method -> (label, overrides)
                                           "transforms.0.args.correct=false"]),
     "mgsr": ("MGSR (DAC-KL on corrected samples)", ["experiment=lm_shakespeare_mgsr"]),
 }
-
-
-def trained(args, overrides: list[str], what: str) -> dict:
-    cfg = compose([*overrides, f"out_dir={args.work / 'out'}", f"cache_dir={args.work / 'cache'}",
-                   f"data_root={args.data}", "trainer.progress=off", "baseline=false", "export=[]"])
-    done = finished(cfg, args.work / "out")
-    if done is None:
-        print(what, flush=True)
-        done = run(cfg)
-    return done
 
 
 def judged(run_dir: str, teacher: torch.nn.Module, blocks, prompt: int, seed: int) -> dict:

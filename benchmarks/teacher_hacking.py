@@ -25,7 +25,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from common import fmt, write
+from common import fmt, pyplot, save, write
 from lm import finished
 from mmkd.cli import compose
 from mmkd.run import run
@@ -83,10 +83,7 @@ def hacked(curve: list[dict]) -> bool:
 
 
 def plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), sharey=True, squeeze=False)
     for ax, (setting, runs) in zip(axes[0], curves.items()):
@@ -99,9 +96,7 @@ def plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
         ax.set(title=LABELS[setting], xlabel="optimizer steps")
     axes[0][0].set_ylabel("mean KL per token, validation (nats)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "on_policy")
     p.add_argument("--data", default="${oc.env:MMKD_DATA,data}")
+    p.add_argument("--name", default="on_policy", help="the results' name (results/<name>.{json,md})")
     args = p.parse_args()
     args.work = args.work.resolve()
     t_done = trained(args, ["experiment=lm_shakespeare_ce", "name=on_policy_teacher",
@@ -102,8 +103,9 @@ def main() -> None:
              f"student's seed); the teacher's NLL per sampled character and KL(p_S || p_T) per sampled position, "
              f"nats (lower: the teacher finds the student's text likelier). Command: `python benchmarks/on_policy.py "
              f"--seeds {args.seeds} --epochs {args.epochs} --teacher-epochs {args.teacher_epochs}"
-             f"{' --methods ' + ' '.join(args.methods) if args.methods != list(METHODS) else ''}`.")
-    write("on_policy", data, ["student", "val ppl", "test ppl", "sample NLL (teacher)", "sample KL(S || T)",
+             f"{' --methods ' + ' '.join(args.methods) if args.methods != list(METHODS) else ''}"
+             f"{f' --name {args.name}' if args.name != 'on_policy' else ''}`.")
+    write(args.name, data, ["student", "val ppl", "test ppl", "sample NLL (teacher)", "sample KL(S || T)",
                               "s / epoch"], rows, notes)
 
 

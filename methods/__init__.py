@@ -9,6 +9,9 @@
   semi-supervised data set ``semi`` (:mod:`mmkd.data`), and
   Dual-Head KD (Yang et al., arXiv:2411.08937, 2024), :mod:`mmkd.methods.dual_head_kd`: the binary KL
   loss ``bkl`` on an auxiliary head, optional gradient alignment.
+- Data pruning for distillation (Ben-Baruch et al., arXiv:2403.07854, 2024), :mod:`mmkd.methods.pruning`:
+  the data policies ``el2n`` and ``prune`` (keep the top fraction of per-item scores) and the callback
+  ``forgetting`` (forgetting events, written for ``prune``).
 - TRG (Zhang et al., arXiv:2306.12442, 2023), :mod:`mmkd.methods.trg`: token-level relationship-graph
   losses ``trg_local``, ``trg_global``, ``trg_context``.
 
@@ -19,5 +22,6 @@ several losses) gets a module here.
 
 from . import dho, dual_head, dual_head_kd  # noqa: F401  (register the dual-head model)
 from . import mst_distill  # noqa: F401  (registers the mst_stage1|2|3 pipelines)
+from . import pruning  # noqa: F401  (registers the el2n and prune policies and the forgetting callback)
 from . import self_distill  # noqa: F401  (registers the self_distill pipeline)
 from . import trg  # noqa: F401  (registers the TRG losses)

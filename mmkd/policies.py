@@ -13,8 +13,10 @@ the student's stage).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
@@ -54,6 +56,31 @@ def disagreement(module: nn.Module, dataset: Dataset, device: torch.device, batc
         scores.append((p_t * (p_t.clamp_min(1e-12).log() - log_s)).sum(1).cpu())
     module.train(was_training)
     return torch.cat(scores)
+
+
+def top_fraction(scores: Tensor, ratio: float) -> Tensor:
+    """The indices of the ``max(1, int(ratio * n))`` highest ``scores`` (ties to the lower index), in
+    increasing order."""
+    keep = max(1, int(ratio * len(scores)))
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
+
+
+def load_scores(path: str, key: str, what: str) -> Tensor:
+    """Per-item scores (float64) from the ``.npy`` file ``path`` (no pickle); a missing or unreadable file
+    is a :class:`~mmkd.config.ConfigError` naming the config ``key`` and ``what`` to give."""
+    from mmkd.config import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: no such file {str(path)!r}; give {what}")
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {str(path)!r} is not a NumPy array of scores ({e})") from None
+    if scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
+        raise ConfigError(f"{key}: {str(path)!r} holds a {scores.dtype} array of shape {scores.shape}; give one "
+                          "number per training item")
+    return torch.from_numpy(scores.astype(np.float64))
 
 
 @register_policy("random", ranges={"fraction": Range(0, 1, low_open=True)})

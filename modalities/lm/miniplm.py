@@ -42,7 +42,7 @@ from mmkd.checks import COUNT, Range
 from mmkd.config import ConfigError
 from mmkd.data import loader
 from mmkd.net import Net
-from mmkd.policies import DataPolicy, register_policy
+from mmkd.policies import DataPolicy, load_scores, register_policy, top_fraction
 
 from .models import check_vocab, run_net
 
@@ -70,14 +70,6 @@ def difference_scores(teacher: Net, reference: Net, dataset: Dataset, device: to
     return torch.cat(out)
 
 
-def top_fraction(scores: Tensor, ratio: float) -> Tensor:
-    """The indices of the ``max(1, int(ratio * n))`` highest ``scores`` (ties to the lower index), in
-    increasing order."""
-    keep = max(1, int(ratio * len(scores)))
-    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
-    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
-
-
 @register_policy("miniplm", ranges={"ratio": Range(0, 1, low_open=True), "batch_size": COUNT})
 class DifferenceSampling(DataPolicy):
     """MiniPLM's difference sampling (module docstring): before the first epoch, keep the ``ratio`` of
@@ -100,13 +92,7 @@ class DifferenceSampling(DataPolicy):
         self.seconds = 0.0
         self.models = []
         if scores is not None:
-            path = Path(scores)
-            if not path.is_file():
-                raise ConfigError(f"scores: no such file {str(path)!r}; give the miniplm_scores.npy of an earlier run")
-            try:
-                self.scores = torch.from_numpy(np.load(path, allow_pickle=False)).double()
-            except ValueError as e:
-                raise ConfigError(f"scores: {str(path)!r} is not a NumPy array of scores ({e})") from None
+            self.scores = load_scores(scores, "scores", "the miniplm_scores.npy of an earlier run")
             return
         if teacher is None or reference is None:
             raise ConfigError("give both teacher and reference (run directories), or scores (an earlier run's "

@@ -84,7 +84,15 @@ CASES = [
     ("policies=[{name:hardest,args:{fraction:2}}]", "policies[0].args.fraction=2; it must be a number in (0, 1]"),
     ("pipeline=mst_stage1 callbacks=[{name:grad_norm}]",
      "callbacks[0]: transforms, policies and callbacks apply to the distill pipeline's student stage"),
-    ("callbacks=[{name:nope}]", "callbacks[0].name: unknown callback 'nope'; choose from: golden, grad_norm"),
+    ("callbacks=[{name:nope}]", "callbacks[0].name: unknown callback 'nope'; choose from: forgetting, golden, grad_norm"),
+    ("callbacks=[{name:forgetting,args:{batch_size:0}}]", "callbacks[0].args.batch_size=0; it must be an integer >= 1"),
+    # data pruning
+    ("policies=[{name:prune,args:{scores:/nonexistent.npy}}]",
+     "policies[0].args: scores: no such file '/nonexistent.npy'; give a forgetting_scores.npy or el2n_scores.npy"),
+    ("policies=[{name:prune,args:{scores:/x.npy,fraction:0}}]", "policies[0].args.fraction=0; it must be a number in (0, 1]"),
+    ("policies=[{name:prune,args:{scores:/x.npy,keep:middle}}]", "policies[0].args: keep='middle'; choose from: hard, easy"),
+    ("policies=[{name:el2n,args:{runs:[/nonexistent]}}]",
+     "policies[0].args: runs: '/nonexistent' has no config.yaml; give the directory of a finished run"),
     ("seed=99999999999999999999999", "seed=99999999999999999999999; it must be an integer in [0, 9223372036854775807]"),
     ("seed=-1", "seed=-1; it must be an integer in [0, "),
     # what the owners of values declare

@@ -13,7 +13,8 @@ from torch import nn
 
 from mmkd.cli import main
 from mmkd.modalities.lm.corpus import TokenBlocks, tinyshakespeare
-from mmkd.modalities.lm.miniplm import difference_scores, top_fraction
+from mmkd.modalities.lm.miniplm import difference_scores
+from mmkd.policies import top_fraction
 from mmkd.net import Net
 
 from .conftest import TINY

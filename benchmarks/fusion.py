@@ -15,19 +15,22 @@ test texts (the first ``--test-limit``), teacher-forced perplexity of:
 
 Gap closed: ``(ppl_L - ppl_fused) / (ppl_L - ppl_L-fine-tuned)``, the paper's measure (its 96.4%,
 single task). Mean ± std over ``--seeds`` seeds; every model is trained with the Python API
-(``Trainer``, ``Distiller``), in a temporary directory.
+(``Trainer``, ``Distiller``), in a temporary directory; each seed's numbers are kept in ``--work`` and
+read back by a later invocation with the same settings.
 
-    MMKD_DATA=../shared/data python benchmarks/fusion.py [--seeds 3] [--epochs 8] [--ft-epochs 4]
+    MMKD_DATA=../shared/data python benchmarks/fusion.py [--seeds 3] [--epochs 6] [--ft-epochs 3]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -69,63 +72,77 @@ def perplexity(model: torch.nn.Module, blocks: TokenBlocks, batch: int = 64) -> 
     return math.exp(nll / count), alphas
 
 
+def seed_row(args, cfg, data, tests: list[TokenBlocks], seed: int, out: str) -> dict:
+    """One seed: base, large, experts and fine-tuned large models trained into ``out``, and every
+    model's perplexity (and the fusion weights chosen) on each topic's test texts."""
+    run_cfg, meta = OmegaConf.merge(cfg, {"seed": seed}), data.meta()
+
+    def fit(model, train, val, name, epochs, lr=None):
+        net = Net(model, ["input_ids"], tokens="mask")
+        trainer = Trainer(trainer_config(run_cfg, epochs, lr, data), f"{out}/{seed}/{name}",
+                          tensorboard=False, progress="off")
+        trainer.fit(Distiller(net, [], [Term("ce")]), train, val)
+        return model.eval()
+
+    def pretrained(size):
+        seed_everything(seed)
+        n_layer, n_embd = SIZES[size]
+        spec = OmegaConf.merge(cfg.student, {"args": {"n_layer": n_layer, "n_embd": n_embd}})
+        print(f"seed {seed}: {size} ({n_layer} x {n_embd}), {args.epochs} epochs", flush=True)
+        return fit(build_model(spec, meta, size), data.train, data.val, size, args.epochs)
+
+    base, large = pretrained("base"), pretrained("large")
+    tuned = {}
+    for name, model in (("expert", base), ("large_ft", large)):
+        for k, dom in enumerate(DOMAINS):
+            print(f"seed {seed}: {name} on {dom}, {args.ft_epochs} epochs", flush=True)
+            seed_everything(seed)
+            tuned[name, k] = fit(copy.deepcopy(model), topic(data.train, k), topic(data.val, k),
+                                 f"{name}-{dom}", args.ft_epochs, args.ft_lr)
+    experts = [tuned["expert", k] for k in range(len(DOMAINS))]
+    row = {"seed": seed}
+    for k, dom in enumerate(DOMAINS):
+        models = {"large": large, "large_ft": tuned["large_ft", k], "base": base, "expert": experts[k],
+                  "static": Fused(large, base, [experts[k]], DynamicFusion(alpha=1.0)),
+                  "dynamic": Fused(large, base, [experts[k]]),
+                  "dynamic_all": Fused(large, base, experts)}
+        for name, model in models.items():
+            value, alphas = perplexity(model, tests[k])
+            row[f"{dom}/{name}"] = value
+            if alphas:
+                row[f"{dom}/{name}/alpha"] = statistics.mean(alphas)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--ft-epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--ft-epochs", type=int, default=3)
     p.add_argument("--ft-lr", type=float, default=1e-3)
     p.add_argument("--test-limit", type=int, default=400, help="test texts per topic")
+    p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "fusion",
+                   help="each seed's results are kept here and read back by later invocations")
     args = p.parse_args()
     cfg = compose(["experiment=lm_agnews_kd"])
     data = DATASETS[cfg.data.name](root=os.environ.get("MMKD_DATA", "data"), **cfg.data.args)
-    meta = data.meta()
     tests = [topic(data.test, k, args.test_limit) for k in range(len(DOMAINS))]
     ppl: dict[str, list[float]] = {}
     runs, t_start = [], time.perf_counter()
-    with tempfile.TemporaryDirectory() as out:
-        for seed in range(args.seeds):
-            run_cfg = OmegaConf.merge(cfg, {"seed": seed})
-
-            def fit(model, train, val, name, epochs, lr=None):
-                net = Net(model, ["input_ids"], tokens="mask")
-                trainer = Trainer(trainer_config(run_cfg, epochs, lr, data), f"{out}/{seed}/{name}",
-                                  tensorboard=False, progress="off")
-                trainer.fit(Distiller(net, [], [Term("ce")]), train, val)
-                return model.eval()
-
-            def pretrained(size):
-                seed_everything(seed)
-                n_layer, n_embd = SIZES[size]
-                spec = OmegaConf.merge(cfg.student, {"args": {"n_layer": n_layer, "n_embd": n_embd}})
-                print(f"seed {seed}: {size} ({n_layer} x {n_embd}), {args.epochs} epochs", flush=True)
-                return fit(build_model(spec, meta, size), data.train, data.val, size, args.epochs)
-
-            base, large = pretrained("base"), pretrained("large")
-            tuned = {}
-            for name, model in (("expert", base), ("large_ft", large)):
-                for k, dom in enumerate(DOMAINS):
-                    print(f"seed {seed}: {name} on {dom}, {args.ft_epochs} epochs", flush=True)
-                    seed_everything(seed)
-                    tuned[name, k] = fit(copy.deepcopy(model), topic(data.train, k), topic(data.val, k),
-                                         f"{name}-{dom}", args.ft_epochs, args.ft_lr)
-            experts = [tuned["expert", k] for k in range(len(DOMAINS))]
-            row = {"seed": seed}
-            for k, dom in enumerate(DOMAINS):
-                models = {"large": large, "large_ft": tuned["large_ft", k], "base": base, "expert": experts[k],
-                          "static": Fused(large, base, [experts[k]], DynamicFusion(alpha=1.0)),
-                          "dynamic": Fused(large, base, [experts[k]]),
-                          "dynamic_all": Fused(large, base, experts)}
-                for name, model in models.items():
-                    value, alphas = perplexity(model, tests[k])
-                    row[f"{dom}/{name}"] = value
-                    if alphas:
-                        row[f"{dom}/{name}/alpha"] = statistics.mean(alphas)
-            for key, v in row.items():
-                if key != "seed":
-                    ppl.setdefault(key, []).append(v)
-            runs.append(row)
-            print({k: round(v, 3) for k, v in row.items()}, flush=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for seed in range(args.seeds):
+        done = args.work / f"seed{seed}-{args.epochs}e-{args.ft_epochs}e-{args.ft_lr:g}-{args.test_limit}.json"
+        if done.is_file():
+            row = json.loads(done.read_text())
+        else:
+            with tempfile.TemporaryDirectory() as out:
+                row = seed_row(args, cfg, data, tests, seed, out)
+            done.write_text(json.dumps(row, indent=1) + "\n")
+        for key, v in row.items():
+            if key != "seed":
+                ppl.setdefault(key, []).append(v)
+        runs.append(row)
+        print({k: round(v, 3) for k, v in row.items()}, flush=True)
 
     def closed(dom, name):
         return [100 * (l - f) / (l - u) for l, f, u in zip(ppl[f"{dom}/large"], ppl[f"{dom}/{name}"],

@@ -47,25 +47,28 @@ def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 def fuse(large: Tensor, base: Tensor, experts: Tensor, alpha: Tensor) -> Tensor:
     """``z_L + sum_k alpha_k (z_{E_k} - z_S)``: ``large``, ``base`` ``[N, V]``, ``experts`` ``[N, K, V]``,
     ``alpha`` ``[N, K]`` (or ``[..., N, K]`` for several candidates at once)."""
-    return large + (alpha[..., None] * (experts - base[:, None])).sum(-2)
+    return large + torch.einsum("...nk,nkv->...nv", alpha.to(experts.dtype), experts - base[:, None])
 
 
 def objective(large: Tensor, base: Tensor, experts: Tensor, alpha: Tensor) -> Tensor:
     """The fusion objective of the module docstring per row ``[N]`` (``[..., N]`` for candidate
-    ``alpha`` ``[..., N, K]``)."""
+    ``alpha`` ``[..., N, K]``). The KLs from the fused ``p~`` are ``sum p~ log p~ - sum p~ log q``, the
+    second sum a product with ``log q`` (no ``[..., N, K, V]`` intermediate)."""
     log_l, log_s, log_e = (F.log_softmax(z.float(), -1) for z in (large, base, experts))
-    log_f = F.log_softmax(fuse(large, base, experts, alpha).float(), -1)
+    log_f = F.log_softmax(fuse(large.float(), base.float(), experts.float(), alpha).float(), -1)
+    p_f = log_f.exp()
+    self_term = (p_f * log_f).sum(-1)  # [..., N]
     shift = kl(log_e, log_s[:, None])  # [N, K]: KL(p_Ek || p_S)
     gap = kl(log_l, log_s)  # [N]: KL(p_L || p_S)
-    moved = kl(log_f, log_l)[..., None]  # [..., N, 1]: KL(p~ || p_L)
-    apart = kl(log_f[..., None, :], log_e)  # [..., N, K]: KL(p~ || p_Ek)
+    moved = (self_term - (p_f * log_l).sum(-1))[..., None]  # [..., N, 1]: KL(p~ || p_L)
+    apart = self_term[..., None] - torch.einsum("...nv,nkv->...nk", p_f, log_e)  # [..., N, K]: KL(p~ || p_Ek)
     return ((moved - shift) ** 2 + (apart - gap[:, None]) ** 2).sum(-1)
 
 
 def solve(large: Tensor, base: Tensor, experts: Tensor, grid: Tensor, sweeps: int = 2, chunk: int = 256) -> Tensor:
     """``alpha`` ``[N, K]`` minimising :func:`objective` per row over ``grid`` (values of each
     ``alpha_k``): exact for ``K = 1``, coordinate descent from 0 over ``sweeps`` passes otherwise;
-    ``chunk`` rows at a time (the search holds ``len(grid) x chunk x K x V`` values)."""
+    ``chunk`` rows at a time (the search holds ``len(grid) x chunk x V`` values)."""
     if len(large) > chunk:
         return torch.cat([solve(*(x[i:i + chunk] for x in (large, base, experts)), grid, sweeps, chunk)
                           for i in range(0, len(large), chunk)])

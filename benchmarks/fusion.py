@@ -168,8 +168,9 @@ def main() -> None:
              f"task, 2 coordinate sweeps); mean alpha chosen: single {alpha['dynamic']}, multi (per expert) "
              f"{alpha['dynamic_all']}. Gap closed (%): (large - fused) / (large - large fine-tuned). Total time "
              f"{(time.perf_counter() - t_start) / 60:.0f} min. Command: `python benchmarks/fusion.py --seeds "
-             f"{args.seeds} --epochs {args.epochs} --ft-epochs {args.ft_epochs}`.")
-    write("fusion", {"args": vars(args), "ppl": ppl, "runs": runs},
+             f"{args.seeds} --epochs {args.epochs} --ft-epochs {args.ft_epochs} --test-limit {args.test_limit}` (a seed "
+             f"already in --work is read back, not timed again).")
+    write("fusion", {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "ppl": ppl, "runs": runs},
           ["topic", "large", "large fine-tuned", "small expert", "static fusion", "dynamic (one expert)",
            "dynamic (all experts)", "gap closed, static %", "gap closed, dynamic %", "gap closed, all experts %"],
           rows, notes)

@@ -5,7 +5,8 @@ The teacher, a GPT-2 of ``--teacher-layers`` x ``--teacher-width`` (the shipped 
 minutes on 2 cores; the default here is smaller), is trained on labels once into ``<work>/teacher-...``
 and loaded from there by every student (``teachers.lm.checkpoint``); its top-32 next-token
 distributions are cached once. Students of ``--student-layers`` x ``--student-width`` train for
-``--epochs`` with the configs' loss (CE + 0.2 forward KL at T = 1) and protocol, 3 seeds each. Reported:
+``--epochs`` with the configs' loss (CE + 0.2 forward KL at T = 1) and protocol, 3 seeds each, all on
+the teacher's split (``data.args.split_seed=0``: the BPE is trained on the training texts). Reported:
 each topic's test perplexity and the mean over topics (teacher-forced, :func:`fusion.perplexity`), the
 overall validation / test perplexity, and DDK's domain weights per epoch (``ddk/w_<topic>`` in
 ``metrics.csv``), plotted in ``results/ddk.png``. A finished run is read back, not trained again.
@@ -58,7 +59,9 @@ def main() -> None:
     p.add_argument("--data", default="${oc.env:MMKD_DATA,data}")
     args = p.parse_args()
     args.work = args.work.resolve()
-    arch = [f"teachers.lm.args.n_layer={args.teacher_layers}", f"teachers.lm.args.n_embd={args.teacher_width}",
+    # one split for every seed: agnews_lm trains its BPE on the training texts, so another split would give
+    # the students another tokenizer than the teacher's (seeds vary the initialisation only)
+    arch = ["data.args.split_seed=0", f"teachers.lm.args.n_layer={args.teacher_layers}", f"teachers.lm.args.n_embd={args.teacher_width}",
             "teachers.lm.args.n_head=4"]
     folder = args.work / f"teacher-{args.teacher_layers}x{args.teacher_width}-{args.teacher_epochs}e"
     if not (folder / "results.json").is_file():

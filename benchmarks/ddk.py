@@ -61,12 +61,12 @@ def main() -> None:
     args.work = args.work.resolve()
     # one split for every seed: agnews_lm trains its BPE on the training texts, so another split would give
     # the students another tokenizer than the teacher's (seeds vary the initialisation only)
-    arch = ["data.args.split_seed=0", f"teachers.lm.args.n_layer={args.teacher_layers}", f"teachers.lm.args.n_embd={args.teacher_width}",
+    shared = ["data.args.split_seed=0", f"teachers.lm.args.n_layer={args.teacher_layers}", f"teachers.lm.args.n_embd={args.teacher_width}",
             "teachers.lm.args.n_head=4"]
     folder = args.work / f"teacher-{args.teacher_layers}x{args.teacher_width}-{args.teacher_epochs}e"
     if not (folder / "results.json").is_file():
         print(f"the teacher ({args.teacher_layers} x {args.teacher_width}, {args.teacher_epochs} epochs)", flush=True)
-        run(compose(["experiment=lm_agnews_kd", f"run_dir={folder}", *arch, f"teachers.lm.epochs={args.teacher_epochs}",
+        run(compose(["experiment=lm_agnews_kd", f"run_dir={folder}", *shared, f"teachers.lm.epochs={args.teacher_epochs}",
                      "trainer.max_epochs=1", "student.args.n_embd=16",  # the run's own student: a placeholder f"cache_dir={args.work / 'cache'}", f"data_root={args.data}",
                      "trainer.progress=off", "baseline=false", "export=[]"]))
     teacher, cfg, _ = trained_model(folder, "lm")
@@ -74,7 +74,7 @@ def main() -> None:
     tests = [topic(data.test, k) for k in range(len(DOMAINS))]
     t_ppl = [perplexity(teacher, t)[0] for t in tests]
     student = [f"student.args.n_layer={args.student_layers}", f"student.args.n_embd={args.student_width}",
-               f"trainer.max_epochs={args.epochs}", f"teachers.lm.checkpoint={folder}", *arch]
+               f"trainer.max_epochs={args.epochs}", f"teachers.lm.checkpoint={folder}", *shared]
     rows, data_out, weights = [], {"teacher_test_ppl": dict(zip(DOMAINS, t_ppl)), "methods": {}}, {}
     for m, (label, exp) in METHODS.items():
         runs = []

@@ -28,9 +28,6 @@ first epoch and is saved with the training state.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,7 +37,7 @@ from mmkd.callbacks import Callback, register_callback
 from mmkd.checks import COUNT, Range
 from mmkd.config import ConfigError
 from mmkd.data import loader
-from mmkd.policies import DataPolicy, load_scores, register_policy, top_fraction
+from mmkd.policies import DataPolicy, load_scores, register_policy, save_scores, top_fraction
 
 KEEPS = ("hard", "easy")
 
@@ -96,9 +93,8 @@ class Forgetting(Callback):
         metrics["forgetting/events"] = float((self.correct[-2] & ~self.correct[-1]).sum()) if len(self.correct) > 1 else 0.0
 
     def on_fit_end(self, trainer, module, result):
-        if trainer.is_main and self.correct:
-            Path(trainer.run_dir).mkdir(parents=True, exist_ok=True)
-            np.save(Path(trainer.run_dir) / "forgetting_scores.npy", forgetting_scores(torch.stack(self.correct)).numpy())
+        if self.correct:
+            save_scores(trainer, "forgetting_scores.npy", forgetting_scores(torch.stack(self.correct)))
 
     def state_dict(self):
         return {"correct": self.correct}
@@ -175,7 +171,5 @@ class EL2N(Pruned):
             model, cfg, _ = trained_model(r)
             nets.append(Net(model.to(trainer.device), cfg.student.inputs))
         scores = el2n(nets, dataset, trainer.device, self.batch_size)
-        if trainer.is_main:
-            Path(trainer.run_dir).mkdir(parents=True, exist_ok=True)
-            np.save(Path(trainer.run_dir) / "el2n_scores.npy", scores.numpy())
+        save_scores(trainer, "el2n_scores.npy", scores)
         return scores

@@ -83,6 +83,14 @@ def load_scores(path: str, key: str, what: str) -> Tensor:
     return torch.from_numpy(scores.astype(np.float64))
 
 
+def save_scores(trainer, name: str, scores: Tensor) -> None:
+    """Write ``scores`` (one per training item) to ``<stage dir>/<name>`` as a ``.npy`` file, on the
+    main process only: what :func:`load_scores` reads back in a later run."""
+    if trainer.is_main:
+        Path(trainer.run_dir).mkdir(parents=True, exist_ok=True)
+        np.save(Path(trainer.run_dir) / name, scores.numpy())
+
+
 @register_policy("random", ranges={"fraction": Range(0, 1, low_open=True)})
 class RandomSubset(DataPolicy):
     """Train on a random ``fraction`` of the training set: ``max(1, int(fraction * n))`` items drawn once,

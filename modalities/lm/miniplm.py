@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
-
-import numpy as np
 
 import torch
 from torch import Tensor
@@ -42,7 +39,7 @@ from mmkd.checks import COUNT, Range
 from mmkd.config import ConfigError
 from mmkd.data import loader
 from mmkd.net import Net
-from mmkd.policies import DataPolicy, load_scores, register_policy, top_fraction
+from mmkd.policies import DataPolicy, load_scores, register_policy, save_scores, top_fraction
 
 from .models import check_vocab, run_net
 
@@ -106,9 +103,7 @@ class DifferenceSampling(DataPolicy):
         if self.indices is None:
             if self.scores is None:
                 self.scores = self.score(trainer, module, dataset)
-                if trainer.is_main:
-                    Path(trainer.run_dir).mkdir(parents=True, exist_ok=True)
-                    np.save(Path(trainer.run_dir) / "miniplm_scores.npy", self.scores.numpy())
+                save_scores(trainer, "miniplm_scores.npy", self.scores)
             elif len(self.scores) != len(dataset):
                 raise ConfigError(f"scores: {len(self.scores)} scores for {len(dataset)} training blocks; give the "
                                   "scores of this data set (the same data.args)")

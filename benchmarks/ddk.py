@@ -67,7 +67,8 @@ def main() -> None:
     if not (folder / "results.json").is_file():
         print(f"the teacher ({args.teacher_layers} x {args.teacher_width}, {args.teacher_epochs} epochs)", flush=True)
         run(compose(["experiment=lm_agnews_kd", f"run_dir={folder}", *shared, f"teachers.lm.epochs={args.teacher_epochs}",
-                     "trainer.max_epochs=1", "student.args.n_embd=16",  # the run's own student: a placeholder f"cache_dir={args.work / 'cache'}", f"data_root={args.data}",
+                     "trainer.max_epochs=1", "student.args.n_embd=16",  # the run's own student: a placeholder
+                     f"cache_dir={args.work / 'cache'}", f"data_root={args.data}",
                      "trainer.progress=off", "baseline=false", "export=[]"]))
     teacher, cfg, _ = trained_model(folder, "lm")
     data = DATASETS[cfg.data.name](root=os.environ.get("MMKD_DATA", "data"), **cfg.data.args)

@@ -4,9 +4,9 @@
 once into a uint8 tensor ``[N, 3, H, W]`` cached on disk under a key of the files (names, sizes and
 modification times for a folder, names, sizes and CRCs for a zip), splits them (a second folder or
 zip as the test split, or stratified fractions drawn from ``split_seed``) and serves float images
-normalised with the training split's per-channel mean and standard deviation. A file that does not
-decode, or whose size differs from the others (unless ``size`` resizes them all), is a
-:class:`mmkd.data.DataError` naming it.
+normalised with the training split's per-channel mean and standard deviation (``normalize: false``:
+in [0, 1]). A file that does not decode, or whose size differs from the others (unless ``size``
+resizes them all), is a :class:`mmkd.data.DataError` naming it.
 
 Augmentations (``augment``, training split only): ``crop`` (a random crop of the image padded by 4
 zero pixels, the CIFAR standard), ``flip`` (a horizontal flip with probability 1/2), ``autoaugment``
@@ -158,6 +158,12 @@ class ImageDataset(Epochal, Fingerprinted):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def plain(self) -> "ImageDataset":
+        """The same images and labels without augmentation (e.g. to score or select training items
+        as a model sees them at test time)."""
+        return ImageDataset(f"{self.name}/plain", self.images, self.labels, self.mean.flatten().tolist(),
+                            self.std.flatten().tolist())
+
     @property
     def reproducible(self) -> bool:
         return bool(self.augment) and self.seed is not None
@@ -259,12 +265,15 @@ def _load(path: Path, size, cache_dir: Path, limit_per_class: int | None) -> tup
 def image_folder(root: str, path: str, test_path: str | None = None, fractions: Sequence[float] = (0.8, 0.1, 0.1),
                  val_fraction: float = 0.1, split_seed: int = 0, size: Sequence[int] | None = None,
                  augment: Sequence[str] = (), augment_seed: int | None = 0, cache_dir: str | os.PathLike | None = None,
-                 limit_per_class: int | None = None, test_limit_per_class: int | None = None) -> DataSplits:
+                 limit_per_class: int | None = None, test_limit_per_class: int | None = None,
+                 normalize: bool = True) -> DataSplits:
     """Train/val/test splits of the images at ``path`` (a folder or zip under the data root, see the
     module docstring): with ``test_path`` that folder or zip is the test split and ``val_fraction`` of
     ``path`` (stratified) the validation split; without, ``fractions`` split ``path`` three ways.
     ``size`` (H, W) resizes every image; ``limit_per_class`` keeps the first images of each class of
-    ``path`` (a training subset), ``test_limit_per_class`` those of ``test_path`` (default: all)."""
+    ``path`` (a training subset), ``test_limit_per_class`` those of ``test_path`` (default: all).
+    ``normalize``: standardise each channel with the training split's statistics (the default), or
+    serve pixels in ``[0, 1]`` (``false``: for a model that normalises its own input, e.g. ``clip``)."""
     if unknown := [a for a in augment if a not in AUGMENTS]:
         raise ConfigError(f"data.args.augment: unknown augmentation {unknown[0]!r}; choose from: {', '.join(AUGMENTS)}")
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -285,7 +294,8 @@ def image_folder(root: str, path: str, test_path: str | None = None, fractions: 
     else:
         cut = stratified_split(labels, list(fractions), split_seed)
         parts = {s: (images[i], labels[i]) for s, i in zip(SPLITS, cut)}
-    mean, std = channel_stats(parts["train"][0])
+    channels = images.shape[1]
+    mean, std = channel_stats(parts["train"][0]) if normalize else ([0.0] * channels, [1.0] * channels)
     tag = f"image_folder/{Path(path).name}/{split_seed}"
     sets = [ImageDataset(f"{tag}/{s}", *parts[s], mean, std, *((augment, augment_seed) if s == "train" else ()))
             for s in SPLITS]
@@ -301,7 +311,8 @@ def image_folder(root: str, path: str, test_path: str | None = None, fractions: 
                                       "limit_per_class": COUNT, "test_limit_per_class": COUNT})
 def cifar10(root: str, val_size: int = 5000, split_seed: int = 0, augment: Sequence[str] = ("crop", "flip"),
             augment_seed: int | None = 0, cache_dir: str | os.PathLike | None = None,
-            limit_per_class: int | None = None, test_limit_per_class: int | None = None) -> DataSplits:
+            limit_per_class: int | None = None, test_limit_per_class: int | None = None,
+            normalize: bool = True) -> DataSplits:
     """CIFAR-10 from ``<root>/cifar10/train.zip`` and ``test.zip`` (see the module docstring)."""
     train = Path(root) / "cifar10" / "train.zip"
     if not train.is_file():
@@ -313,4 +324,5 @@ def cifar10(root: str, val_size: int = 5000, split_seed: int = 0, augment: Seque
                           "hold out fewer")
     return image_folder(root, "cifar10/train.zip", "cifar10/test.zip", val_fraction=val_size / (10 * per_class),
                         split_seed=split_seed, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir,
-                        limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class)
+                        limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class,
+                        normalize=normalize)

@@ -40,6 +40,8 @@ def test_shipped_cifar10_experiment_trains_one_epoch(experiment, images, tmp_pat
                                                       if str(t.name).startswith("resnet") else []))]
     if str(cfg.student.name).startswith("resnet"):
         small.append("student.name=resnet8")
+    if cfg.pipeline == "active":  # 3 training images a class: a budget that leaves an unlabelled pool
+        small += ["method.initial=1", "method.queries=5", "method.rounds=1"]
     code = main(["run", f"experiment={experiment}", f"data_root={images}", "data.name=image_folder",
                  "+data.args.path=imgs", "+data.args.fractions=[0.5,0.25,0.25]", f"data.args.cache_dir={tmp_path / 'img'}",
                  f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1", "trainer.batch_size=10",

@@ -67,6 +67,14 @@ def test_folder_and_zip_decode_to_the_same_pixels_and_splits(tmp_path):
     torch.testing.assert_close(apply(a.preprocessing["image"], a.train.images[:1].float())[0], want, rtol=1e-5, atol=1e-5)
 
 
+def test_normalize_false_serves_pixels_in_0_1(tmp_path):
+    make_folder(tmp_path / "imgs")
+    d = DATASETS["image_folder"](root=str(tmp_path), path="imgs", fractions=(0.5, 0.25, 0.25),
+                                 cache_dir=tmp_path / "cache", normalize=False)
+    torch.testing.assert_close(d.test[1]["image"], d.test.images[1].float() / 255)
+    assert d.preprocessing["image"][0]["mean"] == [0.0] * 3 and d.preprocessing["image"][0]["std"] == [255.0] * 3
+
+
 def test_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch, caplog):
     make_folder(tmp_path / "imgs")
     DATASETS["image_folder"](root=str(tmp_path), path="imgs", cache_dir=tmp_path / "cache")

@@ -12,6 +12,8 @@
 - Active distillation with PCoreSet (Kang et al., arXiv:2506.00910, 2025), :mod:`mmkd.methods.active`:
   the pipeline ``active`` (rounds of labelling by k-center in probability space, or by the feature
   coreset, entropy or at random, each round a fresh student on CE + KD) and its data policy ``labels``.
+- DisWOT (Dong et al., CVPR 2023), :mod:`mmkd.methods.diswot`: the pipeline ``diswot``, an
+  evolutionary search of CIFAR ResNet students scored at initialisation against the teacher.
 - Data pruning for distillation (Ben-Baruch et al., arXiv:2403.07854, 2024), :mod:`mmkd.methods.pruning`:
   the data policies ``el2n`` and ``prune`` (keep the top fraction of per-item scores) and the callback
   ``forgetting`` (forgetting events, written for ``prune``).
@@ -25,6 +27,7 @@ several losses) gets a module here.
 
 from . import active  # noqa: F401  (registers the active pipeline and the labels policy)
 from . import dho, dual_head, dual_head_kd  # noqa: F401  (register the dual-head model)
+from . import diswot  # noqa: F401  (registers the diswot pipeline)
 from . import mst_distill  # noqa: F401  (registers the mst_stage1|2|3 pipelines)
 from . import pruning  # noqa: F401  (registers the el2n and prune policies and the forgetting callback)
 from . import self_distill  # noqa: F401  (registers the self_distill pipeline)

@@ -372,10 +372,13 @@ def print_summary(summary: dict) -> None:
 
 def print_results(results: dict) -> None:
     """A table of the test metrics (all but the loss), parameters and inference time for teachers and
-    students."""
+    students; a run without a student prints its ``summary`` line."""
     from rich.console import Console
     from rich.table import Table
 
+    if "student" not in results:  # a pipeline that trains no student (a search)
+        Console().print(results.get("summary") or f"results: {Path(results['run_dir']) / 'results.json'}")
+        return
     n = results["latency_batch"]
     title = results.get("name") or results["experiment"]
     table = Table(title=f"{title} (seed {results['seed']}) - {results['run_dir']}")

@@ -40,7 +40,8 @@ def latency_ms(model: nn.Module, inputs: list[torch.Tensor], repeats: int = 30, 
 
 
 def plot_curves(run_dir: Path) -> None:
-    """Write ``curves.png``: validation accuracy and training loss per epoch, for every stage."""
+    """Write ``curves.png``: validation accuracy and training loss per epoch, for every stage (no file
+    for a run that trained nothing)."""
     import csv
 
     import matplotlib
@@ -48,8 +49,11 @@ def plot_curves(run_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    files = sorted(run_dir.rglob("metrics.csv"))
+    if not files:  # a run that trained nothing (a search)
+        return
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    for path in sorted(run_dir.rglob("metrics.csv")):
+    for path in files:
         rows = list(csv.DictReader(path.open()))
         stage = str(path.parent.relative_to(run_dir))
         epochs = [int(r["epoch"]) for r in rows]

@@ -19,6 +19,7 @@ to ``layer3`` and ``pool`` (the pooled embedding) are the module paths feature l
 made with ``preact=True`` also exposes ``preact1`` to ``preact3``: each stage's output before its last
 ReLU (the sum of the last block's residual branch and shortcut; mdistiller's ``preact_feats``, which
 OFD reads), through parameter-free identities, so the weights are those of ``preact=False``.
+``cifar_resnet`` takes the blocks, kernel sizes and widths of each stage as arguments.
 Input ``[batch, 3, 32, 32]`` (any size works; pooling is adaptive).
 """
 from __future__ import annotations
@@ -38,11 +39,11 @@ class BasicBlock(nn.Module):
     last ReLU. The sum before that ReLU passes through the modules of ``taps`` (identities that the
     network registers as its own feature paths; not sub-modules of the block)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, kernel: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, kernel, 1, kernel // 2, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
             nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
@@ -85,25 +86,35 @@ def _init(model: nn.Module) -> None:
 
 class CifarResNet(Classifier, nn.Module):
     """A ResNet for CIFAR of ``depth = 6n + 2`` layers and stage ``widths`` (see the module docstring);
-    ``preact``: expose each stage's output before its last ReLU as ``preact1`` to ``preact3``."""
+    ``preact``: expose each stage's output before its last ReLU as ``preact1`` to ``preact3``.
+    ``blocks`` (one count a stage) replaces ``depth``'s ``n`` blocks in every stage, and ``kernels``
+    (one odd size a stage) the blocks' 3x3 convolutions: the search space of student searches."""
 
     classifier_path = "fc"
 
     def __init__(self, num_classes: int, in_shape: Sequence[int], depth: int = 20,
-                 widths: Sequence[int] = (16, 16, 32, 64), preact: bool = False):
+                 widths: Sequence[int] = (16, 16, 32, 64), preact: bool = False,
+                 blocks: Sequence[int] | None = None, kernels: Sequence[int] | None = None):
         super().__init__()
-        if (depth - 2) % 6 or depth < 8:
-            raise ValueError(f"depth must be 6n + 2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
-        n = (depth - 2) // 6
+        if blocks is None:
+            if (depth - 2) % 6 or depth < 8:
+                raise ValueError(f"depth must be 6n + 2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
+            blocks = [(depth - 2) // 6] * (len(widths) - 1)
+        kernels = [3] * len(blocks) if kernels is None else list(kernels)
+        if not len(blocks) == len(kernels) == len(widths) - 1:
+            raise ValueError(f"blocks {list(blocks)}, kernels {kernels} and widths {list(widths)}: give one block count "
+                             "and one kernel size a stage, and one width more (the stem's)")
+        if min(blocks) < 1 or any(k < 1 or k % 2 == 0 for k in kernels) or min(widths) < 1:
+            raise ValueError(f"blocks {list(blocks)} must be >= 1, kernels {kernels} odd, widths {list(widths)} >= 1")
         self.stem = nn.Sequential(nn.Conv2d(in_shape[0], widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU())
         c = widths[0]
-        for i, w in enumerate(widths[1:]):
-            blocks = [BasicBlock(c if j == 0 else w, w, 2 if i and j == 0 else 1) for j in range(n)]
+        for i, (w, n, k) in enumerate(zip(widths[1:], blocks, kernels)):
+            blocks_i = [BasicBlock(c if j == 0 else w, w, 2 if i and j == 0 else 1, k) for j in range(n)]
             if preact:
                 setattr(self, f"preact{i + 1}", nn.Identity())
-                blocks[-1].taps.append(getattr(self, f"preact{i + 1}"))
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+                blocks_i[-1].taps.append(getattr(self, f"preact{i + 1}"))
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks_i))
             c = w
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(c, num_classes)
@@ -148,6 +159,16 @@ def _resnet(name: str, depth: int, widths: tuple[int, ...]) -> None:
                        "expose the stages' outputs before their last ReLU (``preact1`` to ``preact3``).")
     factory.__name__ = name
     MODELS.register(name)(factory)
+
+
+@MODELS.register("cifar_resnet")
+def cifar_resnet(num_classes: int, in_shape: Sequence[int], blocks: Sequence[int] = (3, 3, 3),
+                 widths: Sequence[int] = (16, 16, 32, 64), kernels: Sequence[int] = (3, 3, 3),
+                 preact: bool = False) -> CifarResNet:
+    """A CIFAR ResNet of any shape (:class:`CifarResNet`): ``blocks`` basic blocks, ``kernels`` kernel
+    sizes and ``widths[1:]`` channels a stage after a ``widths[0]``-channel stem (the defaults are
+    ResNet-20); a student search writes its pick as this model."""
+    return CifarResNet(num_classes, in_shape, widths=widths, preact=preact, blocks=blocks, kernels=kernels)
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):

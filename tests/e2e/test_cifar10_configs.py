@@ -42,6 +42,8 @@ def test_shipped_cifar10_experiment_trains_one_epoch(experiment, images, tmp_pat
         small.append("student.name=resnet8")
     if cfg.pipeline == "active":  # 3 training images a class: a budget that leaves an unlabelled pool
         small += ["method.initial=1", "method.queries=5", "method.rounds=1"]
+    if cfg.pipeline == "diswot":  # a short search
+        small += ["method.population=3", "method.iterations=3"]
     code = main(["run", f"experiment={experiment}", f"data_root={images}", "data.name=image_folder",
                  "+data.args.path=imgs", "+data.args.fractions=[0.5,0.25,0.25]", f"data.args.cache_dir={tmp_path / 'img'}",
                  f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1", "trainer.batch_size=10",
@@ -49,4 +51,7 @@ def test_shipped_cifar10_experiment_trains_one_epoch(experiment, images, tmp_pat
     assert code == 0
     (run_dir,) = (tmp_path / experiment).iterdir()
     results = json.loads((run_dir / "results.json").read_text())
-    assert 0.0 <= results["student"]["test_acc"] <= 1.0
+    if cfg.pipeline == "diswot":  # a search: its pick, no trained student
+        assert (run_dir / "student.yaml").is_file() and results["candidates"]
+    else:
+        assert 0.0 <= results["student"]["test_acc"] <= 1.0

@@ -121,7 +121,8 @@ def run(tmp_path: Path, *overrides: str) -> Path:
     assert main(["run", "experiment=digits_pcoreset", f"out_dir={tmp_path}", "teachers.cnn.epochs=2",
                  "trainer.max_epochs=2", "trainer.warmup_epochs=1", "trainer.tensorboard=false",
                  "trainer.progress=off", "export=[]", "method.rounds=2", "method.queries=15", *overrides]) == 0
-    return next((tmp_path / "digits_pcoreset").iterdir())
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    return Path(given[0]) if given else next((tmp_path / "digits_pcoreset").iterdir())
 
 
 @pytest.mark.parametrize("strategy", ["pcoreset", "coreset"])
@@ -189,3 +190,22 @@ def test_a_zero_shot_clip_teacher_selects_in_its_probability_space(tmp_path):
     after = torch.from_numpy(np.load(out / "labelled1.npy"))
     pool = torch.tensor([i for i in range(len(x)) if i not in set(before.tolist())])
     assert set(after.tolist()) == set(before.tolist()) | set(pool[k_center(probs[pool], probs[before], 15)].tolist())
+
+
+def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path):
+    """The last round and the run's results deleted (as an interrupted run leaves them): resume=true
+    keeps rounds 0 and 1 as they are and trains round 2 again to the same student, bit for bit."""
+    import shutil
+
+    out = run(tmp_path, f"run_dir={tmp_path / 'r'}")
+    first = json.loads((out / "results.json").read_text())
+    weights = torch.load(out / "round2" / "student.pt", weights_only=True)
+    stamps = {p: (out / p / "student.pt").stat().st_mtime_ns for p in ("round0", "round1")}
+    shutil.rmtree(out / "round2")
+    (out / "results.json").unlink()
+    (out / "student.pt").unlink()
+    run(tmp_path, f"run_dir={tmp_path / 'r'}", "resume=true")
+    assert {p: (out / p / "student.pt").stat().st_mtime_ns for p in ("round0", "round1")} == stamps
+    again = torch.load(out / "round2" / "student.pt", weights_only=True)
+    assert all(torch.equal(v, weights[k]) for k, v in again.items())
+    assert json.loads((out / "results.json").read_text())["rounds"] == first["rounds"]

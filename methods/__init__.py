@@ -14,6 +14,8 @@
   coreset, entropy or at random, each round a fresh student on CE + KD) and its data policy ``labels``.
 - DisWOT (Dong et al., CVPR 2023), :mod:`mmkd.methods.diswot`: the pipeline ``diswot``, an
   evolutionary search of CIFAR ResNet students scored at initialisation against the teacher.
+- HARD (Nix et al., arXiv:2305.14890, 2023), :mod:`mmkd.methods.hard`: the batch transform ``hard``,
+  a learned spatial transformer making inputs on which student and teacher disagree.
 - Data pruning for distillation (Ben-Baruch et al., arXiv:2403.07854, 2024), :mod:`mmkd.methods.pruning`:
   the data policies ``el2n`` and ``prune`` (keep the top fraction of per-item scores) and the callback
   ``forgetting`` (forgetting events, written for ``prune``).
@@ -28,6 +30,7 @@ several losses) gets a module here.
 from . import active  # noqa: F401  (registers the active pipeline and the labels policy)
 from . import dho, dual_head, dual_head_kd  # noqa: F401  (register the dual-head model)
 from . import diswot  # noqa: F401  (registers the diswot pipeline)
+from . import hard  # noqa: F401  (registers the hard batch transform)
 from . import mst_distill  # noqa: F401  (registers the mst_stage1|2|3 pipelines)
 from . import pruning  # noqa: F401  (registers the el2n and prune policies and the forgetting callback)
 from . import self_distill  # noqa: F401  (registers the self_distill pipeline)

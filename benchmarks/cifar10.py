@@ -257,17 +257,22 @@ def arguments(doc: str, methods: list[str], name: str) -> argparse.ArgumentParse
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "cifar10",
                    help="the teacher's run, the caches and the students' runs (kept for later invocations)")
     p.add_argument("--name", default=name, help="results/<name>.json and .md")
+    p.add_argument("--test-per-class", type=int, default=None,
+                   help="test the students on this many images a class (of 1,000; default all)")
     p.add_argument("overrides", nargs="*")
     return p
 
 
 def prepare(p: argparse.ArgumentParser):
-    """Parse the options; the shared overrides, and the teacher's run directory and row (trained now
-    when absent)."""
+    """Parse the options; the shared overrides (with ``--test-per-class``, after the teacher's run),
+    and the teacher's run directory and row (trained now when absent)."""
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data = setting(args)
-    return args, data, *teacher_run(args, data)
+    teacher = teacher_run(args, data)  # tested on the whole test split
+    if args.test_per_class:
+        data.append(f"data.args.test_limit_per_class={args.test_per_class}")
+    return args, data, *teacher
 
 
 def setting(args) -> list[str]:

@@ -33,12 +33,10 @@ def override(c: dict) -> str:
 def main() -> None:
     t0 = time.perf_counter()
     p = arguments(__doc__, ["kd"], "diswot")
-    p.set_defaults(epochs=6)
+    p.set_defaults(epochs=6, test_per_class=500)
     p.add_argument("--candidates", type=int, default=12, help="random candidates trained besides the pick")
     p.add_argument("--max-params", type=int, default=300_000)
-    p.add_argument("--test-per-class", type=int, default=500, help="test images per class (of 1,000)")
     args, data, teacher, trow = prepare(p)
-    data.append(f"data.args.test_limit_per_class={args.test_per_class}")
     search = compose(["experiment=cifar10_diswot", f"teachers.resnet.name={args.teacher}",
                       f"method.max_params={args.max_params}", *data])
     done = finished(search, args.work / "out")

@@ -48,12 +48,10 @@ def accuracies(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 def main() -> None:
     t0 = time.perf_counter()
     p = arguments(__doc__, ["kd"], "hard_cifar10")
-    p.set_defaults(epochs=6)
+    p.set_defaults(epochs=6, test_per_class=500)
     p.add_argument("--shift", type=int, default=4)
     p.add_argument("--noise", type=float, default=0.1)
-    p.add_argument("--test-per-class", type=int, default=500, help="test images per class (of 1,000)")
     args, data, teacher, trow = prepare(p)
-    data.append(f"data.args.test_limit_per_class={args.test_per_class}")
     base = compose(["experiment=cifar10_kd"])
     common = [f"teachers.resnet.checkpoint={teacher}", f"teachers.resnet.name={args.teacher}",
               f"student.name={args.student}", *shortened(base, args.epochs), *data]

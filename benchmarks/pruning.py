@@ -68,14 +68,12 @@ def weights(alpha: float) -> list[str]:
 def main() -> None:
     t0 = time.perf_counter()
     p = arguments(__doc__, ["kd"], "pruning")
-    p.set_defaults(epochs=6)
+    p.set_defaults(epochs=6, test_per_class=500)
     p.add_argument("--el2n-models", type=int, default=3, help="briefly trained models EL2N averages over")
     p.add_argument("--el2n-epochs", type=int, default=2)
-    p.add_argument("--test-per-class", type=int, default=500, help="test images per class (of 1,000)")
     p.add_argument("--no-alpha", action="store_true", help="leave out table 2 (the KD weight)")
     p.add_argument("--random-kd", action="store_true", help="only KD under random pruning (e.g. another teacher)")
     args, data, teacher, trow = prepare(p)
-    data.append(f"data.args.test_limit_per_class={args.test_per_class}")
     if args.random_kd:
         return random_kd(args, data, teacher, trow, t0)
 

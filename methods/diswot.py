@@ -173,12 +173,17 @@ def options(cfg: DictConfig) -> dict:
         raise ConfigError(f"method.max_params={mp!r}; give a whole number of parameters, or null for no limit")
     if opts["teacher_init"] not in ("gaussian", "trained"):
         raise ConfigError(f"method.teacher_init={opts['teacher_init']!r}; choose from: gaussian, trained")
-    space = opts["space"]
-    if not isinstance(space, dict) or set(space) != set(SPACE) or not all(
-            isinstance(v, list) and v and all(isinstance(x, int) and x >= 1 for x in v) for v in space.values()):
-        raise ConfigError(f"method.space: give a list of whole numbers >= 1 for each of {', '.join(SPACE)}")
-    if bad := [k for k in ("kernel1", "kernel2", "kernel3") if any(x % 2 == 0 for x in space[k])]:
-        raise ConfigError(f"method.space.{bad[0]}={space[bad[0]]}: kernel sizes must be odd")
+    given_space = given.get("space") or {}
+    if not isinstance(given_space, dict) or (unknown := set(given_space) - set(SPACE)):
+        raise ConfigError(f"method.space: unknown gene {sorted(unknown)[0] if isinstance(given_space, dict) else ''!r}; "
+                          f"the genes are: {', '.join(SPACE)}")
+    space = opts["space"] = {**SPACE, **given_space}  # the genes not given keep their default choices
+    for gene, values in space.items():
+        if not isinstance(values, list) or not values or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values):
+            raise ConfigError(f"method.space.{gene}={values!r}; give a list of whole numbers >= 1")
+        if gene.startswith("kernel") and any(x % 2 == 0 for x in values):
+            raise ConfigError(f"method.space.{gene}={values}: kernel sizes must be odd")
     if len(cfg.teachers) != 1:
         raise ConfigError(f"pipeline diswot needs one teacher; teachers has {len(cfg.teachers)}")
     (name, tc), = cfg.teachers.items()

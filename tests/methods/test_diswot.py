@@ -122,9 +122,20 @@ def test_the_pipeline_writes_its_pick_as_a_student_config(tmp_path):
     ("+method.generations=3", "method.generations: unknown option of pipeline diswot"),
     ("method.teacher_init=trained", "method.teacher_init=trained needs teachers.resnet.checkpoint"),
     ("method.max_params=-5", "method.max_params=-5; give a whole number"),
-    ("+method.space={blocks1: [1]}", "method.space: give a list of whole numbers >= 1 for each of"),
+    ("+method.space={blocks1: [0, 1]}", "method.space.blocks1=[0, 1]; give a list of whole numbers >= 1"),
+    ("+method.space={depth: [1]}", "method.space: unknown gene 'depth'; the genes are: blocks1"),
+    ("+method.space={kernel2: [3, 4]}", "method.space.kernel2=[3, 4]: kernel sizes must be odd"),
     ("method.max_params=1000", "method.max_params=1000: no candidate of method.space found with so few parameters"),
 ])
 def test_bad_options_exit_2_before_anything_is_written(tmp_path, capsys, override, match):
     code = main(["run", "experiment=cifar10_diswot", f"out_dir={tmp_path}", *TINY, override])
     assert code == 2 and match in capsys.readouterr().err and not (tmp_path / "cifar10_diswot").exists()
+
+
+def test_a_partial_space_keeps_the_other_genes_defaults(tmp_path):
+    assert main(["run", "experiment=cifar10_diswot", f"out_dir={tmp_path}", *TINY,
+                 "+method.space={blocks1: [1], blocks2: [1], blocks3: [1], kernel1: [3]}"]) == 0
+    (run_dir,) = (tmp_path / "cifar10_diswot").iterdir()
+    cands = json.loads((run_dir / "results.json").read_text())["candidates"]
+    assert all(c["args"]["blocks"] == [1, 1, 1] and c["args"]["kernels"][0] == 3 for c in cands)
+    assert len({tuple(c["args"]["widths"]) for c in cands}) > 1  # the widths still vary

@@ -30,6 +30,10 @@ def override(c: dict) -> str:
     return f"student={{name: cifar_resnet, inputs: [image], args: {{blocks: {a['blocks']}, widths: {a['widths']}, kernels: {a['kernels']}}}}}"
 
 
+def search_overrides(args, data: list[str]) -> list[str]:
+    return ["experiment=cifar10_diswot", f"teachers.resnet.name={args.teacher}", f"method.max_params={args.max_params}", *data]
+
+
 def main() -> None:
     t0 = time.perf_counter()
     p = arguments(__doc__, ["kd"], "diswot")
@@ -37,8 +41,7 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=12, help="random candidates trained besides the pick")
     p.add_argument("--max-params", type=int, default=300_000)
     args, data, teacher, trow = prepare(p)
-    search = compose(["experiment=cifar10_diswot", f"teachers.resnet.name={args.teacher}",
-                      f"method.max_params={args.max_params}", *data])
+    search = compose(search_overrides(args, data))
     done = finished(search, args.work / "out")
     if done is None:
         print("searching", flush=True)
@@ -54,14 +57,17 @@ def main() -> None:
     t_score = time.perf_counter()
     scores = [scorer(c) for c in cands]
     score_s = (time.perf_counter() - t_score) / len(cands)
+    trained = compose([*search_overrides(args, data), f"teachers.resnet.checkpoint={teacher}", "method.teacher_init=trained"])
+    ours = Scorer(trained, options(trained), *load_data(trained))  # the trained teacher: our option
+    scores_trained = [ours(c) for c in cands]
     plan = [(f"c{i}", "cifar10_kd", [override(c)]) for i, c in enumerate(cands)]
     args.seeds = 1
     acc, sec, _ = students(args, data, teacher, plan, baselines={})
     rows, table = [], []
-    for i, (c, sc) in enumerate(zip(cands, scores)):
+    for i, (c, sc, st) in enumerate(zip(cands, scores, scores_trained)):
         a = architecture(c)
-        table.append({"args": a, "params": scorer.params(c), **sc, "test_acc": acc[f"c{i}"][0],
-                      "train_s": sum(sec[f"c{i}"][0]), "pick": i == 0})
+        table.append({"args": a, "params": scorer.params(c), **sc, "trained_score": st["score"],
+                      "test_acc": acc[f"c{i}"][0], "train_s": sum(sec[f"c{i}"][0]), "pick": i == 0})
     by_acc = sorted(table, key=lambda r: -r["test_acc"])
     for r in by_acc:
         a = r["args"]
@@ -70,7 +76,7 @@ def main() -> None:
                      f"{100 * r['test_acc']:.2f}"])
     accs = [r["test_acc"] for r in table]
     tau = {k: kendall([(-1 if k in ("semantic", "relation") else 1) * r[k] for r in table], accs)
-           for k in ("score", "semantic", "relation", "params")}
+           for k in ("score", "semantic", "relation", "params", "trained_score")}
     rank = 1 + [r["pick"] for r in by_acc].index(True)
     train_s = statistics.mean(r["train_s"] for r in table)
     n_scored = len(done["candidates"])
@@ -80,7 +86,8 @@ def main() -> None:
              f"training images; test accuracy on {10 * args.test_per_class:,} test images. Score = -(semantic + "
              f"relation) at Gaussian initialisation on one batch of 64 (higher: expected to distil better). "
              f"Kendall's tau against the distilled accuracy: DisWOT score {tau['score']:+.3f}, semantic term "
-             f"{tau['semantic']:+.3f}, relation term {tau['relation']:+.3f}, parameter count {tau['params']:+.3f}. "
+             f"{tau['semantic']:+.3f}, relation term {tau['relation']:+.3f}, parameter count {tau['params']:+.3f}; the score against the "
+             f"trained teacher (`method.teacher_init=trained`, our option) {tau['trained_score']:+.3f}. "
              f"The pick ranks {rank} of {len(table)} by accuracy. Time: the search scored {n_scored} candidates in "
              f"{search_s:.1f} s ({search_s / n_scored:.3f} s each; {score_s:.3f} s each here); training one "
              f"candidate took {train_s:.1f} s ({train_s / (search_s / n_scored):.0f}x a proxy evaluation; the whole "

@@ -6,7 +6,7 @@ CNN teacher is trained once a seed (``--teacher-epochs``) and shared by both stu
 the MLP students train ``--epochs`` with CE 0.1 + KD 0.9 (T = 4), HARD's on the real and the
 augmented digits. Each model is tested on the test split as it is and with every digit shifted by
 up to ``--shift`` pixels (:func:`mmkd.modalities.image.mnist.shift`, seeded). Seed 0's grid of
-augmented training digits is copied to ``results/hard_examples.png``. A finished run is read back.
+augmented training digits is copied to ``results/<name>_examples.png``. A finished run is read back.
 
     OMP_NUM_THREADS=1 MMKD_DATA=../shared/data python benchmarks/hard.py [--seeds 3] [--epochs 8]
 """
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--shift", type=int, default=4)
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "hard")
+    p.add_argument("--name", default="hard", help="results/<name>.json, .md and <name>_examples.png")
     args = p.parse_args()
     work = args.work.resolve()
     root = os.environ.get("MMKD_DATA", "data")
@@ -71,17 +72,17 @@ def main() -> None:
                 row["test"].append(accuracy(model, plain.tensors["image"], plain.tensors["label"]))
                 row["shifted"].append(accuracy(model, moved.tensors["image"], moved.tensors["label"]))
             if m == "hard" and seed == 0:
-                shutil.copy(run_dir / "student" / "hard_examples.png", RESULTS / "hard_examples.png")
+                shutil.copy(run_dir / "student" / "hard_examples.png", RESULTS / f"{args.name}_examples.png")
     labels = {"teacher": f"teacher (CNN, {args.teacher_epochs} epochs)", "kd": "MLP, KD", "hard": "MLP, HARD"}
     rows = [[labels[k], fmt(acc[k]["test"], 100), fmt(acc[k]["shifted"], 100)] for k in ("teacher", "kd", "hard")]
     gain = statistics.mean(acc["hard"]["shifted"]) - statistics.mean(acc["kd"]["shifted"])
     notes = (f"Test accuracy %, mean ± std over {args.seeds} seeds (each seed its own split, teacher and shifts); "
              f"students {args.epochs} epochs, CE 0.1 + KD 0.9 at T = 4; shifted: every test digit moved by up to "
              f"{args.shift} pixels in x and y. HARD minus KD on the shifted digits: {100 * gain:+.2f} points. "
-             f"Augmented examples: `results/hard_examples.png`. Took {(time.perf_counter() - t0) / 60:.1f} minutes. "
-             f"Command: `python benchmarks/hard.py --seeds {args.seeds} --epochs {args.epochs} --teacher-epochs "
+             f"Augmented examples: `results/{args.name}_examples.png`. Took {(time.perf_counter() - t0) / 60:.1f} minutes. "
+             f"Command: `python benchmarks/hard.py --name {args.name} --seeds {args.seeds} --epochs {args.epochs} --teacher-epochs "
              f"{args.teacher_epochs} --shift {args.shift}`.")
-    write("hard", {"args": {k: str(v) for k, v in vars(args).items()}, "test_acc": acc, "hard_minus_kd_shifted": gain},
+    write(args.name, {"args": {k: str(v) for k, v in vars(args).items()}, "test_acc": acc, "hard_minus_kd_shifted": gain},
           ["model", "test", f"shifted (up to {args.shift} px)"], rows, notes)
 
 

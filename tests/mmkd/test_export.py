@@ -72,6 +72,7 @@ FAMILIES = {
                 "hidden": [8]}, fused, ["onnx", "pt2"]),
     "dual_head": ({"backbone": {"name": "cnn", "args": {"channels": [4, 8]}}}, image((1, 8, 8)), ["pt2"]),
     "resnet8": ({}, image((3, 16, 16)), ["pt2"]),  # stands for resnet14 ... resnet110, resnet8x4, resnet32x4
+    "cifar_resnet": ({"blocks": [1, 2, 1], "widths": [8, 8, 16, 16], "kernels": [3, 5, 3]}, image((3, 16, 16)), ["pt2"]),
     "wrn_16_1": ({}, image((3, 16, 16)), ["pt2"]),  # and the other wide ResNets
     "mobilenetv2": ({}, image((3, 32, 32)), ["pt2"]),
     "shufflenetv2": ({}, image((3, 16, 16)), ["onnx", "pt2"]),

@@ -310,10 +310,12 @@ def cache_data():
                              label=torch.randint(0, C, (100,), generator=g))
 
 
-def live_outputs(teacher, ds):
+def live_outputs(teacher, ds, batch_size=32):
+    """The teacher's outputs in the cache's batches (a matrix product's rounding may depend on the
+    batch size, so other batches need not match bit for bit)."""
     with torch.no_grad():
-        out = teacher(next(iter(loader(ds, len(ds)))))
-    return out.logits, out.features["1"]
+        outs = [teacher(b) for b in loader(ds, batch_size)]
+    return torch.cat([o.logits for o in outs]), torch.cat([o.features["1"] for o in outs])
 
 
 def forward_counter(teacher):

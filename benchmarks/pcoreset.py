@@ -81,9 +81,11 @@ def main() -> None:
     teacher = fmt([json.loads((Path(r["rounds"][0]["run_dir"]) / "results.json").read_text())["teachers"]
                    [next(iter(first["teachers"]))]["test_acc"] for r in runs[args.strategies[0]]], 100)
     plot({STRATEGIES[s]: (labels, acc[s]) for s in args.strategies}, RESULTS / f"{args.name}.png")
-    minutes, epochs = (time.perf_counter() - t0) / 60, next(iter(cfg.teachers.values())).epochs
+    tc = next(iter(cfg.teachers.values()))
+    minutes, epochs = (time.perf_counter() - t0) / 60, tc.epochs
     notes = (f"Test accuracy %, mean ± std over {args.seeds} seeds; `{args.experiment}`: student {cfg.student.name}, "
-             f"teacher {next(iter(cfg.teachers.values())).name}" + f" ({teacher}%, {epochs} epoch{'s' if epochs != 1 else ''} on every training label)"
+             f"teacher {tc.name}" + (f" ({teacher}%, loaded: {Path(tc.checkpoint).name}, trained on every training label)" if tc.checkpoint else
+                f" ({teacher}%, {epochs} epoch{'s' if epochs != 1 else ''} on every training label)")
              + f", {cfg.trainer.max_epochs} epochs a round on {cfg.losses.ce.weight} CE(labelled) + "
              f"{cfg.losses.kd.weight} KD (T = {cfg.losses.kd.args.temperature}) over the labelled and the "
              f"unlabelled batch; {cfg.method.initial} labels per class, then {cfg.method.rounds} rounds of "

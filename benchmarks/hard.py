@@ -5,7 +5,7 @@ MNIST (the test set's 10,000 digits as 8,000 / 1,000 / 1,000; ``mnist_kd`` and `
 CNN teacher is trained once a seed (``--teacher-epochs``) and shared by both students of that seed;
 the MLP students train ``--epochs`` with CE 0.1 + KD 0.9 (T = 4), HARD's on the real and the
 augmented digits. Each model is tested on the test split as it is and with every digit shifted by
-up to ``--shift`` pixels (:func:`mmkd.modalities.image.mnist.shift`, seeded). Seed 0's grid of
+up to ``--shift`` pixels (:func:`mmkd.modalities.image.folders.shift`, seeded). Seed 0's grid of
 augmented training digits is copied to ``results/<name>_examples.png``. A finished run is read back.
 
     OMP_NUM_THREADS=1 MMKD_DATA=../shared/data python benchmarks/hard.py [--seeds 3] [--epochs 8]

@@ -5,7 +5,7 @@ The teacher is ``cifar10.py``'s (trained once into ``<work>``); students ``--stu
 ``--epochs`` with CE 0.1 + KD 0.9 at T = 4 (``cifar10_kd``, the protocol scaled as ``cifar10.py``
 does), both with the crops and flips of the setting, the HARD one also with ``transforms: [{name:
 hard}]`` (a live teacher). Each is tested on the test split as it is (in-domain), with every image
-shifted by up to ``--shift`` pixels (:func:`mmkd.modalities.image.mnist.shift`, black in pixel
+shifted by up to ``--shift`` pixels (:func:`mmkd.modalities.image.folders.shift`, black in pixel
 space) and with Gaussian pixel noise of standard deviation ``--noise`` (in [0, 1] pixel units):
 the out-of-domain sets. A finished run is read back, not trained again.
 
@@ -24,7 +24,7 @@ from mmkd.build import load_data
 from mmkd.cli import compose
 from mmkd.data import loader
 from mmkd.export import trained_model
-from mmkd.modalities.image.mnist import shift
+from mmkd.modalities.image.folders import shift
 from mmkd.run import run
 
 METHODS = {"kd": ("KD", []), "hard": ("KD + HARD", ["+transforms=[{name: hard}]"])}

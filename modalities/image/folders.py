@@ -215,16 +215,29 @@ def view_seed(seed: int, epoch: int, item: int) -> int:
     return (((seed * 1_000_003) ^ epoch) * 2_000_003 + item) % (2**63 - 1)
 
 
-def random_crop(x: Tensor, pad: int) -> Tensor:
-    """Each image of ``x`` (``[B, C, H, W]``) padded by ``pad`` zero pixels a side, then cropped back to
-    ``H x W`` at a uniformly random offset."""
+def crop(x: Tensor, pad: int, dy: Tensor, dx: Tensor) -> Tensor:
+    """Each image ``n`` of ``x`` (``[B, C, H, W]``) padded by ``pad`` zero pixels a side, then cropped
+    back to ``H x W`` from row ``dy[n]`` and column ``dx[n]`` of the padded image (``0 .. 2 pad``)."""
     b, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, b))
     rows = (dy.view(b, 1) + torch.arange(h)).view(b, 1, h, 1).expand(b, x.shape[1], h, w + 2 * pad)
     out = padded.gather(2, rows)
     cols = (dx.view(b, 1) + torch.arange(w)).view(b, 1, 1, w).expand(b, x.shape[1], h, w)
     return out.gather(3, cols)
+
+
+def random_crop(x: Tensor, pad: int) -> Tensor:
+    """Each image of ``x`` (``[B, C, H, W]``) padded by ``pad`` zero pixels a side, then cropped back to
+    ``H x W`` at a uniformly random offset."""
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, len(x)))
+    return crop(x, pad, dy, dx)
+
+
+def shift(x: Tensor, offsets: Tensor) -> Tensor:
+    """Each image of ``x`` (``[B, C, H, W]``) moved by ``offsets[n] = (dx, dy)`` pixels (right, down),
+    zeros moved in (a crop of the padded image, :func:`crop`)."""
+    pad = int(offsets.abs().max()) if len(offsets) else 0
+    return crop(x, pad, pad - offsets[:, 1], pad - offsets[:, 0])
 
 
 def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:

@@ -15,27 +15,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import Tensor
 
 from mmkd.checks import COUNT, SEED, Fractions
 from mmkd.data import DataError, DataSplits, TensorDictDataset, stratified_split
 from mmkd.metrics import task_metrics
 from mmkd.modalities.avdigits import MNIST_FILES, read_idx
+from mmkd.modalities.image.folders import shift
 from mmkd.registry import DATASETS
 
 log = logging.getLogger("mmkd")
-
-
-def shift(images: Tensor, offsets: Tensor) -> Tensor:
-    """``images`` ``[N, C, H, W]`` each moved by ``offsets[n] = (dx, dy)`` pixels (right, down), zeros
-    moved in."""
-    n, _, h, w = images.shape
-    out = torch.zeros_like(images)
-    for i, (dx, dy) in enumerate(offsets.tolist()):
-        ys, yd = slice(max(0, -dy), min(h, h - dy)), slice(max(0, dy), min(h, h + dy))
-        xs, xd = slice(max(0, -dx), min(w, w - dx)), slice(max(0, dx), min(w, w + dx))
-        out[i, :, yd, xd] = images[i, :, ys, xs]
-    return out
 
 
 @DATASETS.register("mnist", ranges={"split_seed": SEED, "fractions": Fractions(), "test_shift": COUNT,

@@ -16,7 +16,7 @@ from torch import nn
 
 from mmkd.cli import main
 from mmkd.methods.hard import Hard, Warp
-from mmkd.modalities.image.mnist import shift
+from mmkd.modalities.image.folders import shift
 from mmkd.net import Net, Teacher
 from mmkd.registry import DATASETS
 

@@ -8,9 +8,10 @@ Each candidate student ``S`` is scored against the teacher ``T`` at initialisati
   classes: a class-activation weighting of the last features, Grad-CAM's), as inter-class
   correlation matrices ``G = normalize_rows(g g^T)``: ``D_sem = ||G_T - G_S||_F^2 / K^2``;
 - relation: the last feature maps ``f`` (``[B, ...]``, flattened) as sample-relation matrices
-  ``R = normalize_rows(f f^T)`` (similarity-preserving KD's): ``D_rel = ||R_T - R_S||_F^2 / B^2``;
+  ``R = normalize_rows(f f^T)``: ``D_rel = ||R_T - R_S||_F^2 / B^2``;
 
-and ``score = -(D_sem + D_rel)``. An evolutionary search (:func:`evolve`) walks the space: a
+both are the loss ``sp`` (similarity-preserving KD, :mod:`mmkd.losses.features.sp`), the first over
+the rows of ``g``, in float64; and ``score = -(D_sem + D_rel)``. An evolutionary search (:func:`evolve`) walks the space: a
 population of ``population`` random candidates; each of ``iterations`` steps mutates one gene of a
 parent drawn from the ``parents`` best, scores the child (unseen and within ``max_params``) and
 drops the worst, so the population keeps its size. The best scored candidate is the pick.
@@ -48,6 +49,7 @@ from mmkd.build import build_model, load_data, load_weights
 from mmkd.callbacks import ProgressBar
 from mmkd.config import ConfigError
 from mmkd.data import loader
+from mmkd.losses.features.sp import sp
 from mmkd.net import Net, num_params
 from mmkd.registry import PIPELINES
 
@@ -74,17 +76,6 @@ def gaussian_init(model: nn.Module) -> nn.Module:
     return model
 
 
-def gram(x: Tensor) -> Tensor:
-    """``normalize_rows(x x^T)`` of ``x`` flattened to rows."""
-    x = x.flatten(1).double()
-    return F.normalize(x @ x.T, dim=1)
-
-
-def distance(a: Tensor, b: Tensor) -> float:
-    """``||gram(a) - gram(b)||_F^2 / n^2``, ``n`` the rows of ``a`` and ``b``."""
-    return float(((gram(a) - gram(b)) ** 2).sum() / len(a) ** 2)
-
-
 def signals(model: nn.Module, keys: list[str], feature: str, batch: dict) -> tuple[Tensor, Tensor]:
     """The CE gradient of ``model``'s classifier weight and the ``feature`` output on ``batch`` (train
     mode: BatchNorm on the batch's statistics, as at initialisation)."""
@@ -104,7 +95,7 @@ def proxy(teacher: nn.Module, student: nn.Module, batch: dict, keys: list[str], 
         gaussian_init(t)
     g_t, f_t = signals(t, teacher_keys, teacher_feature or feature, batch)
     g_s, f_s = signals(s, keys, feature, batch)
-    sem, rel = distance(g_t, g_s), distance(f_t, f_s)
+    sem, rel = float(sp(g_s.double(), g_t.double())), float(sp(f_s.double(), f_t.double()))
     return {"semantic": sem, "relation": rel, "score": -(sem + rel)}
 
 

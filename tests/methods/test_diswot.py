@@ -11,24 +11,40 @@ import torch.nn.functional as F
 import yaml
 
 from mmkd.cli import compose, main
-from mmkd.methods.diswot import SPACE, architecture, distance, evolve, gaussian_init, gram, mutate, proxy, signals
+from mmkd.methods.diswot import SPACE, architecture, evolve, gaussian_init, mutate, proxy, signals
 from mmkd.registry import MODELS
 
 TINY = ["data.name=digits", "~data.args.augment", "teachers.resnet.name=resnet8", "method.population=4", "method.iterations=6",
         "method.batch_size=16", "trainer.progress=off"]
 
 
-def test_gram_and_distance_against_loops():
-    torch.manual_seed(0)
-    a, b = torch.randn(5, 2, 3), torch.randn(5, 7)
-    fa = a.flatten(1).tolist()
-    g = [[sum(x * y for x, y in zip(fa[i], fa[j])) for j in range(5)] for i in range(5)]
-    g = [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in g]
-    torch.testing.assert_close(gram(a), torch.tensor(g, dtype=torch.float64))
-    gb = gram(b).tolist()
-    want = sum((g[i][j] - gb[i][j]) ** 2 for i in range(5) for j in range(5)) / 25
-    assert distance(a, b) == pytest.approx(want, rel=1e-12)
-    assert distance(a, a) == 0.0 and distance(a, 3.0 * a) == pytest.approx(0.0, abs=1e-15)  # scale-free
+def naive_sp(a, b):
+    """||normalize_rows(a a^T) - normalize_rows(b b^T)||_F^2 / n^2, in loops."""
+    def g(x):
+        x = x.flatten(1).tolist()
+        m = [[sum(p * q for p, q in zip(x[i], x[j])) for j in range(len(x))] for i in range(len(x))]
+        return [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in m]
+    ga, gb = g(a), g(b)
+    n = len(ga)
+    return sum((ga[i][j] - gb[i][j]) ** 2 for i in range(n) for j in range(n)) / n ** 2
+
+
+def test_the_proxy_is_sp_on_the_class_gradients_and_the_features():
+    """Both distances recomputed in loops from the signals of the copies the proxy makes (student
+    copy re-initialised first, then the teacher copy, from the same generator state)."""
+    import copy
+
+    t, s = MODELS["resnet8"](num_classes=3, in_shape=(3, 8, 8)), MODELS["cifar_resnet"](3, (3, 8, 8), blocks=[1, 1, 1])
+    batch = {"image": torch.randn(6, 3, 8, 8), "label": torch.arange(6) % 3}
+    torch.manual_seed(4)
+    got = proxy(t, s, batch, ["image"], ["image"])
+    torch.manual_seed(4)
+    s2 = gaussian_init(copy.deepcopy(s))
+    t2 = gaussian_init(copy.deepcopy(t))
+    (g_t, f_t), (g_s, f_s) = signals(t2, ["image"], "layer3", batch), signals(s2, ["image"], "layer3", batch)
+    assert got["semantic"] == pytest.approx(naive_sp(g_t.double(), g_s.double()), rel=1e-9)
+    assert got["relation"] == pytest.approx(naive_sp(f_t.double(), f_s.double()), rel=1e-9)
+    assert got["score"] == -(got["semantic"] + got["relation"])
 
 
 def test_the_semantic_signal_is_the_classifier_gradient_of_ce():

@@ -23,7 +23,7 @@ genes ``blocks1..3`` (blocks a stage), ``width1..3`` (channels a stage; the stem
 (``student={name: cifar_resnet, ...}``) for a run that distils it.
 
 Official code followed (github.com/lliai/DisWOT-CVPR2023, ``compute_diswot_procedure``): both
-networks re-initialised with Gaussian weights (convolutions and linear layers ``N(0, 1)``, BatchNorm
+networks re-initialised with Gaussian weights (the teacher once for the whole search) (convolutions and linear layers ``N(0, 1)``, BatchNorm
 1 / 0; ``teacher_init: trained`` keeps the teacher's trained weights instead, our option), one
 training batch, the CE gradient of each classifier's weight and the SP relation of the last
 features, the score the negated sum. Deviation: the official code compares the gradients as
@@ -86,15 +86,20 @@ def signals(model: nn.Module, keys: list[str], feature: str, batch: dict) -> tup
     return grad.detach(), out.features[feature].detach()
 
 
-def proxy(teacher: nn.Module, student: nn.Module, batch: dict, keys: list[str], teacher_keys: list[str],
-          feature: str = "layer3", teacher_feature: str | None = None, init: str = "gaussian") -> dict[str, float]:
-    """DisWOT's distances and score of ``student`` against ``teacher`` on ``batch`` (module
-    docstring); both models are copied first (``init: gaussian`` re-initialises the copies)."""
-    t, s = copy.deepcopy(teacher), gaussian_init(copy.deepcopy(student))
-    if init == "gaussian":
-        gaussian_init(t)
-    g_t, f_t = signals(t, teacher_keys, teacher_feature or feature, batch)
-    g_s, f_s = signals(s, keys, feature, batch)
+def teacher_signals(teacher: nn.Module, batch: dict, keys: list[str], feature: str = "layer3",
+                    init: str = "gaussian") -> tuple[Tensor, Tensor]:
+    """The teacher's :func:`signals` on ``batch``, from a copy (re-initialised with ``init: gaussian``):
+    computed once for a whole search, as the official code initialises its teacher once."""
+    t = copy.deepcopy(teacher)
+    return signals(gaussian_init(t) if init == "gaussian" else t, keys, feature, batch)
+
+
+def proxy(teacher: tuple[Tensor, Tensor], student: nn.Module, batch: dict, keys: list[str],
+          feature: str = "layer3") -> dict[str, float]:
+    """DisWOT's distances and score of ``student`` (a copy of it, re-initialised) against the
+    teacher's :func:`teacher_signals` on ``batch`` (module docstring)."""
+    g_t, f_t = teacher
+    g_s, f_s = signals(gaussian_init(copy.deepcopy(student)), keys, feature, batch)
     sem, rel = float(sp(g_s.double(), g_t.double())), float(sp(f_s.double(), f_t.double()))
     return {"semantic": sem, "relation": rel, "score": -(sem + rel)}
 
@@ -212,9 +217,11 @@ class Scorer:
         g = torch.Generator().manual_seed(cfg.seed)
         pick = torch.randperm(len(data.train), generator=g)[:opts["batch_size"]].sort().values.tolist()
         self.batch = next(iter(loader(torch.utils.data.Subset(data.train, pick), len(pick))))
+        self.teacher_out = teacher_signals(self.teacher, self.batch, list(tc.inputs), opts["feature"],
+                                           opts["teacher_init"])
         self.cfg, self.opts, self.meta = cfg, opts, meta
         self.student = OmegaConf.to_container(cfg.student, resolve=True)
-        self.keys, self.teacher_keys = list(cfg.student.inputs), list(tc.inputs)
+        self.keys = list(cfg.student.inputs)
         self.sizes: dict[tuple, int] = {}
 
     def model(self, c: dict) -> nn.Module:
@@ -229,9 +236,7 @@ class Scorer:
         return self.sizes[key]
 
     def __call__(self, c: dict) -> dict[str, float]:
-        model = self.model(c)
-        return proxy(self.teacher, model, self.batch, self.keys, self.teacher_keys, self.opts["feature"],
-                     init=self.opts["teacher_init"])
+        return proxy(self.teacher_out, self.model(c), self.batch, self.keys, self.opts["feature"])
 
 
 @PIPELINES.register("diswot")

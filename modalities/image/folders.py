@@ -39,11 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmkd.checks import COUNT, SEED, Fractions, Range
+from mmkd.checks import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, SEED, Fractions, Range
 from mmkd.config import ConfigError
 from mmkd.data import DataError, DataSplits, Epochal, Fingerprinted, hash_tensors, stratified_split
 from mmkd.metrics import task_metrics
 from mmkd.modalities.disk_cache import cached, default_cache_dir
+from mmkd.modalities.image.corrupt import corrupt as shifted
 from mmkd.registry import DATASETS
 
 log = logging.getLogger("mmkd")
@@ -255,15 +256,17 @@ def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[
     return (mean / 255).tolist(), (std / 255).tolist()
 
 
-def _load(path: Path, size, cache_dir: Path, limit_per_class: int | None) -> tuple[Tensor, list[str], list[str]]:
-    """Images (decoded or from the cache), their class names and the sorted class list."""
+def _load(path: Path, size, cache_dir: Path, limit_per_class: int | None,
+          offset_per_class: int = 0) -> tuple[Tensor, list[str], list[str]]:
+    """Images (decoded or from the cache), their class names and the sorted class list; of each class
+    the images ``offset_per_class + 1 ..`` (at most ``limit_per_class`` of them) in member order."""
     source = Source(path)
-    if limit_per_class is not None:
+    if limit_per_class is not None or offset_per_class:
         seen: Counter[str] = Counter()
         pick = []
         for i, (c, _) in enumerate(source.entries):
             seen[c] += 1
-            if seen[c] <= limit_per_class:
+            if offset_per_class < seen[c] <= offset_per_class + (limit_per_class or len(source.entries)):
                 pick.append(i)
         source.entries = [source.entries[i] for i in pick]
         source.stats = [source.stats[i] for i in pick]
@@ -274,23 +277,31 @@ def _load(path: Path, size, cache_dir: Path, limit_per_class: int | None) -> tup
 
 @DATASETS.register("image_folder", ranges={"split_seed": SEED, "augment_seed": SEED, "fractions": Fractions(),
                                            "val_fraction": Range(0, 1, low_open=True, high_open=True),
-                                           "limit_per_class": COUNT, "test_limit_per_class": COUNT})
+                                           "limit_per_class": COUNT, "test_limit_per_class": COUNT,
+                                           "offset_per_class": NON_NEGATIVE_INT, "corrupt": NON_NEGATIVE,
+                                           "corrupt_seed": SEED})
 def image_folder(root: str, path: str, test_path: str | None = None, fractions: Sequence[float] = (0.8, 0.1, 0.1),
                  val_fraction: float = 0.1, split_seed: int = 0, size: Sequence[int] | None = None,
                  augment: Sequence[str] = (), augment_seed: int | None = 0, cache_dir: str | os.PathLike | None = None,
                  limit_per_class: int | None = None, test_limit_per_class: int | None = None,
-                 normalize: bool = True) -> DataSplits:
+                 normalize: bool = True, offset_per_class: int = 0, corrupt: float = 0.0,
+                 corrupt_seed: int = 0) -> DataSplits:
     """Train/val/test splits of the images at ``path`` (a folder or zip under the data root, see the
     module docstring): with ``test_path`` that folder or zip is the test split and ``val_fraction`` of
     ``path`` (stratified) the validation split; without, ``fractions`` split ``path`` three ways.
     ``size`` (H, W) resizes every image; ``limit_per_class`` keeps the first images of each class of
     ``path`` (a training subset), ``test_limit_per_class`` those of ``test_path`` (default: all).
     ``normalize``: standardise each channel with the training split's statistics (the default), or
-    serve pixels in ``[0, 1]`` (``false``: for a model that normalises its own input, e.g. ``clip``)."""
+    serve pixels in ``[0, 1]`` (``false``: for a model that normalises its own input, e.g. ``clip``).
+    ``offset_per_class`` skips the first images of each class of ``path`` (images no other run of the
+    same ``limit_per_class`` saw); ``corrupt`` shifts the images of ``path`` (train and validation, and
+    test without ``test_path``) by :func:`mmkd.modalities.image.corrupt.corrupt` at that strength,
+    seeded by ``corrupt_seed``."""
     if unknown := [a for a in augment if a not in AUGMENTS]:
         raise ConfigError(f"data.args.augment: unknown augmentation {unknown[0]!r}; choose from: {', '.join(AUGMENTS)}")
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    images, names, classes = _load(Path(root) / path, size, folder, limit_per_class)
+    images, names, classes = _load(Path(root) / path, size, folder, limit_per_class, offset_per_class)
+    images = shifted(images, corrupt, corrupt_seed)
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[c] for c in names])
     if test_path is not None:
@@ -309,7 +320,7 @@ def image_folder(root: str, path: str, test_path: str | None = None, fractions: 
         parts = {s: (images[i], labels[i]) for s, i in zip(SPLITS, cut)}
     channels = images.shape[1]
     mean, std = channel_stats(parts["train"][0]) if normalize else ([0.0] * channels, [1.0] * channels)
-    tag = f"image_folder/{Path(path).name}/{split_seed}"
+    tag = f"image_folder/{Path(path).name}/{split_seed}" + (f"/corrupt{corrupt}-{corrupt_seed}" if corrupt else "")
     sets = [ImageDataset(f"{tag}/{s}", *parts[s], mean, std, *((augment, augment_seed) if s == "train" else ()))
             for s in SPLITS]
     log.info("image_folder: %s: %d classes, %d / %d / %d images of %s, augment %s", path, len(classes),
@@ -321,21 +332,29 @@ def image_folder(root: str, path: str, test_path: str | None = None, fractions: 
 
 
 @DATASETS.register("cifar10", ranges={"split_seed": SEED, "augment_seed": SEED, "val_size": COUNT,
-                                      "limit_per_class": COUNT, "test_limit_per_class": COUNT})
+                                      "limit_per_class": COUNT, "test_limit_per_class": COUNT,
+                                      "offset_per_class": NON_NEGATIVE_INT, "corrupt": NON_NEGATIVE, "corrupt_seed": SEED})
 def cifar10(root: str, val_size: int = 5000, split_seed: int = 0, augment: Sequence[str] = ("crop", "flip"),
             augment_seed: int | None = 0, cache_dir: str | os.PathLike | None = None,
             limit_per_class: int | None = None, test_limit_per_class: int | None = None,
-            normalize: bool = True) -> DataSplits:
-    """CIFAR-10 from ``<root>/cifar10/train.zip`` and ``test.zip`` (see the module docstring)."""
+            normalize: bool = True, offset_per_class: int = 0, corrupt: float = 0.0,
+            corrupt_seed: int = 0) -> DataSplits:
+    """CIFAR-10 from ``<root>/cifar10/train.zip`` and ``test.zip`` (see the module docstring); the
+    last three arguments are :func:`image_folder`'s (a shifted pool of training images; the test split
+    stays as it is)."""
     train = Path(root) / "cifar10" / "train.zip"
     if not train.is_file():
         raise ConfigError(f"cifar10: no {str(train)!r}; put CIFAR-10's train.zip and test.zip (<class>/<file> "
                           "inside) there or set data_root / MMKD_DATA")
-    per_class = limit_per_class or 5000
+    if offset_per_class + (limit_per_class or 0) > 5000 or offset_per_class >= 5000:
+        raise ConfigError(f"data.args.offset_per_class={offset_per_class}: CIFAR-10 has 5000 training images a class; "
+                          f"with limit_per_class={limit_per_class} keep offset + limit at most 5000")
+    per_class = min(limit_per_class or 5000, 5000 - offset_per_class)
     if val_size >= 10 * per_class:
         raise ConfigError(f"data.args.val_size={val_size}: the training split has {10 * per_class} images; "
                           "hold out fewer")
     return image_folder(root, "cifar10/train.zip", "cifar10/test.zip", val_fraction=val_size / (10 * per_class),
                         split_seed=split_seed, augment=augment, augment_seed=augment_seed, cache_dir=cache_dir,
                         limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class,
-                        normalize=normalize)
+                        normalize=normalize, offset_per_class=offset_per_class, corrupt=corrupt,
+                        corrupt_seed=corrupt_seed)

@@ -16,6 +16,10 @@
   evolutionary search of CIFAR ResNet students scored at initialisation against the teacher.
 - HARD (Nix et al., arXiv:2305.14890, 2023), :mod:`mmkd.methods.hard`: the batch transform ``hard``,
   a learned spatial transformer making inputs on which student and teacher disagree.
+- KD^3 (Tang et al., ICCV 2023), :mod:`mmkd.methods.kd3`: distillation from a shifted, unlabelled pool:
+  the router ``kd3`` (instances selected by the combined predictions of teacher and student), the
+  loss ``kd3_align`` (weighted features and classifier parameters), the batch transform ``mixdist``
+  and the loss ``kd3_contrast`` (MixDistribution's perturbed copies, aligned contrastively).
 - Data pruning for distillation (Ben-Baruch et al., arXiv:2403.07854, 2024), :mod:`mmkd.methods.pruning`:
   the data policies ``el2n`` and ``prune`` (keep the top fraction of per-item scores) and the callback
   ``forgetting`` (forgetting events, written for ``prune``).
@@ -31,6 +35,7 @@ from . import active  # noqa: F401  (registers the active pipeline and the label
 from . import dho, dual_head, dual_head_kd  # noqa: F401  (register the dual-head model)
 from . import diswot  # noqa: F401  (registers the diswot pipeline)
 from . import hard  # noqa: F401  (registers the hard batch transform)
+from . import kd3  # noqa: F401  (registers the kd3 router, the mixdist transform and the KD^3 losses)
 from . import mst_distill  # noqa: F401  (registers the mst_stage1|2|3 pipelines)
 from . import pruning  # noqa: F401  (registers the el2n and prune policies and the forgetting callback)
 from . import self_distill  # noqa: F401  (registers the self_distill pipeline)

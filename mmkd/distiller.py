@@ -178,9 +178,10 @@ class Distiller(Module):
 
     def callbacks(self) -> list:
         """The :class:`~mmkd.schedules.Clock` that sets the progress before each step, and the student
-        model, the loss terms' modules and the batch transforms when they are
-        :class:`~mmkd.callbacks.Callback` s (DHO's calibration, CTKD's curriculum, HARD's examples)."""
-        own = [self.student.model, *self.loss_modules.values(), *self.transforms]
+        model, the router, the loss terms' modules and the batch transforms when they are
+        :class:`~mmkd.callbacks.Callback` s (DHO's calibration, KD^3's selected share, CTKD's
+        curriculum, HARD's examples)."""
+        own = [self.student.model, self.router, *self.loss_modules.values(), *self.transforms]
         return [Clock(self), *(m for m in own if isinstance(m, Callback))]
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:

@@ -294,7 +294,7 @@ def _explain(e: Exception, overrides: Sequence[str], file: Path | None = None, s
     return f"{key + ': ' if key else ''}{first}{where}"
 
 
-SECTIONS = {"DataConfig": "data", "ModelConfig": "student", "RouterConfig": "router", "TrainerSection": "trainer"}
+SECTIONS = {"DataConfig": "data", "StudentConfig": "student", "RouterConfig": "router", "TrainerSection": "trainer"}
 
 
 def _group_options(group: str, search: Sequence) -> list[str]:

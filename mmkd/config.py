@@ -48,6 +48,13 @@ class ModelConfig:
 
 
 @dataclass
+class StudentConfig(ModelConfig):
+    """The student: built fresh from the run's seed, or starting from weights (``init``)."""
+
+    init: Optional[str] = None  # a state dict (e.g. an earlier run's student.pt) or a run's best.pt to start from
+
+
+@dataclass
 class TeacherConfig(ModelConfig):
     """A teacher: trained here on labels (``checkpoint: null``) or loaded from a weights file."""
 
@@ -124,7 +131,7 @@ class RunConfig:
     # entries are typed by ``typed_sections`` (TeacherConfig / TermConfig); declared as plain dicts so
     # that new ones can be added from the command line (``losses.hint.loss=mse``)
     teachers: Dict[str, Any] = field(default_factory=dict)
-    student: ModelConfig = field(default_factory=lambda: ModelConfig(name="mlp"))
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(name="mlp"))
     router: RouterConfig = field(default_factory=RouterConfig)
     losses: Dict[str, Any] = field(default_factory=lambda: {"ce": {}})
     trainer: TrainerSection = field(default_factory=TrainerSection)

@@ -186,6 +186,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
             load_weights(teacher_models[name], tc.checkpoint, f"teachers.{name}.checkpoint", name)
     seed_everything(cfg.seed)
     student = build_model(cfg.student, meta, "student")
+    if cfg.student.init:  # e.g. the student of an earlier round (CoMD), which this run trains on
+        load_weights(student, cfg.student.init, "student.init")
     init = copy.deepcopy(student.state_dict())
     router = build_router(cfg, meta, student, data, len(cfg.teachers)) if cfg.teachers else None
     transforms, policies, callbacks = (build_plugins(cfg, k) for k in ("transforms", "policies", "callbacks"))

@@ -1,6 +1,7 @@
 """Routers: per-instance weights over the teachers of a mixture, shape ``[batch, teachers]``.
 
-Parameter-free: ``constant`` (:class:`ConstantRouter`), ``confidence`` (:class:`ConfidenceRouter`).
+Parameter-free: ``constant`` (:class:`ConstantRouter`), ``confidence`` (:class:`ConfidenceRouter`),
+``competitive`` (:class:`CompetitiveRouter`: a teacher only where it beats the student on the label).
 Learned, on the student's logits or a student feature: ``linear`` (:class:`LinearRouter`), ``mlp``
 (:class:`MLPRouter`), ``noisy_topk`` (:class:`NoisyTopKRouter`), in ``soft``, ``topk`` or ``hard``
 mode with a load-balancing loss (:mod:`mmkd.routers.gating`). MST-Distill, which routes over
@@ -20,6 +21,7 @@ Write your own by subclassing :class:`Router` and registering it::
             return (-ent).softmax(dim=1)  # confident (low-entropy) teachers weigh more
 """
 from mmkd.routers.base import Router, register_router
+from mmkd.routers.competitive import CompetitiveRouter
 from mmkd.routers.confidence import ConfidenceRouter
 from mmkd.routers.constant import ConstantRouter
 from mmkd.routers.fusion import DynamicFusion, Fused

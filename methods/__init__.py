@@ -14,6 +14,9 @@
   coreset, entropy or at random, each round a fresh student on CE + KD) and its data policy ``labels``.
 - DisWOT (Dong et al., CVPR 2023), :mod:`mmkd.methods.diswot`: the pipeline ``diswot``, an
   evolutionary search of CIFAR ResNet students scored at initialisation against the teacher.
+- CoMD (Li et al., arXiv:2311.08213, 2023), :mod:`mmkd.methods.comd`: the pipeline ``comd``, rounds in
+  which the student learns from the teacher, the teacher from the student where it is beaten (the
+  router ``competitive``), and the student's mistakes join the data (the policy ``augmented``).
 - HARD (Nix et al., arXiv:2305.14890, 2023), :mod:`mmkd.methods.hard`: the batch transform ``hard``,
   a learned spatial transformer making inputs on which student and teacher disagree.
 - KD^3 (Tang et al., ICCV 2023), :mod:`mmkd.methods.kd3`: distillation from a shifted, unlabelled pool:
@@ -33,6 +36,7 @@ several losses) gets a module here.
 
 from . import active  # noqa: F401  (registers the active pipeline and the labels policy)
 from . import dho, dual_head, dual_head_kd  # noqa: F401  (register the dual-head model)
+from . import comd  # noqa: F401  (registers the comd pipeline and the augmented policy)
 from . import diswot  # noqa: F401  (registers the diswot pipeline)
 from . import hard  # noqa: F401  (registers the hard batch transform)
 from . import kd3  # noqa: F401  (registers the kd3 router, the mixdist transform and the KD^3 losses)

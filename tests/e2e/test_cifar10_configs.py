@@ -44,6 +44,10 @@ def test_shipped_cifar10_experiment_trains_one_epoch(experiment, images, tmp_pat
         small += ["method.initial=1", "method.queries=5", "method.rounds=1"]
     if cfg.pipeline == "diswot":  # a short search
         small += ["method.population=3", "method.iterations=3"]
+    if cfg.pipeline == "comd":  # two rounds: the second trains on the first's added items
+        small += ["method.rounds=2"]
+    if "offset_per_class" in cfg.data.args:  # a shifted pool of CIFAR-10's images: here, of the folder's
+        small += ["data.args.offset_per_class=0", "~data.args.limit_per_class", "~data.args.val_size"]
     code = main(["run", f"experiment={experiment}", f"data_root={images}", "data.name=image_folder",
                  "+data.args.path=imgs", "+data.args.fractions=[0.5,0.25,0.25]", f"data.args.cache_dir={tmp_path / 'img'}",
                  f"out_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1", "trainer.batch_size=10",

@@ -6,7 +6,8 @@ CNN teacher is trained once a seed (``--teacher-epochs``) and shared by both stu
 the MLP students train ``--epochs`` with CE 0.1 + KD 0.9 (T = 4), HARD's on the real and the
 augmented digits. Each model is tested on the test split as it is and with every digit shifted by
 up to ``--shift`` pixels (:func:`mmkd.modalities.image.folders.shift`, seeded). Seed 0's grid of
-augmented training digits is copied to ``results/<name>_examples.png``. A finished run is read back.
+augmented training digits is copied to ``results/<name>_examples.png``. ``--model vae``: HARD-VAE's
+latent shifts (the VAE pretrained on the training digits when the fit starts) instead of the warp. A finished run is read back.
 
     OMP_NUM_THREADS=1 MMKD_DATA=../shared/data python benchmarks/hard.py [--seeds 3] [--epochs 8]
 """
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--shift", type=int, default=4)
     p.add_argument("--work", type=Path, default=Path(__file__).parent / "runs" / "hard")
     p.add_argument("--name", default="hard", help="results/<name>.json, .md and <name>_examples.png")
+    p.add_argument("--model", choices=["warp", "vae"], default="warp",
+                   help="HARD's augmentation model: the spatial transformer or latent shifts of a VAE (HARD-VAE)")
     args = p.parse_args()
     work = args.work.resolve()
     root = os.environ.get("MMKD_DATA", "data")
@@ -58,7 +61,8 @@ def main() -> None:
         plain = DATASETS["mnist"](root=root, split_seed=seed).test
         moved = DATASETS["mnist"](root=root, split_seed=seed, test_shift=args.shift, shift_seed=seed).test
         for m, (label, exp) in METHODS.items():
-            cfg = compose([f"experiment={exp}", f"seed={seed}", *shared])
+            own = [f"transforms.0.args.model={args.model}"] if m == "hard" and args.model != "warp" else []
+            cfg = compose([f"experiment={exp}", f"seed={seed}", *shared, *own])
             done = finished(cfg, work / "out")
             if done is None:
                 print(f"{label}, seed {seed}", flush=True)
@@ -73,7 +77,8 @@ def main() -> None:
                 row["shifted"].append(accuracy(model, moved.tensors["image"], moved.tensors["label"]))
             if m == "hard" and seed == 0:
                 shutil.copy(run_dir / "student" / "hard_examples.png", RESULTS / f"{args.name}_examples.png")
-    labels = {"teacher": f"teacher (CNN, {args.teacher_epochs} epochs)", "kd": "MLP, KD", "hard": "MLP, HARD"}
+    labels = {"teacher": f"teacher (CNN, {args.teacher_epochs} epochs)", "kd": "MLP, KD",
+              "hard": "MLP, HARD" + ("-VAE" if args.model == "vae" else "")}
     rows = [[labels[k], fmt(acc[k]["test"], 100), fmt(acc[k]["shifted"], 100)] for k in ("teacher", "kd", "hard")]
     gain = statistics.mean(acc["hard"]["shifted"]) - statistics.mean(acc["kd"]["shifted"])
     notes = (f"Test accuracy %, mean ± std over {args.seeds} seeds (each seed its own split, teacher and shifts); "
@@ -81,7 +86,7 @@ def main() -> None:
              f"{args.shift} pixels in x and y. HARD minus KD on the shifted digits: {100 * gain:+.2f} points. "
              f"Augmented examples: `results/{args.name}_examples.png`. Took {(time.perf_counter() - t0) / 60:.1f} minutes. "
              f"Command: `python benchmarks/hard.py --name {args.name} --seeds {args.seeds} --epochs {args.epochs} --teacher-epochs "
-             f"{args.teacher_epochs} --shift {args.shift}`.")
+             f"{args.teacher_epochs} --shift {args.shift}" + (f" --model {args.model}" if args.model != "warp" else "") + "`.")
     write(args.name, {"args": {k: str(v) for k, v in vars(args).items()}, "test_acc": acc, "hard_minus_kd_shifted": gain},
           ["model", "test", f"shifted (up to {args.shift} px)"], rows, notes)
 

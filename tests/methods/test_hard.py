@@ -2,6 +2,7 @@
 warp's bounds and its shift against pixel arithmetic, one augmentation step against the objective
 recomputed by hand, the batch the transform returns, exact resume of the augmentation model's
 optimizer, and a run of mnist_hard on a small MNIST written here."""
+import copy
 import gzip
 import json
 import os
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkd.cli import main
-from mmkd.methods.hard import Hard, Warp
+from mmkd.methods.hard import VAE, Hard, LatentShift, Warp
 from mmkd.modalities.image.folders import shift
 from mmkd.net import Net, Teacher
 from mmkd.registry import DATASETS
@@ -181,3 +182,83 @@ def test_bad_hard_args_exit_2(small_mnist, tmp_path, capsys):
     code = main(["run", "experiment=mnist_hard", f"data_root={small_mnist}", f"out_dir={tmp_path / 'out'}",
                  "transforms.0.args.max_shift=2.0"])
     assert code == 2 and "max_shift" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- HARD-VAE: latent shifts of a VAE
+def test_a_zero_latent_shift_is_the_identity_and_shifts_stay_bounded():
+    torch.manual_seed(0)
+    shift = LatentShift(channels=1, latent=4, max_latent=0.5)
+    x = torch.rand(3, 1, 8, 8)
+    nn.init.zeros_(shift.net[-1].weight)
+    torch.testing.assert_close(shift(x), x, atol=1e-6, rtol=0)  # x + D(mu) - D(mu), not the VAE's reconstruction
+    nn.init.normal_(shift.net[-1].weight, std=10.0)  # saturated: every latent unit moved by +-0.5
+    mu = shift.vae.encode(x)[0]
+    z = torch.randn(3, shift.noise, *mu.shape[2:])
+    d = shift.max_latent * torch.tanh(shift.net(torch.cat([mu, z], 1)))
+    assert d.abs().max() <= 0.5 and d.abs().max() > 0.49
+    torch.testing.assert_close(shift(x, z), x + shift.vae.decode(mu + d) - shift.vae.decode(mu))
+    with pytest.raises(ValueError, match="args.channels"):
+        shift(torch.rand(2, 3, 8, 8))
+
+
+def test_the_vae_pretrains_then_freezes_and_a_resume_does_not_train_it_again():
+    from mmkd.data import TensorDictDataset
+
+    torch.manual_seed(0)
+    images = torch.zeros(64, 1, 8, 8)
+    for i in range(64):
+        images[i, 0, i % 5:i % 5 + 3, (i // 5) % 5:(i // 5) % 5 + 3] = 1
+    data = TensorDictDataset("squares", image=images, label=torch.zeros(64, dtype=torch.long))
+    hard = Hard(model="vae", latent=4, vae_epochs=150)
+
+    class Stub:
+        train_data = data
+
+    hard.on_fit_start(Stub(), None)
+    assert bool(hard.warp.ready) and not any(p.requires_grad for p in hard.warp.vae.parameters())
+    with torch.no_grad():
+        fresh = VAE(1, 4).loss(images, 1e-2)
+        assert hard.warp.vae.loss(images, 1e-2) < 0.5 * fresh  # it learned the squares
+    resumed = Hard(model="vae", latent=4, vae_epochs=150)
+    resumed.load_state_dict(hard.state_dict())
+
+    class NoData:
+        @property
+        def train_data(self):
+            raise AssertionError("a resumed fit must not pretrain again")
+
+    resumed.on_fit_start(NoData(), None)
+    assert all(torch.equal(p, q) for p, q in zip(hard.parameters(), resumed.parameters()))
+
+
+def test_a_vae_step_follows_the_objective():
+    """As for the warp: one Adam step of C_phi on L_G, the VAE untouched."""
+    teacher, student = models()
+    batch = {"image": torch.rand(16, 1, 8, 8), "label": torch.arange(16) % 5}
+    hard = Hard(model="vae", latent=4, lr=0.05, weight=0.7, temperature=2.0)
+    hard.warp.freeze()
+    ref = copy.deepcopy(hard.warp)
+    vae = copy.deepcopy(hard.warp.vae.state_dict())
+    torch.manual_seed(3)
+    hard.step(batch, student, [teacher])
+    torch.manual_seed(3)
+    x = batch["image"]
+    xa = ref(x)
+    t_real, t_aug, s_aug = teacher.model(x), teacher.model(xa), student.model(xa)
+    constraint = F.kl_div(t_aug.log_softmax(1), t_real.softmax(1).detach(), reduction="batchmean")
+    gap = 4.0 * F.kl_div((s_aug / 2).log_softmax(1), (t_aug / 2).softmax(1), reduction="batchmean")
+    opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=0.05)
+    (0.7 * constraint - gap).backward()
+    opt.step()
+    for a, b in zip(hard.warp.net.parameters(), ref.net.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(v, hard.warp.vae.state_dict()[k]) for k, v in vae.items())
+
+
+def test_vae_weights_load_from_a_state_dict(tmp_path):
+    vae = VAE(1, 4)
+    torch.save(vae.state_dict(), tmp_path / "vae.pt")
+    hard = Hard(model="vae", latent=4, vae=str(tmp_path / "vae.pt"))
+    assert bool(hard.warp.ready) and all(torch.equal(p, q) for p, q in zip(vae.parameters(), hard.warp.vae.parameters()))
+    with pytest.raises(ValueError, match="model: vae"):
+        Hard(vae=str(tmp_path / "vae.pt"))

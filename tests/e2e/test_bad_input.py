@@ -77,7 +77,7 @@ CASES = [
                                "val/f1, val/loss, val/ppl, val/tkl, val/top5 (a val/ metric joins trainer.metrics)"),
     ("trainer.metrics=[acc,f2]", "trainer.metrics: unknown metric 'f2'; choose from: acc, agree, auroc, f1, loss, ppl, tkl, top5"),
     # batch transforms, data policies, callbacks
-    ("transforms=[{name:mixupp}]", "transforms[0].name: unknown batch transform 'mixupp'; choose from: cutmix, hard, mixup"),
+    ("transforms=[{name:mixupp}]", "transforms[0].name: unknown batch transform 'mixupp'; choose from: cutmix, hard, mixdist, mixup"),
     ("transforms=[{name:cutmix,args:{mode:swap}}]", "transforms[0].args: cutmix.mode='swap'; choose from: append, replace"),
     ("transforms=[{name:mixup,args:{alpha:-1}}]", "transforms[0].args.alpha=-1; it must be a number > 0"),
     ("transforms=[{name:mixup,args:{beta:1}}]", "transforms[0].args: Mixup.__init__() got an unexpected keyword argument 'beta'"),

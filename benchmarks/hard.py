@@ -39,6 +39,15 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return right / len(labels)
 
 
+def vae_override() -> str:
+    """The ``transforms`` override of ``mnist_hard`` with its HARD transform's arguments and ``model: vae``."""
+    from omegaconf import OmegaConf
+
+    hard = OmegaConf.to_container(compose(["experiment=mnist_hard"]).transforms[0])
+    args = {**hard["args"], "model": "vae"}
+    return f"transforms=[{{name: {hard['name']}, args: {{{', '.join(f'{k}: {v}' for k, v in args.items())}}}}}]"
+
+
 def main() -> None:
     t0 = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,7 +70,7 @@ def main() -> None:
         plain = DATASETS["mnist"](root=root, split_seed=seed).test
         moved = DATASETS["mnist"](root=root, split_seed=seed, test_shift=args.shift, shift_seed=seed).test
         for m, (label, exp) in METHODS.items():
-            own = [f"transforms.0.args.model={args.model}"] if m == "hard" and args.model != "warp" else []
+            own = [vae_override()] if m == "hard" and args.model == "vae" else []
             cfg = compose([f"experiment={exp}", f"seed={seed}", *shared, *own])
             done = finished(cfg, work / "out")
             if done is None:

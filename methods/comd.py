@@ -42,7 +42,6 @@ No official code was reachable.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -64,6 +63,8 @@ from mmkd.net import Net
 from mmkd.policies import DataPolicy, register_policy
 from mmkd.registry import PIPELINES
 from mmkd.trainer import Trainer, seed_everything, to_device
+
+from .self_distill import run_round, scores
 
 log = logging.getLogger("mmkd")
 
@@ -216,15 +217,6 @@ def phase_config(cfg: DictConfig, run_dir: Path, name: str, student: dict, teach
     return out
 
 
-def run_phase(cfg: DictConfig) -> dict:
-    """Run the phase ``cfg`` unless resuming finds it finished; its results."""
-    done = Path(cfg.run_dir) / "results.json"
-    if cfg.resume and done.is_file():
-        log.info("%s: finished before, kept (%s)", cfg.name, cfg.run_dir)
-        return json.loads(done.read_text())
-    return run.run(cfg)
-
-
 @torch.no_grad()
 def label_ce(model: torch.nn.Module, keys: list[str], dataset: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
     """Per item of ``dataset``: the cross-entropy of its label under ``model``, and whether its top
@@ -238,11 +230,6 @@ def label_ce(model: torch.nn.Module, keys: list[str], dataset: Dataset, device: 
         ce.append(torch.where(y >= 0, F.cross_entropy(logits, y.clamp(min=0), reduction="none"), torch.inf).cpu())
         right.append(((logits.argmax(1) == y) & (y >= 0)).cpu())
     return torch.cat(ce), torch.cat(right)
-
-
-def scores(results: dict) -> dict:
-    """The ``val_*`` and ``test_*`` entries of a phase's student."""
-    return {k: v for k, v in results["student"].items() if k.startswith(("val_", "test_"))}
 
 
 def trained(weights: Path, mc: Any, meta: dict, where: str, teacher: str | None = None) -> torch.nn.Module:
@@ -276,7 +263,7 @@ def comd(cfg: DictConfig) -> dict[str, Any]:
     else:
         here = run_dir / "teacher0"
         losses = OmegaConf.to_container(tc.losses) or {"ce": {"weight": 1.0}}
-        res = run_phase(phase_config(cfg, here, f"{label}_teacher0", model_node(tc, None), {}, {"name": "constant", "args": {}},
+        res = run_round(phase_config(cfg, here, f"{label}_teacher0", model_node(tc, None), {}, {"name": "constant", "args": {}},
                                      losses, None, opts, tc.epochs, OmegaConf.to_container(tc.trainer)))
         t_weights = str(here / "student.pt")
         rows.append({"round": 0, "teacher": scores(res), "teacher_dir": str(here)})
@@ -286,7 +273,7 @@ def comd(cfg: DictConfig) -> dict[str, Any]:
     for r in range(1, opts["rounds"] + 1):
         here = run_dir / f"round{r}"
         live = augment is not None  # a cached teacher has no outputs on the added items
-        s_res = run_phase(phase_config(cfg, here / "student", f"{label}_round{r}_student", model_node(cfg.student, s_weights),
+        s_res = run_round(phase_config(cfg, here / "student", f"{label}_round{r}_student", model_node(cfg.student, s_weights),
                                        {tname: teacher_node(tc, t_weights, not live)}, router, losses, augment, opts))
         s_weights = str(here / "student" / "student.pt")
         s_ce, s_right = label_ce(trained(Path(s_weights), cfg.student, meta, "student"), list(cfg.student.inputs),
@@ -295,7 +282,7 @@ def comd(cfg: DictConfig) -> dict[str, Any]:
         labelled = torch.isfinite(s_ce)
         beats = float(((s_ce < t_ce) & labelled).sum() / labelled.sum().clamp(min=1))
         wrong = torch.nonzero(labelled & ~s_right).flatten().numpy()
-        t_res = run_phase(phase_config(cfg, here / "teacher", f"{label}_round{r}_teacher", model_node(tc, t_weights),
+        t_res = run_round(phase_config(cfg, here / "teacher", f"{label}_round{r}_teacher", model_node(tc, t_weights),
                                        {"student": teacher_node(cfg.student, s_weights, not live)},
                                        {"name": "competitive", "args": {}}, losses, augment, opts, opts["teacher_epochs"]))
         t_weights = str(here / "teacher" / "student.pt")

@@ -99,26 +99,27 @@ class Augmented(Epochal):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
-    def perturb(self, row: dict[str, Tensor], e: int) -> dict[str, Tensor]:
+    def perturb(self, batch: dict[str, Tensor], j: int, e: int) -> None:
+        """Perturb row ``j`` of ``batch`` in place as copy ``e`` (the class docstring's draws)."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + e) % (2**63 - 1))
-        out = dict(row)
-        for k, v in row.items():
+        for k, v in batch.items():
             if k in KEEP or not v.is_floating_point():
                 continue
-            x = v + self.noise * torch.randn(v.shape, generator=g, dtype=v.dtype)
-            if v.dim() >= 2 and self.shift:
+            x = v[j] + self.noise * torch.randn(v.shape[1:], generator=g, dtype=v.dtype)
+            if v.dim() >= 3 and self.shift:
                 dy, dx = (int(d) for d in torch.randint(-self.shift, self.shift + 1, (2,), generator=g))
                 x = shifted(x, dy, dx)
-            out[k] = x
-        return out
+            v[j] = x
 
     def __getitems__(self, ids: Sequence[int]) -> dict[str, Tensor]:
         ids = [int(i) for i in ids]
         source = [i if i < self.n else int(self.items[(i - self.n) // self.copies]) for i in ids]
-        got = fetch(self.dataset, source)
-        rows = [{k: v[j] for k, v in got.items()} for j in range(len(ids))]
-        rows = [self.perturb(r, i) if i >= self.n else r for r, i in zip(rows, ids)]
-        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        batch = fetch(self.dataset, source)
+        copies = [(j, e) for j, e in enumerate(ids) if e >= self.n]  # only they cost a draw
+        if copies:
+            batch = {k: v.clone() for k, v in batch.items()}  # never write into the data set's own tensors
+            for j, e in copies:
+                self.perturb(batch, j, e)
         batch["index"] = torch.tensor(ids)
         return batch
 

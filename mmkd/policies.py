@@ -6,7 +6,8 @@ it returned) and trains the epoch on the data set it returns: a subset (pruning,
 re-weighted or an extended one (generated data). Items keep their ``index`` entry, so cached teacher
 outputs still apply to the items of a subset. Its state (e.g. the current selection) is saved with
 the other callbacks', so a resumed run trains on the same data. The learning-rate schedule is laid
-out over ``max_epochs`` epochs of the full training set.
+out over ``max_epochs`` epochs of the data set :meth:`DataPolicy.planned` gives: the full training
+set, or the extended one of a policy that adds items.
 
 Register one with :func:`register_policy`; a config lists them as ``policies: [{name, args}]`` (for
 the student's stage).
@@ -36,6 +37,12 @@ class DataPolicy(Callback):
     """``select(trainer, module, dataset) -> Dataset``: the data set the next epoch trains on."""
 
     def select(self, trainer, module: nn.Module, dataset: Dataset) -> Dataset:
+        return dataset
+
+    def planned(self, dataset: Dataset) -> Dataset:
+        """The data set whose epochs the learning-rate schedule is laid out on, before training starts:
+        ``dataset`` (a subset keeps the full set's schedule); a policy that adds items gives the
+        extended set, so that the schedule ends with the last epoch."""
         return dataset
 
 

@@ -327,7 +327,11 @@ class Trainer:
         if not params:
             raise ValueError("the module has no trainable parameters")
         self.train_data, self.val_data, self.history = train, val, []
-        self._data, (self._sampler, self._batches) = train, self._loader(train)
+        planned = train  # what the schedule is laid out on (DataPolicy.planned)
+        for policy in (*module.callbacks(), *callbacks):
+            if isinstance(policy, DataPolicy):
+                planned = policy.planned(planned)
+        self._data, (self._sampler, self._batches) = planned, self._loader(planned)
         self.steps_per_epoch = len(self._batches)
         self.max_steps = c.max_epochs * self.steps_per_epoch
         self.epoch = self.global_step = 0

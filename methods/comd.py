@@ -160,6 +160,9 @@ class AugmentedPolicy(DataPolicy):
                                                  self.seed))
         return self._made[1]
 
+    def planned(self, dataset):
+        return self.select(None, None, dataset)
+
 
 def options(cfg: DictConfig) -> dict:
     """``cfg.method`` over :data:`OPTIONS`, checked; a bad value is a one-line :class:`ConfigError`."""
@@ -197,19 +200,24 @@ def teacher_node(mc: Any, weights: str, cache: bool) -> dict:
     return {**node, "checkpoint": weights, "frozen": True, "cache": cache}
 
 
+def augment_policy(augment: Path | None, opts: dict, seed: int) -> list[dict]:
+    """The policy ``augmented`` over the items of ``augment`` (none without it)."""
+    if augment is None:
+        return []
+    return [{"name": "augmented", "args": {"items": str(augment), "copies": opts["copies"], "noise": opts["noise"],
+                                           "shift": opts["shift"], "seed": seed}}]
+
+
 def phase_config(cfg: DictConfig, run_dir: Path, name: str, student: dict, teachers: dict, router: Any,
-                 losses: Any, augment: Path | None, opts: dict, epochs: int | None = None,
+                 losses: Any, policies: list[dict], epochs: int | None = None,
                  trainer: dict | None = None) -> DictConfig:
     """The ``distill`` config of one phase in ``run_dir``: ``cfg``'s with the learning model ``student``,
-    the frozen ``teachers``, the ``router`` and ``losses``, the added items of ``augment`` (the policy
-    ``augmented``), and ``epochs`` / ``trainer`` (settings over ``cfg.trainer``) when given."""
+    the frozen ``teachers``, the ``router``, ``losses`` and ``policies``, and ``epochs`` / ``trainer``
+    (settings over ``cfg.trainer``) when given."""
     node = OmegaConf.to_container(cfg, resolve=True)
     node.update(pipeline="distill", method={}, run_dir=str(run_dir), name=name, baseline=False, export=[],
-                student=student, teachers=teachers, router=router, losses=losses,
+                student=student, teachers=teachers, router=router, losses=losses, policies=policies,
                 cache_dir=str(run.cache_path(cfg)), resume=bool(cfg.resume and (run_dir / "config.yaml").is_file()))
-    node["policies"] = [{"name": "augmented", "args": {"items": str(augment), "copies": opts["copies"],
-                                                       "noise": opts["noise"], "shift": opts["shift"],
-                                                       "seed": cfg.seed}}] if augment is not None else []
     node["trainer"].update(trainer or {})
     if epochs is not None:
         node["trainer"]["max_epochs"] = epochs
@@ -240,6 +248,25 @@ def trained(weights: Path, mc: Any, meta: dict, where: str, teacher: str | None 
     return model
 
 
+def first_teacher(cfg: DictConfig, meta: dict, run_dir: Path, label: str) -> tuple[str, dict]:
+    """The weights of ``cfg``'s one teacher, written to ``<run_dir>/teacher0.pt`` when given
+    (``checkpoint``) or used as built (``epochs: 0``), else trained on the labels by a ``distill`` run in
+    ``<run_dir>/teacher0/`` (its ``losses``, default CE, and its ``trainer`` settings); and its row."""
+    (tname, tc), = cfg.teachers.items()
+    if tc.checkpoint or tc.epochs == 0:
+        seed_everything(cfg.seed)
+        model = (trained(Path(tc.checkpoint), tc, meta, f"teachers.{tname}.checkpoint", tname) if tc.checkpoint
+                 else build_model(tc, meta, f"teachers.{tname}"))
+        io.save(model.state_dict(), run_dir / "teacher0.pt")
+        return str(run_dir / "teacher0.pt"), {"round": 0, "teacher": "given" if tc.checkpoint else "as built",
+                                              "teacher_checkpoint": tc.checkpoint}
+    here = run_dir / "teacher0"
+    losses = OmegaConf.to_container(tc.losses) or {"ce": {"weight": 1.0}}
+    res = run_round(phase_config(cfg, here, f"{label}_teacher0", model_node(tc, None), {}, {"name": "constant", "args": {}},
+                                 losses, [], tc.epochs, OmegaConf.to_container(tc.trainer)))
+    return str(here / "student.pt"), {"round": 0, "teacher": scores(res), "teacher_dir": str(here)}
+
+
 @PIPELINES.register("comd")
 def comd(cfg: DictConfig) -> dict[str, Any]:
     """Round 0 (the teacher on the labels, unless given), then ``method.rounds`` rounds of distillation,
@@ -252,22 +279,8 @@ def comd(cfg: DictConfig) -> dict[str, Any]:
     (tname, tc), = cfg.teachers.items()
     device = Trainer(trainer_config(cfg)).device
     plain = data.train.plain() if hasattr(data.train, "plain") else data.train
-    rows: list[dict] = []
-    if tc.checkpoint or tc.epochs == 0:  # given, or used as built (epochs: 0)
-        seed_everything(cfg.seed)
-        first = (trained(Path(tc.checkpoint), tc, meta, f"teachers.{tname}.checkpoint", tname) if tc.checkpoint
-                 else build_model(tc, meta, f"teachers.{tname}"))
-        rows.append({"round": 0, "teacher": "given" if tc.checkpoint else "as built",
-                     "teacher_checkpoint": tc.checkpoint})
-        t_weights = str(run_dir / "teacher0.pt")
-        io.save(first.state_dict(), run_dir / "teacher0.pt")
-    else:
-        here = run_dir / "teacher0"
-        losses = OmegaConf.to_container(tc.losses) or {"ce": {"weight": 1.0}}
-        res = run_round(phase_config(cfg, here, f"{label}_teacher0", model_node(tc, None), {}, {"name": "constant", "args": {}},
-                                     losses, None, opts, tc.epochs, OmegaConf.to_container(tc.trainer)))
-        t_weights = str(here / "student.pt")
-        rows.append({"round": 0, "teacher": scores(res), "teacher_dir": str(here)})
+    t_weights, row = first_teacher(cfg, meta, run_dir, label)
+    rows: list[dict] = [row]
     s_weights, augment, wrong_all = None, None, np.zeros(0, dtype=np.int64)
     router = OmegaConf.to_container(cfg.router)
     losses = OmegaConf.to_container(cfg.losses)
@@ -275,7 +288,8 @@ def comd(cfg: DictConfig) -> dict[str, Any]:
         here = run_dir / f"round{r}"
         live = augment is not None  # a cached teacher has no outputs on the added items
         s_res = run_round(phase_config(cfg, here / "student", f"{label}_round{r}_student", model_node(cfg.student, s_weights),
-                                       {tname: teacher_node(tc, t_weights, not live)}, router, losses, augment, opts))
+                                       {tname: teacher_node(tc, t_weights, not live)}, router, losses,
+                                       augment_policy(augment, opts, cfg.seed)))
         s_weights = str(here / "student" / "student.pt")
         s_ce, s_right = label_ce(trained(Path(s_weights), cfg.student, meta, "student"), list(cfg.student.inputs),
                                  plain, device)
@@ -285,7 +299,8 @@ def comd(cfg: DictConfig) -> dict[str, Any]:
         wrong = torch.nonzero(labelled & ~s_right).flatten().numpy()
         t_res = run_round(phase_config(cfg, here / "teacher", f"{label}_round{r}_teacher", model_node(tc, t_weights),
                                        {"student": teacher_node(cfg.student, s_weights, not live)},
-                                       {"name": "competitive", "args": {}}, losses, augment, opts, opts["teacher_epochs"]))
+                                       {"name": "competitive", "args": {}}, losses,
+                                       augment_policy(augment, opts, cfg.seed), opts["teacher_epochs"]))
         t_weights = str(here / "teacher" / "student.pt")
         wrong_all = np.concatenate([wrong_all, wrong])
         np.save(here / "wrong.npy", wrong)

@@ -41,11 +41,20 @@ def read_tsv(path: str | os.PathLike) -> tuple[list[str], torch.Tensor]:
     return texts, torch.tensor(labels)
 
 
+def per_class_subset(idx: torch.Tensor, labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """The entries of ``idx`` (labels ``labels``) kept by ``per_class`` draws of each class, with ``seed``;
+    sorted."""
+    g = torch.Generator().manual_seed(seed)
+    keep = [idx[c][torch.randperm(len(idx[c]), generator=g)[:per_class]]
+            for c in [(labels == k).nonzero().flatten() for k in labels.unique()]]
+    return torch.cat(keep).sort().values
+
+
 @DATASETS.register("agnews", ranges={"max_length": COUNT, "val_fraction": Range(0, 1, low_open=True, high_open=True),
-                                  "split_seed": SEED, "limit": COUNT})
+                                  "split_seed": SEED, "limit": COUNT, "per_class": COUNT})
 def agnews(root: str | os.PathLike = "data", tokenizer: str = "minilm", max_length: int = 128,
            val_fraction: float = 0.1, split_seed: int = 0, limit: int | None = None,
-           dynamic_padding: bool = False) -> DataSplits:
+           dynamic_padding: bool = False, per_class: int | None = None) -> DataSplits:
     """AG News: 9,000 / 1,001 / 7,600 train/val/test sentences in 4 classes.
 
     Args:
@@ -59,9 +68,13 @@ def agnews(root: str | os.PathLike = "data", tokenizer: str = "minilm", max_leng
         dynamic_padding: cut each batch to its longest sentence instead of ``max_length``
             (:class:`mmkd.modalities.text.TextDataset`; off by default: the shipped results were
             measured with fixed padding, and dropout draws depend on the batch's width).
+        per_class: keep this many training items of each class (all of a smaller class), drawn with
+            ``split_seed``: the labelled set of a low-resource run (22 per class is 1% of the training
+            split, 225 is 10%); validation and test stay whole. Applied before ``limit``.
 
     Items: ``{"input_ids": int64 [max_length], "attention_mask": int64 [max_length], "label": int64,
-    "row": int64}``, ``row`` being the item's line (from 0) in its file.
+    "row": int64}``, ``row`` being the item's line (from 0) in its file. Each split's ``texts`` lists its
+    sentences in item order (for pipelines that read raw text, such as ``pgkd``).
     """
     folder = Path(root) / "agnews"
     missing = [str(folder / f) for f in FILES if not (folder / f).is_file()]
@@ -71,6 +84,8 @@ def agnews(root: str | os.PathLike = "data", tokenizer: str = "minilm", max_leng
     dev_texts, dev_labels = read_tsv(folder / FILES[0])
     test_texts, test_labels = read_tsv(folder / FILES[1])
     train_idx, val_idx = stratified_split(dev_labels, [1 - val_fraction, val_fraction], split_seed)
+    if per_class is not None:
+        train_idx = per_class_subset(train_idx, dev_labels[train_idx], per_class, split_seed)
     parts = {"train": (dev_texts, dev_labels, train_idx), "val": (dev_texts, dev_labels, val_idx),
              "test": (test_texts, test_labels, torch.arange(len(test_labels)))}
     g = torch.Generator().manual_seed(split_seed)
@@ -81,6 +96,7 @@ def agnews(root: str | os.PathLike = "data", tokenizer: str = "minilm", max_leng
         tokens = tokenize([texts[i] for i in idx.tolist()], tokenizer=tokenizer, max_length=max_length)
         sets.append(text_dataset(f"agnews/{name}", dynamic_padding, input_ids=tokens["input_ids"],
                                  attention_mask=tokens["attention_mask"], label=labels[idx], row=idx))
+        sets[-1].texts = [texts[i] for i in idx.tolist()]
     return DataSplits(*sets, num_classes=len(CLASS_NAMES), class_names=list(CLASS_NAMES),
                       shapes={"input_ids": (max_length,), "attention_mask": (max_length,)},
                       text_inputs={"text": text_input("", tokenizer, max_length)})

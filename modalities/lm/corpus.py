@@ -214,6 +214,27 @@ def _splits(sets: Sequence[TokenBlocks], tok: Tokenizer, block_size: int) -> Dat
                       tokenizer=tok, metrics=list(METRICS), label_key="label")
 
 
+def prefixed(texts: Sequence[str], labels: Tensor) -> list[str]:
+    """``"<topic>: <text>"`` for each text and its topic index in :data:`DOMAINS`."""
+    return [f"{DOMAINS[int(y)]}: {t}" for t, y in zip(texts, labels)]
+
+
+def read_labels(path: str | os.PathLike, n: int) -> Tensor:
+    """The ``n`` topic indices of the ``.npy`` file ``path`` (no pickle); anything else is a :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.args.prefix_labels: no such file {str(path)!r}; give a .npy file of one topic index "
+                        "per training text")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"data.args.prefix_labels: {path} is not a NumPy array ({e})") from None
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or (n and not 0 <= arr.min() <= arr.max() < len(DOMAINS)):
+        raise DataError(f"data.args.prefix_labels: {path} holds a {arr.dtype} array of shape {arr.shape}; give {n} "
+                        f"topic indices in 0..{len(DOMAINS) - 1}, one per training text")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
 LM_RANGES = {"block_size": COUNT, "vocab_size": Range(BPETokenizer.MIN_VOCAB, integer=True), "limit": COUNT}
 
 
@@ -273,7 +294,8 @@ def tinyshakespeare(root: str | os.PathLike = "data", block_size: int = 128, tok
 @DATASETS.register("agnews_lm", ranges={**LM_RANGES, "split_seed": SEED})
 def agnews_lm(root: str | os.PathLike = "data", block_size: int = 64, tokenizer: str = "bpe", vocab_size: int = 2048,
               tokenizer_path: str | os.PathLike | None = None, layout: str = "pad", limit: int | None = None,
-              split_seed: int = 0) -> DataSplits:
+              split_seed: int = 0, label_prefix: bool = False,
+              prefix_labels: str | os.PathLike | None = None) -> DataSplits:
     """AG News (Zhang et al., NeurIPS 2015) as a language-modelling corpus: each news text is a document.
 
     ``dev.tsv`` is split 90/10, stratified by topic with ``split_seed``, into training and validation
@@ -292,6 +314,11 @@ def agnews_lm(root: str | os.PathLike = "data", block_size: int = 64, tokenizer:
             ``eos`` and cut into full blocks); see the module docstring.
         limit: keep at most the first ``limit`` training blocks (quick runs).
         split_seed: draws the validation split.
+        label_prefix: start each document with its topic, ``"<topic>: <text>"`` (:func:`prefixed`): a
+            class-conditional corpus, whose models generate a topic's text from the prompt ``"<topic>: "``.
+        prefix_labels: with ``label_prefix``, a ``.npy`` file of one topic index per training text (in
+            the training split's order, e.g. a classifier's predictions) used for the training texts'
+            prefixes instead of their labels; validation and test keep their labels.
 
     Items: :class:`TokenBlocks` plus ``domain`` (long ``[n]``; ``[N]`` in a batch): the topic of each kept
     target token's document, an index into :data:`DOMAINS`. ``class_names`` is empty (the classes are
@@ -317,6 +344,12 @@ def agnews_lm(root: str | os.PathLike = "data", block_size: int = 64, tokenizer:
     parts = {"train": (FILES[0], [dev[i] for i in train_idx], dev_labels[train_idx]),
              "val": (FILES[0], [dev[i] for i in val_idx], dev_labels[val_idx]),
              "test": (FILES[1], test, test_labels)}
+    if label_prefix:
+        given = None if prefix_labels is None else read_labels(prefix_labels, len(train_idx))
+        parts = {split: (f, prefixed(texts, given if split == "train" and given is not None else labels), labels)
+                 for split, (f, texts, labels) in parts.items()}
+    elif prefix_labels is not None:
+        raise ConfigError("data.args.prefix_labels is given without data.args.label_prefix=true; set both or neither")
     tok = _tokenizer(tokenizer, parts["train"][1], vocab_size, tokenizer_path)
     sets = []
     for split, (f, texts, labels) in parts.items():

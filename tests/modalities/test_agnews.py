@@ -76,3 +76,23 @@ def test_missing_files_and_unknown_labels_are_one_clear_error(tmp_path):
     bad.write_bytes("fine text\tWorld\ncaf\xe9\tWorld\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"bad.tsv: not UTF-8 text \(.*byte 0xe9\); replace it with a UTF-8 copy"):
         ag.read_tsv(bad)
+
+
+def test_per_class_keeps_a_stratified_labelled_set_and_texts_follow_the_items(tmp_path, monkeypatch):
+    monkeypatch.setattr(ag, "tokenize", fake_tokenize)
+    folder = tmp_path / "agnews"
+    folder.mkdir()
+    dev = [(f"{ag.CLASS_NAMES[i % 4]} news {i}", ag.CLASS_NAMES[i % 4]) for i in range(80)]
+    (folder / "dev.tsv").write_text("".join(f"{t}\t{y}\n" for t, y in dev), encoding="utf-8")
+    (folder / "test.tsv").write_text("".join(f"{t}\t{y}\n" for t, y in dev[:8]), encoding="utf-8")
+    full = ag.agnews(tmp_path)
+    few = ag.agnews(tmp_path, per_class=3)
+    t = few.train.tensors
+    assert torch.bincount(t["label"]).tolist() == [3, 3, 3, 3]
+    assert set(t["row"].tolist()) < set(full.train.tensors["row"].tolist())  # drawn from the training split
+    assert torch.equal(few.val.tensors["row"], full.val.tensors["row"]) and len(few.test) == 8  # the rest whole
+    assert torch.equal(ag.agnews(tmp_path, per_class=3).train.tensors["row"], t["row"])  # seeded
+    assert not torch.equal(ag.agnews(tmp_path, per_class=3, split_seed=1).train.tensors["row"], t["row"])
+    assert len(ag.agnews(tmp_path, per_class=50).train) == len(full.train)  # a smaller class is kept whole
+    for ds in (few.train, few.val, full.test):
+        assert ds.texts == [dev[r][0] for r in ds.tensors["row"].tolist()]

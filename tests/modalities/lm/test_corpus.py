@@ -322,3 +322,33 @@ def test_real_agnews_lm(root):
         text = lines[i][0]
         decoded = d.tokenizer.decode([b["input_ids"][i, 0].item(), *d.test[i]["label"].tolist()])
         assert decoded == text if counts[i] < 64 else text.startswith(decoded)
+
+
+def test_agnews_lm_label_prefix_starts_each_document_with_its_topic(tmp_path):
+    import numpy as np
+
+    fake_news(tmp_path)
+    plain = DATASETS["agnews_lm"](root=tmp_path, vocab_size=300)
+    d = DATASETS["agnews_lm"](root=tmp_path, vocab_size=300, label_prefix=True)
+    dev = [(f"{CLASS_NAMES[i % 4]} story {i} in dev.tsv: markets, goals & chips", i % 4) for i in range(40)]
+    train_idx, val_idx = stratified_split(torch.tensor([y for _, y in dev]), [0.9, 0.1], 0)
+    for ds, idx in ((d.train, train_idx), (d.val, val_idx)):
+        got = [d.tokenizer.decode(r[:int(m.sum())].tolist()) for r, m in zip(ds.ids, ds.mask)]  # the document, no eos
+        assert got == [f"{CLASS_NAMES[dev[i][1]]}: {dev[i][0]}" for i in idx.tolist()]
+    assert len(d.train) == len(plain.train) and d.train.fingerprint != plain.train.fingerprint
+    # the training prefixes from a file (e.g. a classifier's predictions); validation keeps its labels
+    given = np.array([(int(dev[i][1]) + 1) % 4 for i in train_idx.tolist()])
+    np.save(tmp_path / "pred.npy", given)
+    other = DATASETS["agnews_lm"](root=tmp_path, vocab_size=300, label_prefix=True, prefix_labels=tmp_path / "pred.npy")
+    for ds, idx, topics in ((other.train, train_idx, given), (other.val, val_idx, [dev[i][1] for i in val_idx.tolist()])):
+        got = [other.tokenizer.decode(r[:int(m.sum())].tolist()) for r, m in zip(ds.ids, ds.mask)]
+        assert got == [f"{CLASS_NAMES[y]}: {dev[i][0]}" for i, y in zip(idx.tolist(), topics)]
+    for bad, match in ((np.zeros(3, dtype=np.int64), "shape"), (np.full(len(given), 4), "topic indices"),
+                       (np.zeros(len(given)), "float64")):
+        np.save(tmp_path / "bad.npy", bad)
+        with pytest.raises(DataError, match=match):
+            DATASETS["agnews_lm"](root=tmp_path, label_prefix=True, prefix_labels=tmp_path / "bad.npy")
+    with pytest.raises(DataError, match="no such file"):
+        DATASETS["agnews_lm"](root=tmp_path, label_prefix=True, prefix_labels=tmp_path / "none.npy")
+    with pytest.raises(ConfigError, match="label_prefix"):
+        DATASETS["agnews_lm"](root=tmp_path, prefix_labels=tmp_path / "pred.npy")

@@ -1,7 +1,7 @@
 """DHO: dual-head optimisation (Kang et al., "Simple yet Effective Semi-supervised Knowledge
 Distillation from Vision-Language Models via Dual-Head Optimization", arXiv:2505.07675, 2025).
 
-A :class:`~mmkd.methods.dual_head.DualHead` student (``inference="combine"``): the CE head ``z_ce``
+A :class:`~mmkd.methods.dual_head.model.DualHead` student (``inference="combine"``): the CE head ``z_ce``
 learns from the labelled instances, the KD head ``z_kd`` matches a (vision-language zero-shot)
 teacher on labelled and unlabelled ones. Each step takes one labelled batch ``L`` and one unlabelled
 batch ``U`` (the official two loaders; the data set ``semi`` with ``batches: paired``,
@@ -37,7 +37,7 @@ from torch import Tensor
 from mmkd.data import loader
 
 if TYPE_CHECKING:
-    from mmkd.methods.dual_head import DualHead
+    from .model import DualHead
 
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
 BETAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)

@@ -1,7 +1,7 @@
 """Dual-Head KD (Yang et al., "Dual-Head Knowledge Distillation: Enhancing Logits Utilization with an
 Auxiliary Head", arXiv:2411.08937, 2024).
 
-A :class:`~mmkd.methods.dual_head.DualHead` student (``inference="ce"``): the main head learns with CE,
+A :class:`~mmkd.methods.dual_head.model.DualHead` student (``inference="ce"``): the main head learns with CE,
 the auxiliary head (the official non-linear one: ``aux_head="nonlinear"``) with the binary KL loss
 (``bkl``, :mod:`mmkd.losses.bkl`, T = 2); only the main head predicts:
 

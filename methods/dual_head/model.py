@@ -2,12 +2,12 @@
 
 Two methods share the model :class:`DualHead` (registered as ``dual_head``), each in its own module:
 
-* DHO (:mod:`mmkd.methods.dho`, Kang et al., arXiv:2505.07675, 2025; ``inference="combine"``): at
+* DHO (:mod:`mmkd.methods.dual_head.dho`, Kang et al., arXiv:2505.07675, 2025; ``inference="combine"``): at
   inference ``p = (1 - alpha) * softmax(z_ce) + alpha * softmax(z_kd / beta)``, ``alpha`` and ``beta``
   picked on the validation split (:meth:`DualHead.calibrate`) and stored as buffers: after every
   epoch, so that the checkpoint kept is the epoch with the best searched accuracy (``search="epoch"``,
   the official procedure), or once on the best epoch's weights (``search="end"``, our variant).
-* Dual-Head KD (:mod:`mmkd.methods.dual_head_kd`, Yang et al., arXiv:2411.08937, 2024;
+* Dual-Head KD (:mod:`mmkd.methods.dual_head.kd`, Yang et al., arXiv:2411.08937, 2024;
   ``inference="ce"``): CE on the main head, the binary KL loss ``bkl`` on the auxiliary head (linear, or
   the official non-linear ``aux_head="nonlinear"``), only the main head predicts. The official gradient
   alignment is the trainer's backward rule ``align`` (:class:`mmkd.gradients.Align`, over all
@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from mmkd.build import create_model
 from mmkd.callbacks import Callback
 from mmkd.checks import COUNT, FRACTION, POSITIVE
-from mmkd.methods.dho import calibrate, combine
-from mmkd.methods.dual_head_kd import align_gradients
+from .dho import calibrate, combine
+from .kd import align_gradients
 from mmkd.models import strip_head
 from mmkd.registry import MODELS
 
@@ -62,7 +62,7 @@ class DualHead(nn.Module, Callback):
     ``forward(*inputs)``: in training, the CE head's logits (the KD head's are the ``kd_head`` feature);
     in eval mode, ``inference="combine"`` returns the DHO log-probabilities
     :func:`~mmkd.methods.dho.combine` with the ``alpha``/``beta`` buffers, ``inference="ce"`` the CE
-    head's logits. ``align="features"`` puts :func:`~mmkd.methods.dual_head_kd.align_gradients` between
+    head's logits. ``align="features"`` puts :func:`~mmkd.methods.dual_head.kd.align_gradients` between
     the backbone and the heads in training (our variant of Dual-Head KD's alignment).
     """
 

@@ -17,9 +17,9 @@ from mmkd.data import TensorDictDataset, keep_labels, semi
 from mmkd.distiller import Distiller, Term
 from mmkd.export import export_onnx, export_program
 from mmkd.losses import bkl
-from mmkd.methods.dho import ALPHAS, BETAS, calibrate, combine, search_alpha_beta
-from mmkd.methods.dual_head import DualHead, dual_head
-from mmkd.methods.dual_head_kd import align_gradients
+from mmkd.methods.dual_head.dho import ALPHAS, BETAS, calibrate, combine, search_alpha_beta
+from mmkd.methods.dual_head.model import DualHead, dual_head
+from mmkd.methods.dual_head.kd import align_gradients
 from mmkd.net import Net, Teacher
 from mmkd.registry import DATASETS, LOSSES, MODELS
 from mmkd.routers import ConstantRouter

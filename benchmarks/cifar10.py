@@ -144,6 +144,7 @@ def finished(cfg, out: Path) -> dict | None:
 
     want = OmegaConf.to_container(cfg, resolve=True)
     want.pop("run_dir")
+    want["data"]["args"].setdefault("split_seed", want["seed"])  # the same default on both sides
     for cfg_file in sorted(out.glob(f"{cfg.experiment}/*/config.yaml")):
         have, results = yaml.safe_load(cfg_file.read_text()), cfg_file.parent / "results.json"
         have["data"]["args"].setdefault("split_seed", have["seed"])  # the default a run resolved (build.load_data)

@@ -28,6 +28,9 @@ holding the validation report, the hard negatives and training samples; here, wi
 its two roles are a class-conditional LM trained on the corpus (the writer) and a fine-tuned classifier
 (the labeller). The loop follows the paper's Algorithm 1 (validation report and hard negatives each
 step, the accumulated data set, early stopping on validation); no official code was published.
+The paper publishes no generation budget or patience; ``per_cycle: 200``, ``worst: 2``, ``hard: 0.5``
+and ``patience: 2`` are this implementation's defaults at CPU scale (``benchmarks/pgkd.py`` also
+measures ``per_cycle: 1000``).
 
 One ``mmkd run`` (``pipeline: pgkd``, options under ``method``) runs every cycle as a ``distill`` run in
 ``<run_dir>/cycle<c>/``; the teacher is given (``checkpoint``), or trained on the labels first

@@ -18,7 +18,7 @@ and the teacher judges the continuation: its negative log-likelihood per sampled
 reverse KL ``KL(p_S || p_T)`` per sampled position (the quantity on-policy training lowers where the
 student goes). Mean ± std over ``--seeds`` seeds; a finished run is read back, not trained again.
 
-    MMKD_DATA=../shared/data python benchmarks/on_policy.py [--seeds 3] [--epochs 2] [--teacher-epochs 4]
+    MMKD_DATA=../shared/data python benchmarks/on_policy.py [--seeds 3] [--first-seed 0] [--epochs 2] [--teacher-epochs 4]
 """
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def judged(run_dir: str, teacher: torch.nn.Module, blocks, prompt: int, seed: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run from here (to split one table's runs across processes; a final call reads them back)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--prompt", type=int, default=64, help="characters of each test block the students continue")
@@ -87,7 +89,7 @@ def main() -> None:
         label, overrides = METHODS[m]
         kd = [] if m == "ce" else [f"teachers.lm.checkpoint={t_run / 'student' / 'best.pt'}", *TEACHER]
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             done = trained(args, [*overrides, f"seed={seed}", *student, *kd], f"{m}, seed {seed}")
             runs.append({**done["student"], **judged(done["run_dir"], teacher, blocks, args.prompt, seed),
                          "train_s": statistics.mean(train_seconds(Path(done["run_dir"]) / "student"))})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def main() -> None:
           f"{10 * args.per_class - args.val} CIFAR-10 training images (split of seed 0), all 10,000 test images; "
           f"MSE of the probabilities to the mixed target (the official loss), a fresh initialisation each round "
           f"(seed + round), the last epoch's model the next teacher. Not the paper's protocol (ResNet-50, Adam, "
-          f"75 epochs). Total {minutes:.1f} min.")
+          f"75 epochs). This invocation: {minutes:.1f} min (finished runs are read back, not timed again).")
 
 
 if __name__ == "__main__":

@@ -65,12 +65,15 @@ def train_seconds(metrics: Path) -> list[float]:
         return [float(r["time/train_s"]) for r in csv.DictReader(f)]
 
 
-def teacher_run(args, data: list[str]) -> tuple[Path, dict]:
-    """The teacher's run directory (trained now when absent) and its test accuracy and epochs."""
-    folder = args.work / f"teacher-{args.teacher}-{args.teacher_epochs}e-{args.per_class}"
+def teacher_run(args, data: list[str], experiment: str = "cifar10_kd", prefix: str = "teacher") -> tuple[Path, dict]:
+    """The teacher's run directory ``<work>/<prefix>-<name>-<epochs>e-<per-class>`` (trained now when
+    absent, by the teacher side of ``experiment``: its teacher losses and callbacks) and its test
+    accuracy and epochs."""
+    folder = args.work / f"{prefix}-{args.teacher}-{args.teacher_epochs}e-{args.per_class}"
     if not (folder / "results.json").is_file():
-        print(f"training the teacher {args.teacher} for {args.teacher_epochs} epochs into {folder}", flush=True)
-        run(compose(["experiment=cifar10_kd", f"run_dir={folder}", f"teachers.resnet.name={args.teacher}",
+        print(f"training the teacher {args.teacher} ({experiment}) for {args.teacher_epochs} epochs into {folder}",
+              flush=True)
+        run(compose([f"experiment={experiment}", f"run_dir={folder}", f"teachers.resnet.name={args.teacher}",
                      f"teachers.resnet.epochs={args.teacher_epochs}",
                      f"+teachers.resnet.trainer={{milestones: {scaled(args.teacher_epochs)}}}",
                      "losses.ce.weight=1.0", "~losses.kd", "trainer.max_epochs=1", "baseline=false", *data]))
@@ -98,7 +101,7 @@ def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, li
     acc: dict[str, list[float]] = {}
     sec: dict[str, list[list[float]]] = {}
     filled: dict[str, list[bool]] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for method, experiment, extra in plan:
             cfg = compose([f"experiment={experiment}", *extra])
             extra = [*([f"teachers.resnet.checkpoint={teacher}", f"teachers.resnet.name={args.teacher}"]
@@ -248,6 +251,8 @@ def arguments(doc: str, methods: list[str], name: str) -> argparse.ArgumentParse
     """The options of this benchmark and of ``zoo.py``: the setting, the teacher, the student, the methods."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="train seeds first-seed .. first-seed + seeds - 1 (split a table across processes)")
     p.add_argument("--epochs", type=int, default=10, help="student epochs")
     p.add_argument("--per-class", type=int, default=500, help="training images per class (validation included)")
     p.add_argument("--val", type=int, default=500, help="validation images carved from them")

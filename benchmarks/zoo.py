@@ -31,6 +31,8 @@ ZOO = {  # method -> (experiment, overrides)
     "taid": ("cifar10_taid", []),
     "ctkd": ("cifar10_ctkd", []),
     "tgeo": ("cifar10_tgeo", []),
+    "gld": ("cifar10_gld", []),
+    "gld_10k": ("cifar10_gld", ["losses.gld.weight=10000.0"]),
     **{m: (f"cifar10_{m}", []) for m in ("at", "nst", "pkt", "sp", "rkd", "nd", "crd", "ofd", "vid", "kdsvd",
                                          "reviewkd")},
     "fitnet": ("cifar10_kd", ["losses.ce.weight=1.0", "~losses.kd", "+losses.hint={loss: fitnet, weight: 100.0, "
@@ -52,6 +54,8 @@ PAPERS = {
     "pld": ("PLD (in place of CE + KD)", "Bassam et al. 2025"),
     "sinkd": ("KD + SinKD", "Cui et al., LREC-COLING 2024"),
     "tgeo": ("TGeo-KD (per-sample CE/KD ratio)", "Hu et al., ICLR 2024"),
+    "gld": ("KD + GLD (weight 1000)", "Wang et al., NeurIPS 2025"),
+    "gld_10k": ("KD + GLD (weight 10000)", "Wang et al., NeurIPS 2025"),
     "crd": ("CRD (embedding, memory banks)", "Tian et al., ICLR 2020"),
     "ofd": ("OFD (3 pre-ReLU stages)", "Heo et al., ICCV 2019"),
     "vid": ("VID (3 stages)", "Ahn et al., CVPR 2019"),

@@ -10,6 +10,7 @@ downloads; its vocabulary must be the data set's tokenizer's). The model reads `
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -58,9 +59,19 @@ class CausalLM(Generative, nn.Module):
         self.lm = lm
         self.vocab = int(lm.config.vocab_size)
         self.context = context_of(lm.config)
+        # the key-value cache's name, in and out: ``cache`` in transformers 5, ``past_key_values`` before
+        self.cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    def decode(self, input_ids: Tensor, past: Any = None) -> tuple[Tensor, Any]:
+        """Next-token logits ``[batch, vocab]`` after ``input_ids`` ``[batch, t]``, which continue the
+        sequences whose key-value cache is ``past`` (``None``: from the start), and the cache extended
+        by them: step-by-step decoding that runs each position once (``forward`` at every prefix
+        gives the same logits, at t times the cost)."""
+        out = self.lm(input_ids=input_ids, use_cache=True, **{self.cache_arg: past})
+        return out.logits[:, -1], out[self.cache_arg]
 
     @torch.no_grad()
     def generate(self, ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

@@ -41,8 +41,8 @@ on-policy coin from Python's global RNG (``random.random() <= lmbda``) and sampl
 the coin and every sample come from one ``torch.Generator`` seeded by ``(seed, step)`` (``step``: the
 training batches seen, a buffer of the module's state, so a resumed run draws as the first did), the
 global RNG is left untouched, and the student samples in eval mode (dropout off) and trains in the
-mode it was in. Samples are drawn by a plain loop (the whole prefix is run again at each position),
-not ``CausalLM.generate``, which reseeds the global RNG.
+mode it was in. Samples are drawn by a plain loop over the positions, from the student's key-value
+cache (``CausalLM.decode``), not ``CausalLM.generate``, which reseeds the global RNG.
 """
 from __future__ import annotations
 
@@ -135,6 +135,9 @@ class OnPolicy(BatchTransform):
         seed: with the step, seeds the coin and the samples (a config may give ``${seed}``).
         label_key: the entry of the targets.
         keep: the per-row entries carried over to an on-policy batch.
+        kv_cache: sample a model that has ``decode`` (a causal LM) step by step from its key-value
+            cache (each position runs once); ``False``: run the whole prefix at every position (the
+            same tokens up to float rounding, slower; ``benchmarks/on_policy.py --sampling`` times both).
     """
 
     keeps_inputs = False
@@ -142,13 +145,13 @@ class OnPolicy(BatchTransform):
     def __init__(self, lambda_: float = 0.5, prompt: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int | None = None, correct: bool = False,
                  pick: str = "divergent", seed: int = 0, label_key: str = "label",
-                 keep: Sequence[str] = ("index",)):
+                 keep: Sequence[str] = ("index",), kv_cache: bool = True):
         super().__init__()
         if pick not in PICKS:
             raise ValueError(f"on_policy.pick={pick!r}; choose from: {', '.join(PICKS)}")
         self.lambda_, self.prompt, self.temperature, self.top_p = float(lambda_), prompt, float(temperature), float(top_p)
         self.max_new_tokens, self.correct, self.pick, self.seed = max_new_tokens, bool(correct), pick, int(seed)
-        self.label_key, self.keep = label_key, list(keep)
+        self.label_key, self.keep, self.kv_cache = label_key, list(keep), bool(kv_cache)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def forward(self, batch: Batch, student: nn.Module, teachers: Sequence[nn.Module]) -> Batch:
@@ -200,11 +203,20 @@ class OnPolicy(BatchTransform):
         return torch.multinomial(probs, 1, generator=g)[:, 0]
 
     def _sample(self, model: nn.Module, seq: Tensor, start: Tensor, end: Tensor, g: torch.Generator) -> None:
-        """Fill ``seq[b, t]`` for ``start[b] <= t < end[b]`` with ``model``'s samples, left to right, in place."""
-        for t in range(int(start.min()), int(end.max())):
-            token = self._draw(model(seq[:, :t])[:, -1], g)
+        """Fill ``seq[b, t]`` for ``start[b] <= t < end[b]`` with ``model``'s samples, left to right, in
+        place. A model with ``decode`` (:class:`~mmkd.modalities.lm.CausalLM`: a key-value cache) reads
+        each position once; any other runs on the whole prefix at every position."""
+        first, last = int(start.min()), int(end.max())
+        past, fresh = None, seq[:, :first]  # the positions the cache has not seen yet
+        for t in range(first, last):
+            if self.kv_cache and hasattr(model, "decode"):
+                logits, past = model.decode(fresh, past)
+            else:
+                logits = model(seq[:, :t])[:, -1]
+            token = self._draw(logits, g)
             active = (t >= start) & (t < end)
             seq[:, t] = torch.where(active, token, seq[:, t])
+            fresh = seq[:, t:t + 1]
 
     def _correct(self, student: nn.Module, teachers: list[nn.Module], seq: Tensor, start: Tensor, end: Tensor,
                  g: torch.Generator) -> None:

@@ -117,6 +117,33 @@ def test_the_same_seed_and_step_give_the_same_sample_another_step_another():
     assert not torch.equal(OnPolicy(lambda_=1.0, seed=4)(batch, student, [])["label"], a["label"])
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decode_from_the_cache_gives_the_logits_of_the_whole_prefix(family):
+    torch.manual_seed(0)
+    model = causal_lm(V, (T,), family=family, n_layer=2, n_embd=8, n_head=2).double().eval()
+    ids = blocks(3)["input_ids"]
+    with torch.no_grad():
+        full = model(ids)  # [B, T, V]: position t from the prefix ids[:, :t + 1]
+        logits, past = model.decode(ids[:, :3])
+        steps = [logits]
+        for t in range(3, T):
+            logits, past = model.decode(ids[:, t:t + 1], past)
+            steps.append(logits)
+    assert torch.allclose(torch.stack(steps, 1), full[:, 2:], atol=1e-12)
+
+
+@pytest.mark.parametrize("correct", [False, True])
+def test_sampling_from_the_cache_draws_the_tokens_of_the_whole_prefix_loop(correct):
+    student = net(tiny().double())
+    teacher = [net(tiny(seed=1).double(), teacher=True)] if correct else []
+    batch = blocks(16)
+    batch["mask"][3, 5:] = False  # a padded row: its prompt is shorter, its sample starts earlier
+    cached, full = (OnPolicy(lambda_=1.0, prompt=4, correct=correct, seed=2, kv_cache=c)(batch, student, teacher)
+                    for c in (True, False))
+    assert torch.equal(cached["input_ids"], full["input_ids"]) and torch.equal(cached["mask"], full["mask"])
+    assert not torch.equal(cached["input_ids"], batch["input_ids"])  # something was sampled
+
+
 def test_the_step_counter_survives_a_state_dict_round_trip():
     student, batch = net(tiny()), blocks()
     run = OnPolicy(lambda_=0.5, seed=1)

@@ -167,11 +167,11 @@ def test_sparse_cache_loss_is_close_to_the_live_dense_one(tmp_path):
     teacher = Teacher(causal_lm(V, (T,), n_layer=1, n_embd=8, n_head=2), ("input_ids",), tokens="mask")
     data = padded_docs()
     batch = next(iter(loader(data, 12)))
-    live = Distiller(student, [teacher], [Term("fkl")], router=ConstantRouter())(batch)["fkl"]
+    live = Distiller(student, [teacher], [Term("fkl")], router=ConstantRouter())(batch)["fkl"].item()
     full = Distiller(student, [cache_tokens(teacher, data, tmp_path, k=V)], [Term("fkl")], router=ConstantRouter())
     top = Distiller(student, [cache_tokens(teacher, data, tmp_path, k=4)], [Term("fkl")], router=ConstantRouter())
-    assert float(full(batch)["fkl"]) == pytest.approx(float(live), abs=2e-3)  # float16 storage only
-    assert float(top(batch)["fkl"]) <= float(live) + 2e-3  # the bucketed KL is at most the dense one
+    assert full(batch)["fkl"].item() == pytest.approx(float(live), abs=2e-3)  # float16 storage only
+    assert top(batch)["fkl"].item() <= float(live) + 2e-3  # the bucketed KL is at most the dense one
 
 
 # ----------------------------------------------------------------------------- end to end, CLI

@@ -93,8 +93,8 @@ def students(args, data: list[str], teacher: Path, plan: list[tuple[str, str, li
              baselines: dict[str, str] | None = None, train: bool = True) -> tuple[dict, dict, dict]:
     """Test accuracies, student seconds per epoch and whether the run computed teacher outputs into
     the view cache (``filled``), of every ``(method, experiment, overrides)`` of ``plan`` and every
-    seed (``args.first_seed`` to ``args.first_seed + args.seeds - 1``). A method of ``baselines`` (default: the cached ``kd``) also trains its student on labels
-    alone, the row named there (``ce``). Each experiment's schedule is scaled to ``args.epochs``: its
+    seed (``args.first_seed`` to ``args.first_seed + args.seeds - 1``). A method of ``baselines``
+    (default: the cached ``kd``) also trains its student on labels alone, the row named there (``ce``). Each experiment's schedule is scaled to ``args.epochs``: its
     lr milestones, warm-up epochs and the warm-up of its term weights (DKD's, ReviewKD's). With
     ``train=False`` only finished runs are read (a method, seed pair without one is left out)."""
     baselines = {"kd": "ce"} if baselines is None else baselines

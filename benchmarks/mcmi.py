@@ -10,7 +10,7 @@ estimate the Bayes conditional distribution better, a better teacher for the sam
 equal or lower accuracy. Students: ``cifar10_kd`` (CE 0.1 + KD 0.9, T = 4) for ``--seeds`` seeds, the
 CE-teacher runs shared with the zoo's KD row (read back when they exist).
 
-    MMKD_DATA=../shared/data python benchmarks/mcmi.py [--seeds 3] [--epochs 6] [--lam 0.25]
+    MMKD_DATA=../shared/data python benchmarks/mcmi.py [--seeds 3] [--epochs 6]
 """
 from __future__ import annotations
 

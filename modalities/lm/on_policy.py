@@ -137,7 +137,7 @@ class OnPolicy(BatchTransform):
         keep: the per-row entries carried over to an on-policy batch.
         kv_cache: sample a model that has ``decode`` (a causal LM) step by step from its key-value
             cache (each position runs once); ``False``: run the whole prefix at every position (the
-            same tokens up to float rounding, slower; ``benchmarks/on_policy.py --sampling`` times both).
+            same tokens up to float rounding, slower; ``benchmarks/sampling.py`` times both).
     """
 
     keeps_inputs = False
